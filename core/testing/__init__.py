@@ -1,0 +1,1 @@
+"""Conformance helpers for compressor plugins (see docs/plugins/testing.md)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `bioclust` (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `joint` (work in progress: registers nothing yet)."""

@@ -1,0 +1,77 @@
+"""``magnitude``: unstructured magnitude pruning, per layer or global (Han et al. 2015,
+https://arxiv.org/abs/1506.02626). The baseline every pruning method is compared with."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
+from netshrink.encodings import Dense, Sparse
+from netshrink.registry import hookimpl
+
+
+class MagnitudeConfig(CompressorConfig):
+    """Configuration of :class:`Magnitude`."""
+
+    sparsity: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="Fraction of weights to remove (per layer, or over all selected layers).")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="'layer': every layer loses `sparsity` of its weights; 'global': "
+        "one threshold over all selected layers (layers lose different fractions).")
+    include_bias: bool = Field(False, description="Also prune biases (rarely worth it).")
+
+
+class Magnitude(Compressor):
+    """Unstructured magnitude pruning: zero the smallest weights, store the rest sparsely."""
+
+    name = "magnitude"
+    Config = MagnitudeConfig
+    capabilities = Capabilities(handles=("Linear", "Conv1d", "Conv2d", "Conv3d"))
+    paper = "https://arxiv.org/abs/1506.02626"
+    config: MagnitudeConfig
+
+    def compress(self, model, layers, ctx) -> StepResult:
+        cfg = self.config
+        targets = []  # (layer name, tensor name, parameter, params_before)
+        for lname, module in layers:
+            names = ["weight"] + (["bias"] if cfg.include_bias and module.bias is not None else [])
+            for pname in names:
+                targets.append((lname, f"{lname}.{pname}", getattr(module, pname)))
+        if cfg.scope == "global":
+            magnitudes = torch.cat([p.detach().abs().reshape(-1) for _, _, p in targets])
+            threshold = _kth(magnitudes, cfg.sparsity)
+        records: dict[str, LayerRecord] = {}
+        for lname, tname, param in ctx.progress(targets, desc="prune"):
+            weight = param.detach()
+            if cfg.scope == "layer":
+                threshold = _kth(weight.abs().reshape(-1), cfg.sparsity)
+            mask = weight.abs() > threshold
+            previous = ctx.encoding_of(tname)
+            if isinstance(previous, Sparse):  # keep earlier zeros pruned
+                mask &= previous.mask()
+            ctx.encode(model, tname, Sparse.from_dense(
+                weight * mask, mask=mask,
+                value_encoder=lambda v, p, s: Dense(v)))
+            rec = records.setdefault(lname, LayerRecord(
+                lname, self.name, sum(p.numel() for p in dict(layers)[lname].parameters()),
+                {"sparsity": 0.0}))
+            if tname.endswith(".weight"):
+                rec.details["sparsity"] = round(1 - float(mask.float().mean()), 6)
+        return StepResult(model, list(records.values()))
+
+
+def _kth(values: torch.Tensor, fraction: float) -> float:
+    """The magnitude below or at which ``fraction`` of ``values`` lie (-1 when nothing goes)."""
+    k = int(round(fraction * values.numel()))
+    if k <= 0:
+        return -1.0
+    return float(torch.kthvalue(values.float().cpu(), k).values)
+
+
+@hookimpl
+def register_compressors(register):
+    register(Magnitude)

@@ -1,0 +1,1 @@
+"""Built-in plugin `normsparse` (work in progress: registers nothing yet)."""

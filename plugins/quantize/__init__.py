@@ -1,0 +1,1 @@
+"""Built-in plugin `quantize` (work in progress: registers nothing yet)."""

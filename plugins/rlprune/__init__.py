@@ -1,0 +1,1 @@
+"""Built-in plugin `rlprune` (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `selectors` (work in progress: registers nothing yet)."""

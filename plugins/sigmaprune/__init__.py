@@ -1,0 +1,1 @@
+"""Built-in plugin `sigmaprune` (work in progress: registers nothing yet)."""

@@ -1,0 +1,1 @@
+"""Built-in plugin `statprune` (work in progress: registers nothing yet)."""

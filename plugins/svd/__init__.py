@@ -1,0 +1,1 @@
+"""Built-in plugin `svd` (work in progress: registers nothing yet)."""

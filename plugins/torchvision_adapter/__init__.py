@@ -1,0 +1,54 @@
+"""``torchvision:<name>`` model adapter (``weights=None``: nothing is downloaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from netshrink.adapters import ModelAdapter, ModelInfo, last_linear
+from netshrink.errors import ModelSpecError
+from netshrink.registry import hookimpl
+
+
+class TorchvisionAdapter(ModelAdapter):
+    """torchvision classification models: ``torchvision:resnet18?num_classes=10&input_size=32``."""
+
+    prefix = "torchvision"
+    description = "torchvision classification models (random init)"
+
+    def load(self, name: str, **options: Any) -> tuple[nn.Module, ModelInfo]:
+        import torchvision
+
+        available = torchvision.models.list_models(module=torchvision.models)
+        if name not in available:
+            raise ModelSpecError(f"torchvision has no classification model {name!r}")
+        opts = dict(options)
+        input_size = int(opts.pop("input_size", 224))
+        in_chans = int(opts.pop("in_chans", 3))
+        if in_chans != 3:
+            raise ModelSpecError(
+                f"torchvision:{name} takes 3-channel input (in_chans={in_chans}); "
+                "use timm:<name>?in_chans=1 for other channel counts"
+            )
+        opts.setdefault("num_classes", 1000)
+        try:
+            model = torchvision.models.get_model(name, weights=None, **opts)
+        except (TypeError, ValueError) as exc:
+            raise ModelSpecError(f"torchvision:{name}: {exc}") from None
+        info = ModelInfo(
+            spec=f"torchvision:{name}", options={"input_size": input_size, **opts},
+            input_shape=(3, input_size, input_size), num_classes=int(opts["num_classes"]),
+            head=last_linear(model),
+        )
+        return model, info
+
+    def names(self) -> list[str]:
+        import torchvision
+
+        return list(torchvision.models.list_models(module=torchvision.models))
+
+
+@hookimpl
+def register_model_adapters(register):
+    register(TorchvisionAdapter())

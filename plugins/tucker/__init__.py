@@ -1,0 +1,1 @@
+"""Built-in plugin `tucker` (work in progress: registers nothing yet)."""

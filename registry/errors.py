@@ -1,0 +1,5 @@
+"""Registry errors (re-exported from :mod:`netshrink.errors`)."""
+
+from netshrink.errors import DuplicateNameError, UnknownNameError
+
+__all__ = ["DuplicateNameError", "UnknownNameError"]
