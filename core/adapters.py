@@ -1,4 +1,4 @@
-"""Model adapters: turn a spec string (``zoo:lenet5``, ``timm:resnet18?in_chans=1``) into a model."""
+"""Model adapters: turn a spec (``zoo:lenet5``, ``timm:resnet18?in_chans=1``) into a model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
-from torch import nn
-
 from netshrink.errors import ModelSpecError
+from torch import nn
 
 _INFO_ATTR = "_netshrink_info"
 
@@ -22,7 +21,7 @@ class ModelInfo:
     spec: str
     """``prefix:name`` the model was built from (without options)."""
     options: dict[str, Any] = field(default_factory=dict)
-    """Adapter options (JSON-able); rebuilding with ``spec`` + ``options`` gives the architecture."""
+    """Adapter options (JSON-able); ``spec`` + ``options`` rebuild the architecture."""
     input_shape: tuple[int, ...] | None = None
     """Shape of one input without the batch dimension, e.g. ``(1, 28, 28)``."""
     num_classes: int | None = None

@@ -1,4 +1,4 @@
-"""The compressor contract: a named plugin class with a Pydantic config and declared capabilities."""
+"""The compressor contract: a named plugin class, a Pydantic config, declared capabilities."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
-
 from netshrink.config import NetshrinkConfig
 from netshrink.errors import NetshrinkError, SelectionError
 from netshrink.selector import LAYER_TYPES
+from torch import nn
 
 if TYPE_CHECKING:
     from netshrink.context import CompressionContext
@@ -98,8 +97,9 @@ class Compressor(ABC):
             self.config = self.Config.model_validate(config or {})
 
     @abstractmethod
-    def compress(self, model: nn.Module, layers: list[tuple[str, nn.Module]],
-                 ctx: CompressionContext) -> StepResult:
+    def compress(
+        self, model: nn.Module, layers: list[tuple[str, nn.Module]], ctx: CompressionContext
+    ) -> StepResult:
         """Compress ``layers`` of ``model`` (in place or a new module) and return the result."""
 
     @classmethod

@@ -18,7 +18,7 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(config)"
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         got = err.get("input")
         got_text = "" if err["type"] == "missing" else f" (got {got!r})"
         if len(got_text) > 80:

@@ -8,14 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch import nn
-
 from netshrink.adapters import ModelInfo
 from netshrink.datasets import DataSplits, Split
 from netshrink.encodings import Encoding, EncodingTable
 from netshrink.errors import DataError
 from netshrink.progress import progress as _progress
 from netshrink.training import FinetuneConfig, evaluate, finetune
+from torch import nn
 
 T = TypeVar("T")
 
@@ -44,15 +43,21 @@ class CompressionContext:
             raise DataError(f"step {self.step_index} ({self.step_name}) needs data; pass data=...")
         return self.data
 
-    def loader(self, split: Split = "train", batch_size: int = 64, shuffle: bool | None = None,
-               limit: int | None = None) -> torch.utils.data.DataLoader:
+    def loader(
+        self,
+        split: Split = "train",
+        batch_size: int = 64,
+        shuffle: bool | None = None,
+        limit: int | None = None,
+    ) -> torch.utils.data.DataLoader:
         """A loader over a split of the data (seeded shuffling for ``train``)."""
         return self.require_data().loader(split, batch_size, shuffle, seed=self.seed, limit=limit)
 
     def evaluate(self, model: nn.Module, split: Split = "val", limit: int | None = None) -> float:
         """Top-1 accuracy on a split (optionally only its first ``limit`` examples)."""
-        return evaluate(model, self.loader(split, batch_size=256, shuffle=False, limit=limit),
-                        self.device)
+        return evaluate(
+            model, self.loader(split, batch_size=256, shuffle=False, limit=limit), self.device
+        )
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A batch of real inputs if data is given, else zeros of the model's input shape."""
@@ -69,9 +74,13 @@ class CompressionContext:
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the run seed, the step index and ``offset``."""
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self.step_index * 7919 + offset)
+        return torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.step_index * 7919 + offset
+        )
 
-    def progress(self, iterable: Iterable[T], desc: str = "", total: int | None = None) -> Iterator[T]:
+    def progress(
+        self, iterable: Iterable[T], desc: str = "", total: int | None = None
+    ) -> Iterator[T]:
         """A progress bar labelled with the step."""
         label = f"[{self.step_index}] {self.step_name}" + (f": {desc}" if desc else "")
         return _progress(iterable, desc=label, total=total)
@@ -86,9 +95,25 @@ class CompressionContext:
         """The current encoding of a tensor, if a previous step set one."""
         return self.encodings.get(tensor_name)
 
-    def finetune(self, model: nn.Module, config: FinetuneConfig | dict[str, Any] | None = None,
-                 desc: str = "fine-tune") -> dict[str, Any]:
+    def finetune(
+        self,
+        model: nn.Module,
+        config: FinetuneConfig | dict[str, Any] | None = None,
+        desc: str = "fine-tune",
+    ) -> dict[str, Any]:
         """Fine-tune ``model`` keeping pruned zeros and freezing quantized/clustered tensors."""
-        cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.model_validate(config or {})
-        return finetune(model, self.require_data(), self.encodings, cfg, teacher=self.teacher,
-                        seed=self.seed, device=self.device, desc=f"[{self.step_index}] {desc}")
+        cfg = (
+            config
+            if isinstance(config, FinetuneConfig)
+            else FinetuneConfig.model_validate(config or {})
+        )
+        return finetune(
+            model,
+            self.require_data(),
+            self.encodings,
+            cfg,
+            teacher=self.teacher,
+            seed=self.seed,
+            device=self.device,
+            desc=f"[{self.step_index}] {desc}",
+        )

@@ -34,8 +34,14 @@ class DataSplits:
             raise ValueError(f"split must be train, val or test, got {split!r}")
         return getattr(self, split)
 
-    def loader(self, split: Split, batch_size: int = 64, shuffle: bool | None = None,
-               seed: int = 0, limit: int | None = None) -> DataLoader:
+    def loader(
+        self,
+        split: Split,
+        batch_size: int = 64,
+        shuffle: bool | None = None,
+        seed: int = 0,
+        limit: int | None = None,
+    ) -> DataLoader:
         """A DataLoader over a split; training shuffles with a seeded generator by default."""
         dataset = self.split(split)
         if limit is not None and limit < len(dataset):
@@ -53,8 +59,10 @@ class DataSplits:
         return options
 
     def __repr__(self) -> str:
-        return (f"DataSplits({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
-                f"test={len(self.test)}, input={self.input_shape}, classes={self.num_classes})")
+        return (
+            f"DataSplits({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
+            f"test={len(self.test)}, input={self.input_shape}, classes={self.num_classes})"
+        )
 
 
 def load(name: str | DataSplits, **kwargs: Any) -> DataSplits:

@@ -13,12 +13,27 @@ T = TypeVar("T")
 
 def enabled() -> bool | None:
     """False when disabled by the environment; None lets tqdm decide (off when not a TTY)."""
-    return False if os.environ.get("NETSHRINK_PROGRESS", "").strip() in ("0", "false", "no") else None
+    return (
+        False if os.environ.get("NETSHRINK_PROGRESS", "").strip() in ("0", "false", "no") else None
+    )
 
 
-def progress(iterable: Iterable[T], desc: str = "", total: int | None = None,
-             leave: bool = False, **kwargs: Any) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T],
+    desc: str = "",
+    total: int | None = None,
+    leave: bool = False,
+    **kwargs: Any,
+) -> Iterator[T]:
     """Wrap ``iterable`` in a progress bar."""
     flag = enabled()
-    return iter(tqdm(iterable, desc=desc, total=total, leave=leave,
-                     disable=None if flag is None else not flag, **kwargs))
+    return iter(
+        tqdm(
+            iterable,
+            desc=desc,
+            total=total,
+            leave=leave,
+            disable=None if flag is None else not flag,
+            **kwargs,
+        )
+    )

@@ -7,11 +7,10 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-from pydantic import Field, field_validator
-from torch import nn
-
 from netshrink.config import NetshrinkConfig
 from netshrink.errors import SelectionError
+from pydantic import Field, field_validator
+from torch import nn
 
 #: Layer-type names a selector accepts, mapped to torch classes (subclasses match too).
 LAYER_TYPES: dict[str, type[nn.Module]] = {
@@ -57,23 +56,35 @@ class LayerSelector(NetshrinkConfig):
     """
 
     types: list[str] | None = Field(
-        None, description="Layer types to select (e.g. ['Conv2d', 'Linear']); subclasses match. "
-        "Default: the types the step's compressor handles.")
+        None,
+        description="Layer types to select (e.g. ['Conv2d', 'Linear']); subclasses match. "
+        "Default: the types the step's compressor handles.",
+    )
     names: list[str] | None = Field(
-        None, description="Only layers whose qualified name matches one of these globs/'re:' regexes.")
+        None,
+        description="Only layers whose qualified name matches one of these globs/'re:' regexes.",
+    )
     exclude: list[str] = Field(
-        default_factory=list, description="Drop layers whose name matches one of these patterns.")
-    min_params: int | None = Field(None, ge=0, description="Only layers with at least this many parameters.")
-    max_params: int | None = Field(None, ge=0, description="Only layers with at most this many parameters.")
+        default_factory=list, description="Drop layers whose name matches one of these patterns."
+    )
+    min_params: int | None = Field(
+        None, ge=0, description="Only layers with at least this many parameters."
+    )
+    max_params: int | None = Field(
+        None, ge=0, description="Only layers with at most this many parameters."
+    )
     min_channels: int | None = Field(
-        None, ge=0, description="Only layers with at least this many output channels/features.")
+        None, ge=0, description="Only layers with at least this many output channels/features."
+    )
     max_channels: int | None = Field(
-        None, ge=0, description="Only layers with at most this many output channels/features.")
+        None, ge=0, description="Only layers with at most this many output channels/features."
+    )
     skip_first: int = Field(0, ge=0, description="Skip this many of the first matching layers.")
     skip_last: int = Field(0, ge=0, description="Skip this many of the last matching layers.")
     skip_depthwise: bool = Field(False, description="Skip depthwise convolutions.")
     protect_head: bool = Field(
-        True, description="Leave the model's classifier head alone (the adapter names it).")
+        True, description="Leave the model's classifier head alone (the adapter names it)."
+    )
 
     @field_validator("types")
     @classmethod
@@ -83,17 +94,16 @@ class LayerSelector(NetshrinkConfig):
                 raise ValueError("types must not be empty; omit it to use the compressor's types")
             unknown = [t for t in value if t not in LAYER_TYPES]
             if unknown:
-                raise ValueError(
-                    f"unknown layer type(s) {unknown}; known: {sorted(LAYER_TYPES)}"
-                )
+                raise ValueError(f"unknown layer type(s) {unknown}; known: {sorted(LAYER_TYPES)}")
         return value
 
     def describe(self) -> str:
         """The non-default fields, compactly."""
         return str(self.model_dump(exclude_defaults=True)) or "{}"
 
-    def resolve(self, model: nn.Module, *, head: str | None = None,
-                default_types: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    def resolve(
+        self, model: nn.Module, *, head: str | None = None, default_types: list[str] | None = None
+    ) -> list[tuple[str, nn.Module]]:
         """The selected ``(qualified_name, module)`` pairs in model order.
 
         Raises :class:`SelectionError` naming what was asked and what the model has when
@@ -103,20 +113,29 @@ class LayerSelector(NetshrinkConfig):
         if not picked:
             raise SelectionError(
                 f"selector {self.describe()} selected no layers"
-                + (f" (types default to {default_types})" if self.types is None and default_types else "")
+                + (
+                    f" (types default to {default_types})"
+                    if self.types is None and default_types
+                    else ""
+                )
                 + f". The model has: {summarize_layers(model)}"
-                + (f"; head {head!r} is protected (set protect_head: false to include it)" if head and self.protect_head else "")
+                + (
+                    f"; head {head!r} is protected (set protect_head: false to include it)"
+                    if head and self.protect_head
+                    else ""
+                )
             )
         return picked
 
-    def filter(self, model: nn.Module, *, head: str | None = None,
-               default_types: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    def filter(
+        self, model: nn.Module, *, head: str | None = None, default_types: list[str] | None = None
+    ) -> list[tuple[str, nn.Module]]:
         """Like :meth:`resolve` but returns an empty list instead of raising."""
         type_names = self.types or default_types or list(LAYER_TYPES)
         classes = tuple(LAYER_TYPES[t] for t in type_names if t in LAYER_TYPES)
         found = [(n, m) for n, m in model.named_modules() if n and isinstance(m, classes)]
         if self.skip_first:
-            found = found[self.skip_first:]
+            found = found[self.skip_first :]
         if self.skip_last:
             found = found[: len(found) - self.skip_last] if self.skip_last < len(found) else []
         keep: Callable[[str, nn.Module], bool] = self._predicate(head)
@@ -154,7 +173,11 @@ def summarize_layers(model: nn.Module, limit: int = 6) -> str:
             groups.setdefault(type(module).__name__, []).append(name)
     if not groups:
         counts = Counter(type(m).__name__ for n, m in model.named_modules() if n)
-        return "no Linear/Conv layers (modules: " + ", ".join(f"{k} x{v}" for k, v in counts.items()) + ")"
+        return (
+            "no Linear/Conv layers (modules: "
+            + ", ".join(f"{k} x{v}" for k, v in counts.items())
+            + ")"
+        )
     parts = []
     for kind, names in groups.items():
         shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")

@@ -12,14 +12,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
-from torch import nn
-from torch.utils.data import DataLoader
-
 from netshrink.config import NetshrinkConfig
 from netshrink.datasets import DataSplits
 from netshrink.encodings import EncodingTable, Sparse, model_tensors
 from netshrink.progress import progress
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader
 
 TRAINING_VERSION = 1  # bump when reference training changes, to invalidate caches
 
@@ -31,15 +30,21 @@ class FinetuneConfig(NetshrinkConfig):
     epochs: int = Field(3, ge=0, le=1000, description="Training epochs over the train split.")
     lr: float = Field(1e-3, gt=0, le=10, description="Learning rate.")
     batch_size: int = Field(64, ge=1, description="Mini-batch size.")
-    optimizer: Literal["adam", "sgd"] = Field("adam", description="Optimizer (SGD uses momentum 0.9).")
+    optimizer: Literal["adam", "sgd"] = Field(
+        "adam", description="Optimizer (SGD uses momentum 0.9)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay.")
     distill: bool = Field(
-        False, description="Knowledge distillation from the uncompressed model (soft targets).")
+        False, description="Knowledge distillation from the uncompressed model (soft targets)."
+    )
     kd_temperature: float = Field(4.0, gt=0, description="Distillation temperature.")
     kd_alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation loss.")
     patience: int | None = Field(
-        None, ge=1, description="Stop after this many epochs without validation improvement "
-        "and keep the best weights (None: train all epochs, keep the best).")
+        None,
+        ge=1,
+        description="Stop after this many epochs without validation improvement "
+        "and keep the best weights (None: train all epochs, keep the best).",
+    )
 
 
 @torch.no_grad()
@@ -60,11 +65,18 @@ def _optimizer(params, config: FinetuneConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def train(model: nn.Module, data: DataSplits, config: FinetuneConfig, *, seed: int = 0,
-          teacher: nn.Module | None = None, device: str | torch.device = "cpu",
-          extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-          after_step: Callable[[nn.Module], None] | None = None,
-          desc: str = "train") -> dict[str, Any]:
+def train(
+    model: nn.Module,
+    data: DataSplits,
+    config: FinetuneConfig,
+    *,
+    seed: int = 0,
+    teacher: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    desc: str = "train",
+) -> dict[str, Any]:
     """Train ``model`` on ``data.train``; keeps the weights with the best validation accuracy.
 
     ``extra_loss(model)`` adds a regulariser (e.g. an L1 penalty); ``after_step(model)`` runs
@@ -95,8 +107,13 @@ def train(model: nn.Module, data: DataSplits, config: FinetuneConfig, *, seed: i
                 with torch.no_grad():
                     soft = teacher(x)
                 t = config.kd_temperature
-                kd = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(soft / t, 1),
-                              reduction="batchmean") * t * t
+                kd = (
+                    F.kl_div(
+                        F.log_softmax(logits / t, 1), F.softmax(soft / t, 1), reduction="batchmean"
+                    )
+                    * t
+                    * t
+                )
                 loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
@@ -105,7 +122,7 @@ def train(model: nn.Module, data: DataSplits, config: FinetuneConfig, *, seed: i
             opt.step()
             if after_step is not None:
                 after_step(model)
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
         sched.step()
         acc = evaluate(model, val_loader, device)
         history["val_acc"].append(acc)
@@ -122,9 +139,17 @@ def train(model: nn.Module, data: DataSplits, config: FinetuneConfig, *, seed: i
     return history
 
 
-def finetune(model: nn.Module, data: DataSplits, encodings: EncodingTable,
-             config: FinetuneConfig, *, teacher: nn.Module | None = None, seed: int = 0,
-             device: str | torch.device = "cpu", desc: str = "fine-tune") -> dict[str, Any]:
+def finetune(
+    model: nn.Module,
+    data: DataSplits,
+    encodings: EncodingTable,
+    config: FinetuneConfig,
+    *,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    desc: str = "fine-tune",
+) -> dict[str, Any]:
     """Fine-tune while keeping every encoding valid: zeros of sparse tensors stay zero,
     quantized/clustered tensors are frozen; then the encodings are refitted."""
     tensors = model_tensors(model)
@@ -148,8 +173,16 @@ def finetune(model: nn.Module, data: DataSplits, encodings: EncodingTable,
                 current[name].mul_(mask)
 
     try:
-        history = train(model, data, config, seed=seed, teacher=teacher, device=device,
-                        after_step=keep_masks if masks else None, desc=desc)
+        history = train(
+            model,
+            data,
+            config,
+            seed=seed,
+            teacher=teacher,
+            device=device,
+            after_step=keep_masks if masks else None,
+            desc=desc,
+        )
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -168,14 +201,20 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def reference_model(spec: str, data: DataSplits | str, *, seed: int = 0,
-                    epochs: int | None = None, lr: float = 1e-3, **options: Any) -> nn.Module:
+def reference_model(
+    spec: str,
+    data: DataSplits | str,
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    lr: float = 1e-3,
+    **options: Any,
+) -> nn.Module:
     """A model built from ``spec`` and trained on ``data`` (cached on disk, keyed by spec,
     options, data, seed and training settings). Training takes seconds for the zoo models."""
-    from safetensors.torch import load_file, save_file
-
     from netshrink.adapters import load_model, model_info, parse_spec
     from netshrink.datasets import load as load_data
+    from safetensors.torch import load_file, save_file
 
     data = load_data(data)
     opts = {**data.model_options(), **options}
@@ -184,9 +223,18 @@ def reference_model(spec: str, data: DataSplits | str, *, seed: int = 0,
     info = model_info(model)
     name = parse_spec(spec)[1]
     epochs = epochs if epochs is not None else REFERENCE_EPOCHS.get(name, 15)
-    key = json.dumps({"spec": spec, "options": info.options if info else opts, "data": data.name,
-                      "seed": seed, "epochs": epochs, "lr": lr, "v": TRAINING_VERSION},
-                     sort_keys=True)
+    key = json.dumps(
+        {
+            "spec": spec,
+            "options": info.options if info else opts,
+            "data": data.name,
+            "seed": seed,
+            "epochs": epochs,
+            "lr": lr,
+            "v": TRAINING_VERSION,
+        },
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     safe = "".join(c if c.isalnum() else "_" for c in f"{spec}-{data.name}")
     path = cache_dir() / "reference" / f"{safe}-{digest}.safetensors"
@@ -194,12 +242,18 @@ def reference_model(spec: str, data: DataSplits | str, *, seed: int = 0,
         model.load_state_dict(load_file(str(path)))
         model.eval()
         return model
-    train(model, data, FinetuneConfig(epochs=epochs, lr=lr), seed=seed,
-          desc=f"training reference {spec} on {data.name}")
+    train(
+        model,
+        data,
+        FinetuneConfig(epochs=epochs, lr=lr),
+        seed=seed,
+        desc=f"training reference {spec} on {data.name}",
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"key": key})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"key": key}
+    )
     os.replace(tmp, path)
     model.eval()
     return model

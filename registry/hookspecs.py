@@ -6,7 +6,8 @@ it is registered and knows which plugin registered it.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 
@@ -31,7 +32,7 @@ def register_model_adapters(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_datasets(register: Callable[..., None]) -> None:
-    """Register datasets: ``register("name", loader, description="...")``; loader returns DataSplits."""
+    """Register datasets: ``register("name", loader, description="...")`` (loader -> DataSplits)."""
 
 
 @hookspec

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
-
 from netshrink.errors import DuplicateNameError, NetshrinkError, UnknownNameError
 from netshrink.registry import hookspecs
 
@@ -161,7 +160,9 @@ def _distributions() -> dict[int, Any]:
 def _dist_name(dist: Any) -> str | None:
     if dist is None:
         return None
-    return dist.metadata["name"] if hasattr(dist, "metadata") else getattr(dist, "project_name", None)
+    return (
+        dist.metadata["name"] if hasattr(dist, "metadata") else getattr(dist, "project_name", None)
+    )
 
 
 def _collect(hook_name: str, make_register: Callable[[Callable[..., None]], Callable[..., None]]):
@@ -234,7 +235,11 @@ def _register_selector(add):
     from netshrink.selector import LayerSelector
 
     def register(name: str, selector: Any, description: str = "") -> None:
-        sel = selector if isinstance(selector, LayerSelector) else LayerSelector.model_validate(selector)
+        sel = (
+            selector
+            if isinstance(selector, LayerSelector)
+            else LayerSelector.model_validate(selector)
+        )
         add(name, sel, description)
 
     return register

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-
 from netshrink.errors import ArtifactError
 
 #: dtype names used in manifests (safetensors' spelling) and their torch dtypes.
@@ -79,7 +78,10 @@ class Encoding(ABC):
     @classmethod
     @abstractmethod
     def from_parts(
-        cls, shape: tuple[int, ...], meta: dict[str, Any], arrays: dict[str, torch.Tensor],
+        cls,
+        shape: tuple[int, ...],
+        meta: dict[str, Any],
+        arrays: dict[str, torch.Tensor],
         children: dict[str, Encoding],
     ) -> Encoding:
         """Rebuild the encoding from :meth:`meta`, :meth:`arrays` and :meth:`children`."""
@@ -135,7 +137,8 @@ class Encoding(ABC):
             shape = tuple(int(s) for s in record["s"])
             arrays = {role: read(ref) for role, ref in record.get("a", {}).items()}
             children = {
-                name: Encoding.from_record(child, read) for name, child in record.get("c", {}).items()
+                name: Encoding.from_record(child, read)
+                for name, child in record.get("c", {}).items()
             }
             meta = {k: v for k, v in record.items() if k not in ("k", "s", "a", "c")}
             return cls.from_parts(shape, meta, arrays, children)

@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-
 from netshrink.encodings.base import DTYPE_NAMES, DTYPES, Encoding, f32
 from netshrink.encodings.packing import pack_bits, packed_nbytes, unpack_bits
 from netshrink.errors import EncodingError
@@ -22,8 +21,12 @@ class Dense(Encoding):
 
     kind = "dense"
 
-    def __init__(self, tensor: torch.Tensor, storage_dtype: torch.dtype | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        tensor: torch.Tensor,
+        storage_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(tuple(tensor.shape))
         self.dtype = dtype or tensor.dtype
         storage_dtype = storage_dtype or tensor.dtype
@@ -63,9 +66,15 @@ class Quantized(Encoding):
     kind = "quant"
     value_encoded = True
 
-    def __init__(self, codes: torch.Tensor, bits: int, scale: torch.Tensor,
-                 zero_point: torch.Tensor, full_shape: tuple[int, ...] | None = None,
-                 shape: tuple[int, ...] | None = None) -> None:
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        bits: int,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        full_shape: tuple[int, ...] | None = None,
+        shape: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__(shape or tuple(codes.shape))
         if not 1 <= bits <= 8:
             raise EncodingError(f"quantization bits must be in [1, 8], got {bits}")
@@ -85,9 +94,16 @@ class Quantized(Encoding):
         return self.scale.numel() > 1
 
     @classmethod
-    def quantize(cls, values: torch.Tensor, bits: int, *, symmetric: bool = True,
-                 per_channel: bool = False, positions: torch.Tensor | None = None,
-                 full_shape: tuple[int, ...] | None = None) -> Quantized:
+    def quantize(
+        cls,
+        values: torch.Tensor,
+        bits: int,
+        *,
+        symmetric: bool = True,
+        per_channel: bool = False,
+        positions: torch.Tensor | None = None,
+        full_shape: tuple[int, ...] | None = None,
+    ) -> Quantized:
         """Quantize ``values`` (a full tensor, or non-zeros at ``positions`` of ``full_shape``).
 
         Zero is always exactly representable, so pruned zeros stay zeros.
@@ -169,10 +185,17 @@ class Codebook(Encoding):
     kind = "codebook"
     value_encoded = True
 
-    def __init__(self, indices: torch.Tensor, centroids: torch.Tensor, *,
-                 shape: tuple[int, ...] | None = None, seed: int | None = None,
-                 noise_scale: float = 0.0, spreads: torch.Tensor | None = None,
-                 distribution: Literal["normal", "uniform"] = "normal") -> None:
+    def __init__(
+        self,
+        indices: torch.Tensor,
+        centroids: torch.Tensor,
+        *,
+        shape: tuple[int, ...] | None = None,
+        seed: int | None = None,
+        noise_scale: float = 0.0,
+        spreads: torch.Tensor | None = None,
+        distribution: Literal["normal", "uniform"] = "normal",
+    ) -> None:
         super().__init__(shape or tuple(indices.shape))
         self.indices = indices.reshape(-1).to(torch.int64)
         self.centroids = centroids.reshape(-1).to(torch.float32)
@@ -212,7 +235,9 @@ class Codebook(Encoding):
     def decode(self, positions: torch.Tensor | None = None) -> torch.Tensor:
         values = self.centroids[self.indices]
         if self.perturbed:
-            values = values + np.float32(self.noise_scale) * self.spreads[self.indices] * self.noise()
+            values = (
+                values + np.float32(self.noise_scale) * self.spreads[self.indices] * self.noise()
+            )
         return values.reshape(self.shape)
 
     def arrays(self) -> dict[str, torch.Tensor]:
@@ -241,17 +266,23 @@ class Codebook(Encoding):
         bits = max(1, math.ceil(math.log2(k)))
         indices = torch.from_numpy(unpack_bits(arrays["idx"].numpy(), bits, int(np.prod(shape))))
         spreads = arrays.get("spreads")
-        return cls(indices, centroids, shape=shape, seed=meta.get("seed"),
-                   noise_scale=float(np.float32(meta.get("ns", 0.0))),
-                   spreads=None if spreads is None else spreads.float(),
-                   distribution=meta.get("dist", "normal"))
+        return cls(
+            indices,
+            centroids,
+            shape=shape,
+            seed=meta.get("seed"),
+            noise_scale=float(np.float32(meta.get("ns", 0.0))),
+            spreads=None if spreads is None else spreads.float(),
+            distribution=meta.get("dist", "normal"),
+        )
 
     def describe(self) -> str:
         return f"codebook{self.centroids.numel()}{'+seed' if self.perturbed else ''}"
 
 
-def _channel_of(positions: torch.Tensor | None, count: int, full_shape: tuple[int, ...],
-                channels: int) -> torch.Tensor:
+def _channel_of(
+    positions: torch.Tensor | None, count: int, full_shape: tuple[int, ...], channels: int
+) -> torch.Tensor:
     """The output-channel index of each of ``count`` values (0 for per-tensor)."""
     if channels <= 1:
         return torch.zeros(count, dtype=torch.int64)
@@ -290,8 +321,13 @@ class Sparse(Encoding):
 
     kind = "sparse"
 
-    def __init__(self, shape: tuple[int, ...], positions: torch.Tensor, values: Encoding,
-                 index_bits: int | None = None) -> None:
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        positions: torch.Tensor,
+        values: Encoding,
+        index_bits: int | None = None,
+    ) -> None:
         super().__init__(shape)
         self.positions = positions.reshape(-1).to(torch.int64)
         if values.numel != self.positions.numel():
@@ -302,8 +338,9 @@ class Sparse(Encoding):
         self.index_bits = self._best_index_bits() if index_bits is None else index_bits
 
     @classmethod
-    def from_dense(cls, tensor: torch.Tensor, mask: torch.Tensor | None = None,
-                   value_encoder=None) -> Sparse:
+    def from_dense(
+        cls, tensor: torch.Tensor, mask: torch.Tensor | None = None, value_encoder=None
+    ) -> Sparse:
         """Sparse encoding of ``tensor`` keeping ``mask`` (default: its non-zeros).
 
         ``value_encoder(values, positions, full_shape) -> Encoding`` encodes the kept values

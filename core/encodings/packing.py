@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from netshrink.errors import EncodingError
 
 
@@ -41,5 +40,5 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     bit_stream = np.unpackbits(packed)[: count * bits].reshape(count, bits).astype(np.int64)
-    weights = (1 << np.arange(bits - 1, -1, -1, dtype=np.int64))
+    weights = 1 << np.arange(bits - 1, -1, -1, dtype=np.int64)
     return bit_stream @ weights

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import torch
-from torch import nn
-
 from netshrink.encodings.base import Encoding
 from netshrink.encodings.kinds import Dense, Sparse
 from netshrink.errors import EncodingError
+from torch import nn
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -30,7 +29,9 @@ def refit(encoding: Encoding, tensor: torch.Tensor) -> Encoding:
         return Sparse.from_dense(
             tensor, value_encoder=lambda v, p, s: Dense(v, storage_dtype=storage, dtype=v.dtype)
         )
-    if tuple(tensor.shape) == encoding.shape and torch.equal(encoding.decode().to(tensor.dtype), tensor):
+    if tuple(tensor.shape) == encoding.shape and torch.equal(
+        encoding.decode().to(tensor.dtype), tensor
+    ):
         return encoding
     raise EncodingError(
         f"a {encoding.describe()} tensor of shape {encoding.shape} was changed to shape "

@@ -6,22 +6,26 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
-
 from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
 from netshrink.encodings import Dense, Sparse
 from netshrink.registry import hookimpl
+from pydantic import Field
 
 
 class MagnitudeConfig(CompressorConfig):
     """Configuration of :class:`Magnitude`."""
 
     sparsity: float = Field(
-        0.5, ge=0.0, lt=1.0,
-        description="Fraction of weights to remove (per layer, or over all selected layers).")
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of weights to remove (per layer, or over all selected layers).",
+    )
     scope: Literal["layer", "global"] = Field(
-        "layer", description="'layer': every layer loses `sparsity` of its weights; 'global': "
-        "one threshold over all selected layers (layers lose different fractions).")
+        "layer",
+        description="'layer': every layer loses `sparsity` of its weights; 'global': "
+        "one threshold over all selected layers (layers lose different fractions).",
+    )
     include_bias: bool = Field(False, description="Also prune biases (rarely worth it).")
 
 
@@ -53,12 +57,20 @@ class Magnitude(Compressor):
             previous = ctx.encoding_of(tname)
             if isinstance(previous, Sparse):  # keep earlier zeros pruned
                 mask &= previous.mask()
-            ctx.encode(model, tname, Sparse.from_dense(
-                weight * mask, mask=mask,
-                value_encoder=lambda v, p, s: Dense(v)))
-            rec = records.setdefault(lname, LayerRecord(
-                lname, self.name, sum(p.numel() for p in dict(layers)[lname].parameters()),
-                {"sparsity": 0.0}))
+            ctx.encode(
+                model,
+                tname,
+                Sparse.from_dense(weight * mask, mask=mask, value_encoder=lambda v, p, s: Dense(v)),
+            )
+            rec = records.setdefault(
+                lname,
+                LayerRecord(
+                    lname,
+                    self.name,
+                    sum(p.numel() for p in dict(layers)[lname].parameters()),
+                    {"sparsity": 0.0},
+                ),
+            )
             if tname.endswith(".weight"):
                 rec.details["sparsity"] = round(1 - float(mask.float().mean()), 6)
         return StepResult(model, list(records.values()))
@@ -66,7 +78,7 @@ class Magnitude(Compressor):
 
 def _kth(values: torch.Tensor, fraction: float) -> float:
     """The magnitude below or at which ``fraction`` of ``values`` lie (-1 when nothing goes)."""
-    k = int(round(fraction * values.numel()))
+    k = round(fraction * values.numel())
     if k <= 0:
         return -1.0
     return float(torch.kthvalue(values.float().cpu(), k).values)

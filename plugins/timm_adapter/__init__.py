@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from netshrink.adapters import ModelAdapter, ModelInfo, last_linear
 from netshrink.errors import ModelSpecError
 from netshrink.registry import hookimpl
+from torch import nn
 
 
 def _head_name(model: nn.Module) -> str | None:
@@ -35,9 +34,7 @@ class TimmAdapter(ModelAdapter):
         try:
             import timm
         except ImportError:
-            raise ModelSpecError(
-                "timm is not installed: pip install 'netshrink[timm]'"
-            ) from None
+            raise ModelSpecError("timm is not installed: pip install 'netshrink[timm]'") from None
         if name not in timm.list_models():
             close = timm.list_models(f"*{name}*")[:5]
             raise ModelSpecError(

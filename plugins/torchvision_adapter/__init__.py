@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from netshrink.adapters import ModelAdapter, ModelInfo, last_linear
 from netshrink.errors import ModelSpecError
 from netshrink.registry import hookimpl
+from torch import nn
 
 
 class TorchvisionAdapter(ModelAdapter):
@@ -37,8 +36,10 @@ class TorchvisionAdapter(ModelAdapter):
         except (TypeError, ValueError) as exc:
             raise ModelSpecError(f"torchvision:{name}: {exc}") from None
         info = ModelInfo(
-            spec=f"torchvision:{name}", options={"input_size": input_size, **opts},
-            input_shape=(3, input_size, input_size), num_classes=int(opts["num_classes"]),
+            spec=f"torchvision:{name}",
+            options={"input_size": input_size, **opts},
+            input_shape=(3, input_size, input_size),
+            num_classes=int(opts["num_classes"]),
             head=last_linear(model),
         )
         return model, info

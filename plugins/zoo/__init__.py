@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from netshrink.adapters import ModelAdapter, ModelInfo
 from netshrink.errors import ModelSpecError, UnknownNameError
 from netshrink.plugins.zoo.models import ZOO
 from netshrink.registry import hookimpl
+from torch import nn
 
 _OPTIONS = ("in_chans", "input_size", "num_classes")
 
@@ -26,7 +25,9 @@ class ZooAdapter(ModelAdapter):
             raise UnknownNameError("zoo model", name, ZOO)
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
-            raise ModelSpecError(f"zoo:{name}: unknown option(s) {unknown}; valid: {list(_OPTIONS)}")
+            raise ModelSpecError(
+                f"zoo:{name}: unknown option(s) {unknown}; valid: {list(_OPTIONS)}"
+            )
         cls, _, head = ZOO[name]
         default_size = 28 if name.startswith("lenet") else 32
         opts = {"in_chans": 1, "input_size": default_size, "num_classes": 10, **options}
@@ -36,9 +37,11 @@ class ZooAdapter(ModelAdapter):
         except (TypeError, ValueError) as exc:
             raise ModelSpecError(f"zoo:{name}: {exc}") from None
         info = ModelInfo(
-            spec=f"zoo:{name}", options=opts,
+            spec=f"zoo:{name}",
+            options=opts,
             input_shape=(opts["in_chans"], opts["input_size"], opts["input_size"]),
-            num_classes=opts["num_classes"], head=head,
+            num_classes=opts["num_classes"],
+            head=head,
         )
         return model, info
 

@@ -53,16 +53,25 @@ class LeNet5(nn.Module):
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU(inplace=True)]
+    return [
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    ]
 
 
 class VGGSmall(nn.Module):
     """A small VGG (CIFAR-style): 3 blocks of two 3x3 convs (32-64-128) with BatchNorm and
     max-pooling, then a 256-unit FC layer and the classifier."""
 
-    def __init__(self, in_chans: int = 1, input_size: int = 32, num_classes: int = 10,
-                 widths: tuple[int, ...] = (32, 64, 128), hidden: int = 256) -> None:
+    def __init__(
+        self,
+        in_chans: int = 1,
+        input_size: int = 32,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = (32, 64, 128),
+        hidden: int = 256,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_chans
@@ -109,8 +118,14 @@ class ResNetSmall(nn.Module):
     """A small CIFAR-style ResNet: 3x3 stem, three stages of basic blocks (32-64-128, strides
     1-2-2), global average pooling and a linear classifier."""
 
-    def __init__(self, in_chans: int = 1, input_size: int = 32, num_classes: int = 10,
-                 widths: tuple[int, ...] = (32, 64, 128), blocks: tuple[int, ...] = (1, 1, 1)) -> None:
+    def __init__(
+        self,
+        in_chans: int = 1,
+        input_size: int = 32,
+        num_classes: int = 10,
+        widths: tuple[int, ...] = (32, 64, 128),
+        blocks: tuple[int, ...] = (1, 1, 1),
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(*_conv_bn(in_chans, widths[0]))
         stages = []

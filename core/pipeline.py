@@ -1,0 +1,289 @@
+"""The pipeline: validate a recipe against a model before any work, then run its steps."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from netshrink.adapters import ModelInfo, last_linear, load_model, model_info, set_model_info
+from netshrink.compressor import Compressor, CompressorConfig, LayerRecord
+from netshrink.config import format_validation_error
+from netshrink.context import CompressionContext
+from netshrink.datasets import DataSplits
+from netshrink.datasets import load as load_data
+from netshrink.encodings import EncodingTable
+from netshrink.errors import NetshrinkError, RecipeError, SelectionError
+from netshrink.recipe import Recipe, Step, as_recipe
+from netshrink.registry import get_compressor, get_selector_preset
+from netshrink.selector import LayerSelector
+from netshrink.training import FinetuneConfig, evaluate, reference_model
+from netshrink.training import finetune as run_finetune
+from pydantic import ValidationError
+from torch import nn
+
+log = logging.getLogger("netshrink")
+
+
+@dataclass
+class PlannedStep:
+    """A validated step: the compressor class, its config, its selector and the layers it
+    selected on the model as it was before the run."""
+
+    index: int
+    step: Step
+    compressor: type[Compressor]
+    config: CompressorConfig
+    selector: LayerSelector
+    layers: list[str]
+
+    @property
+    def title(self) -> str:
+        """How errors and reports name this step."""
+        return self.step.title(self.index)
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns: the compressed model, its report, and its encodings."""
+
+    model: nn.Module
+    report: Any
+    encodings: EncodingTable
+    recipe: Recipe
+    info: ModelInfo
+    records: list[LayerRecord] = field(default_factory=list)
+
+    def save(self, path: str | Path, *, report: bool = True) -> Path:
+        """Write the artifact (its size equals ``report.storage_bytes``); with ``report=True``
+        also ``<stem>.report.json`` and ``<stem>.report.png`` next to it."""
+        from netshrink.artifact import save
+
+        return save(self, path, report=report)
+
+
+def _selector(step: Step, title: str) -> LayerSelector:
+    if step.select is None:
+        return LayerSelector()
+    if isinstance(step.select, str):
+        try:
+            return get_selector_preset(step.select)
+        except KeyError as exc:
+            raise RecipeError(f"{title}: field 'select': {exc}") from None
+    return step.select
+
+
+def plan(
+    recipe: Recipe, model: nn.Module, info: ModelInfo, data: DataSplits | None
+) -> list[PlannedStep]:
+    """Validate every step against ``model`` and ``data`` before any work is done.
+
+    Checks: the compressor exists (with did-you-mean), its config validates (errors name the
+    step and field), the selector selects something the compressor handles, data is given when
+    needed, and no step rewrites values that an earlier step quantized or clustered.
+    """
+    planned: list[PlannedStep] = []
+    for index, step in enumerate(recipe.steps):
+        title = step.title(index)
+        try:
+            cls = get_compressor(step.compressor)
+        except KeyError as exc:
+            raise RecipeError(f"{title}: field 'compressor': {exc}") from None
+        try:
+            config = cls.Config.model_validate(step.config)
+        except ValidationError as exc:
+            msg = format_validation_error(exc, title).replace("field '", "field 'config.")
+            raise RecipeError(msg) from None
+        selector = _selector(step, title)
+        try:
+            layers = selector.resolve(
+                model, head=info.head, default_types=list(cls.capabilities.handles)
+            )
+            cls.check_layers(layers)
+        except SelectionError as exc:
+            raise SelectionError(f"{title}: field 'select': {exc}") from None
+        caps = cls.capabilities
+        if (caps.needs_data or step.finetune) and data is None:
+            why = "it evaluates or trains on data" if caps.needs_data else "it fine-tunes"
+            raise RecipeError(f"{title}: needs data ({why}); pass data=... or --data")
+        for earlier in planned:
+            if not earlier.compressor.capabilities.encodes_values:
+                continue
+            if caps.changes_structure:
+                raise RecipeError(
+                    f"{title}: '{cls.name}' changes the model's structure after {earlier.title} "
+                    f"quantized/clustered values; put structural steps first"
+                )
+            overlap = sorted(set(earlier.layers) & {n for n, _ in layers})
+            if overlap and not caps.accepts_encoded:
+                raise RecipeError(
+                    f"{title}: '{cls.name}' would rewrite layers whose values {earlier.title} "
+                    f"already quantized/clustered ({', '.join(overlap[:4])}); reorder the steps "
+                    "or exclude those layers"
+                )
+        if recipe.finetune and data is None:
+            raise RecipeError("recipe field 'finetune': fine-tuning needs data; pass data=...")
+        planned.append(PlannedStep(index, step, cls, config, selector, [n for n, _ in layers]))
+    return planned
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _resolve_model(model: nn.Module | str, data: DataSplits | None, seed: int) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if data is not None:
+        return reference_model(model, data, seed=seed)
+    return load_model(model)
+
+
+def _info_for(model: nn.Module, data: DataSplits | None) -> ModelInfo:
+    info = model_info(model)
+    if info is not None:
+        if info.input_shape is None and data is not None:
+            info = copy.copy(info)
+            info.input_shape = data.input_shape
+        return info
+    return ModelInfo(
+        spec="",
+        input_shape=data.input_shape if data else None,
+        num_classes=data.num_classes if data else None,
+        head=last_linear(model),
+    )
+
+
+def compress(
+    model: nn.Module | str,
+    steps: Recipe | list[Step | dict[str, Any]] | Step | str | Path,
+    data: DataSplits | str | None = None,
+    *,
+    seed: int | None = None,
+    finetune: FinetuneConfig | dict[str, Any] | None = None,
+    latency: bool | None = None,
+    device: str = "cpu",
+) -> CompressionResult:
+    """Compress ``model`` with ``steps`` and return a :class:`CompressionResult`.
+
+    ``finetune`` (a :class:`FinetuneConfig` or dict) fine-tunes after the last step.
+    ``model`` is an ``nn.Module`` (left untouched: a copy is compressed) or a spec string (with
+    ``data``, the cached reference model trained on it). ``steps`` is a list of
+    :func:`netshrink.step` results, a :class:`Recipe`, or a recipe file. Everything is validated
+    before any work; the run is deterministic given ``seed``.
+    """
+    from netshrink.report import build_report
+
+    recipe = as_recipe(steps, seed=seed, latency=latency, finetune=finetune)
+    data_name = data if isinstance(data, str) else recipe.data
+    splits = load_data(data if data is not None else data_name) if (data or data_name) else None
+    original = _resolve_model(model if model is not None else recipe.model, splits, recipe.seed)
+    info = _info_for(original, splits)
+    work = copy.deepcopy(original)
+    set_model_info(work, info)
+    planned = plan(recipe, work, info, splits)
+
+    started = time.perf_counter()
+    dev = torch.device(device)
+    work.to(dev)
+    teacher = copy.deepcopy(original).to(dev).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    table = EncodingTable()
+    records: list[LayerRecord] = []
+    step_summaries: list[dict[str, Any]] = []
+    for item in planned:
+        _seed_everything(recipe.seed + item.index)
+        ctx = CompressionContext(
+            data=splits,
+            encodings=table,
+            info=info,
+            seed=recipe.seed,
+            device=dev,
+            step_index=item.index,
+            step_name=item.step.label or item.compressor.name,
+            teacher=teacher,
+        )
+        layers = item.selector.filter(
+            work, head=info.head, default_types=list(item.compressor.capabilities.handles)
+        )
+        if not layers:
+            raise SelectionError(
+                f"{item.title}: field 'select': selected no layers once earlier "
+                "steps had run (they renamed or removed the layers)"
+            )
+        item.compressor.check_layers(layers, where=f"{item.title}: ")
+        t0 = time.perf_counter()
+        try:
+            out = item.compressor(item.config).compress(work, layers, ctx)
+        except NetshrinkError as exc:
+            raise type(exc)(f"{item.title}: {exc}") from exc
+        work = out.model
+        set_model_info(work, info)
+        table.reconcile(work)
+        summary: dict[str, Any] = {
+            "step": item.index,
+            "compressor": item.compressor.name,
+            "layers": len(layers),
+            **out.summary,
+        }
+        if item.step.finetune is not None and item.step.finetune.epochs > 0:
+            hist = run_finetune(
+                work,
+                splits,
+                table,
+                item.step.finetune,
+                teacher=teacher,
+                seed=recipe.seed,
+                device=dev,
+                desc=f"[{item.index}] fine-tune",
+            )
+            summary["finetune_best_val_acc"] = hist.get("best_val_acc")
+        summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
+        for rec in out.records:
+            rec.details.setdefault("step", item.index)
+        records.extend(out.records)
+        step_summaries.append(summary)
+    if recipe.finetune is not None and recipe.finetune.epochs > 0:
+        run_finetune(
+            work,
+            splits,
+            table,
+            recipe.finetune,
+            teacher=teacher,
+            seed=recipe.seed,
+            device=dev,
+            desc="fine-tune",
+        )
+    wall = time.perf_counter() - started
+    work.eval()
+    work.to("cpu")
+    report = build_report(
+        original=original.cpu(),
+        model=work,
+        encodings=table,
+        records=records,
+        info=info,
+        data=splits,
+        recipe=recipe,
+        steps=step_summaries,
+        wall_time_s=wall,
+        measure_latency=recipe.latency,
+    )
+    return CompressionResult(
+        model=work, report=report, encodings=table, recipe=recipe, info=info, records=records
+    )
+
+
+def accuracy(model: nn.Module, data: DataSplits | str, split: str = "test") -> float:
+    """Top-1 accuracy of ``model`` on a split of ``data``."""
+    splits = load_data(data)
+    return evaluate(model, splits.loader(split, batch_size=256, shuffle=False))
