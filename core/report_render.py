@@ -60,7 +60,9 @@ def render(report: Report) -> Group:
         ("MACs", f"{compact(report.macs_before)}→{compact(report.macs_after)}"),
     ]
     for i, (title, footer) in enumerate(columns):
-        table.add_column(title, footer=footer, justify="left" if i < 3 else "right")
+        table.add_column(
+            title, footer=footer, justify="left" if i < 3 else "right", overflow="fold"
+        )
     for row in report.rows:
         meta = row.name.startswith("(header")
         if row.name.startswith("(other") and not row.storage_bytes:
@@ -101,7 +103,7 @@ def render(report: Report) -> Group:
     return Group(table, Text("\n".join(lines)))
 
 
-def to_text(report: Report, width: int = 140) -> str:
+def to_text(report: Report, width: int = 160) -> str:
     """The rendered report as plain text."""
     console = Console(file=io.StringIO(), width=width, color_system=None, record=True)
     console.print(render(report))
