@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
-from netshrink.errors import ModelSpecError
 from torch import nn
+
+from netshrink.errors import ModelSpecError
 
 _INFO_ATTR = "_netshrink_info"
 

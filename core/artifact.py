@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from torch import nn
+
 from netshrink import modules as arch
 from netshrink.adapters import ModelInfo, load_model, model_info, set_model_info
 from netshrink.encodings import DTYPE_NAMES, DTYPES, Encoding, EncodingTable, model_tensors
 from netshrink.errors import ArtifactError, NetshrinkError
-from safetensors import safe_open
-from safetensors.torch import save as st_save
-from torch import nn
 
 FORMAT = "netshrink"
 FORMAT_VERSION = 1

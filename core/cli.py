@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-from netshrink.errors import NetshrinkError
 from rich.console import Console
 from rich.table import Table
+
+from netshrink.errors import NetshrinkError
 
 # Reports are wide: keep them readable when output goes to a file or CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)

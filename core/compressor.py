@@ -7,10 +7,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from torch import nn
+
 from netshrink.config import NetshrinkConfig
 from netshrink.errors import NetshrinkError, SelectionError
 from netshrink.selector import LAYER_TYPES
-from torch import nn
 
 if TYPE_CHECKING:
     from netshrink.context import CompressionContext

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
+
 from netshrink.adapters import ModelInfo
 from netshrink.datasets import DataSplits, Split
 from netshrink.encodings import Encoding, EncodingTable
 from netshrink.errors import DataError
 from netshrink.progress import progress as _progress
 from netshrink.training import FinetuneConfig, evaluate, finetune
-from torch import nn
 
 T = TypeVar("T")
 

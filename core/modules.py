@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from netshrink.errors import ArtifactError
 from torch import nn
+
+from netshrink.errors import ArtifactError
 
 _SIMPLE = (int, float, bool, str, type(None))
 

@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import ValidationError
+from torch import nn
+
 from netshrink.adapters import ModelInfo, last_linear, load_model, model_info, set_model_info
 from netshrink.compressor import Compressor, CompressorConfig, LayerRecord
 from netshrink.config import format_validation_error
@@ -25,8 +28,6 @@ from netshrink.registry import get_compressor, get_selector_preset
 from netshrink.selector import LayerSelector
 from netshrink.training import FinetuneConfig, evaluate, reference_model
 from netshrink.training import finetune as run_finetune
-from pydantic import ValidationError
-from torch import nn
 
 log = logging.getLogger("netshrink")
 

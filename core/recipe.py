@@ -10,11 +10,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, ValidationError, field_validator
+
 from netshrink.config import NetshrinkConfig, format_validation_error
 from netshrink.errors import RecipeError
 from netshrink.selector import LayerSelector
 from netshrink.training import FinetuneConfig
-from pydantic import Field, ValidationError, field_validator
 
 
 class Step(NetshrinkConfig):

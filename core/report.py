@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, PrivateAttr
+from torch import nn
+
 from netshrink.adapters import ModelInfo
 from netshrink.compressor import LayerRecord
 from netshrink.datasets import DataSplits
@@ -20,8 +23,6 @@ from netshrink.encodings import EncodingTable, model_tensors
 from netshrink.metrics import compare_latency, count_macs
 from netshrink.recipe import Recipe
 from netshrink.training import evaluate
-from pydantic import BaseModel, PrivateAttr
-from torch import nn
 
 
 class LayerRow(BaseModel):

@@ -7,10 +7,11 @@ import re
 from collections import Counter
 from collections.abc import Callable
 
-from netshrink.config import NetshrinkConfig
-from netshrink.errors import SelectionError
 from pydantic import Field, field_validator
 from torch import nn
+
+from netshrink.config import NetshrinkConfig
+from netshrink.errors import SelectionError
 
 #: Layer-type names a selector accepts, mapped to torch classes (subclasses match too).
 LAYER_TYPES: dict[str, type[nn.Module]] = {

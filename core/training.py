@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from torch.utils.data import DataLoader
+
 from netshrink.config import NetshrinkConfig
 from netshrink.datasets import DataSplits
 from netshrink.encodings import EncodingTable, Sparse, model_tensors
 from netshrink.progress import progress
-from pydantic import Field
-from torch import nn
-from torch.utils.data import DataLoader
 
 TRAINING_VERSION = 1  # bump when reference training changes, to invalidate caches
 
@@ -212,9 +213,10 @@ def reference_model(
 ) -> nn.Module:
     """A model built from ``spec`` and trained on ``data`` (cached on disk, keyed by spec,
     options, data, seed and training settings). Training takes seconds for the zoo models."""
+    from safetensors.torch import load_file, save_file
+
     from netshrink.adapters import load_model, model_info, parse_spec
     from netshrink.datasets import load as load_data
-    from safetensors.torch import load_file, save_file
 
     data = load_data(data)
     opts = {**data.model_options(), **options}

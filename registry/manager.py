@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pluggy
+
 from netshrink.errors import DuplicateNameError, NetshrinkError, UnknownNameError
 from netshrink.registry import hookspecs
 

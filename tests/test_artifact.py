@@ -74,7 +74,7 @@ def test_truncated(saved, tmp_path):
     _, path = saved
     bad = tmp_path / "trunc.nsk"
     bad.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(ArtifactError, match="truncated|corrupted"):
+    with pytest.raises(ArtifactError, match=r"truncated|corrupted"):
         ns.load(bad)
 
 
@@ -115,7 +115,7 @@ def test_manifest_missing_tensor(saved, tmp_path):
     _, path = saved
     bad = tmp_path / "missing.nsk"
     _rewrite_manifest(path, bad, lambda m: m["t"].pop("fc2.bias"))
-    with pytest.raises(ArtifactError, match="lacks tensors.*fc2.bias"):
+    with pytest.raises(ArtifactError, match=r"lacks tensors.*fc2\.bias"):
         ns.load(bad)
 
 

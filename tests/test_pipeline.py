@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import netshrink as ns
 import pytest
 import torch
+
+import netshrink as ns
 from netshrink.errors import RecipeError, SelectionError, UnknownNameError
 from netshrink.recipe import Recipe
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 import textwrap
 
-import netshrink as ns
 import pytest
 import torch
 from click.testing import CliRunner
+
+import netshrink as ns
 from netshrink.cli import cli
 from netshrink.errors import DuplicateNameError, UnknownNameError
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import netshrink as ns
 import pytest
+from pydantic import ValidationError
+
+import netshrink as ns
 from netshrink.errors import SelectionError
 from netshrink.selector import LayerSelector
-from pydantic import ValidationError
 
 
 @pytest.fixture(scope="module")

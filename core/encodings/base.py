@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+
 from netshrink.errors import ArtifactError
 
 #: dtype names used in manifests (safetensors' spelling) and their torch dtypes.

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+
 from netshrink.encodings.base import DTYPE_NAMES, DTYPES, Encoding, f32
 from netshrink.encodings.packing import pack_bits, packed_nbytes, unpack_bits
 from netshrink.errors import EncodingError

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import torch
+from torch import nn
+
 from netshrink.encodings.base import Encoding
 from netshrink.encodings.kinds import Dense, Sparse
 from netshrink.errors import EncodingError
-from torch import nn
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,9 +11,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
 from netshrink.datasets import DataSplits
 from netshrink.registry import hookimpl
-from torch.utils.data import TensorDataset
 
 
 @lru_cache(maxsize=8)

@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
+
 from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
 from netshrink.encodings import Dense, Sparse
 from netshrink.registry import hookimpl
-from pydantic import Field
 
 
 class MagnitudeConfig(CompressorConfig):

@@ -5,10 +5,11 @@ https://arxiv.org/abs/1712.05877). Composes with pruning: zeros stay unstored.""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
+
 from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
 from netshrink.encodings import Dense, Quantized, encode_values
 from netshrink.registry import hookimpl
-from pydantic import Field
 
 
 class QuantizeConfig(CompressorConfig):

@@ -8,10 +8,11 @@ import math
 from typing import Literal
 
 import torch
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.registry import hookimpl
 from pydantic import Field
 from torch import nn
+
+from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
+from netshrink.registry import hookimpl
 
 
 class SVDConfig(CompressorConfig):

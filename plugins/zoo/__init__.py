@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from netshrink.adapters import ModelAdapter, ModelInfo
 from netshrink.errors import ModelSpecError, UnknownNameError
 from netshrink.plugins.zoo.models import ZOO
 from netshrink.registry import hookimpl
-from torch import nn
 
 _OPTIONS = ("in_chans", "input_size", "num_classes")
 
