@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from netshrink.adapters import ModelAdapter, ModelInfo, load_model, model_info
 from netshrink.errors import ModelSpecError
 from netshrink.registry import hookimpl
-from torch import nn
 
 
 class FileAdapter(ModelAdapter):

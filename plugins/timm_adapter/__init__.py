@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from netshrink.adapters import ModelAdapter, ModelInfo, last_linear
 from netshrink.errors import ModelSpecError
 from netshrink.registry import hookimpl
-from torch import nn
 
 
 def _head_name(model: nn.Module) -> str | None:
