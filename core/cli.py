@@ -6,6 +6,7 @@ Plugins add sub-commands through the ``register_commands(cli)`` hook.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ def field_rows(model_cls: Any) -> list[dict[str, str]]:
         if "enum" in prop:
             bounds.append("one of " + ", ".join(map(str, prop["enum"])))
         annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
-        annotation = annotation.replace("typing.", "")
+        annotation = re.sub(r"(?:\w+\.)+(\w+)", r"\1", annotation)  # drop module paths
         default = (
             "required"
             if field.is_required()
