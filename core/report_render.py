@@ -142,8 +142,9 @@ def plot(report: Report, path: Path) -> Path:
     ax2.set_ylabel("stored bits per original weight")
     ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
     ax.set_title("per layer")
-    ax.legend(loc="upper left")
-    ax2.legend(loc="upper right")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center",
+              bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8)
     ax = axes[1]
     if report.accuracy_before is not None:
         ax.scatter(
