@@ -1,0 +1,126 @@
+"""What the benchmark runs: the reference models, netshrink's methods and combinations, peers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: name -> (model spec, dataset)
+MODELS: dict[str, tuple[str, str]] = {
+    "lenet300": ("zoo:lenet300", "digits28"),
+    "lenet5": ("zoo:lenet5", "digits28"),
+    "vgg_small": ("zoo:vgg_small", "digits32"),
+    "resnet_small": ("zoo:resnet_small", "digits32"),
+    "resnet18": ("timm:resnet18", "digits32"),
+}
+QUICK_MODELS = ("lenet300", "lenet5", "resnet_small")
+
+FT = {"epochs": 3, "lr": 0.001}
+FT_QUICK = {"epochs": 1, "lr": 0.001}
+EVERYTHING = {"types": ["Conv2d", "Linear"], "protect_head": False}
+
+
+def netshrink_methods(model: str, quick: bool) -> dict[str, list[dict[str, Any]]]:
+    """label -> recipe steps (dicts as in a YAML recipe) for ``model``."""
+    ft = FT_QUICK if quick else FT
+    convs = model not in ("lenet300",)
+    methods: dict[str, list[dict[str, Any]]] = {
+        "magnitude 90% (global) + ft": [
+            {
+                "compressor": "magnitude",
+                "select": EVERYTHING,
+                "config": {"sparsity": 0.9, "scope": "global"},
+                "finetune": ft,
+            }
+        ],
+        "quantize 4-bit/ch": [
+            {"compressor": "quantize", "select": EVERYTHING, "config": {"bits": 4}}
+        ],
+        "deep-compression style (magnitude 90% + ft + quantize 5-bit)": [
+            {
+                "compressor": "magnitude",
+                "select": EVERYTHING,
+                "config": {"sparsity": 0.9, "scope": "global"},
+                "finetune": ft,
+            },
+            {"compressor": "quantize", "select": EVERYTHING, "config": {"bits": 5}},
+        ],
+    }
+    if model in ("lenet300", "lenet5"):
+        methods["svd (Linear, energy 0.9) + ft"] = [
+            {
+                "compressor": "svd",
+                "select": {"types": ["Linear"]},
+                "config": {"rank_by": "energy", "energy": 0.9},
+                "finetune": ft,
+            }
+        ]
+    methods.update(_plugin_methods(model, quick, ft, convs))
+    return methods
+
+
+def _plugin_methods(
+    model: str, quick: bool, ft: dict[str, Any], convs: bool
+) -> dict[str, list[dict[str, Any]]]:
+    """The paper methods; filled in from each plugin's documented defaults."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    out["bioclust (4-bit codebook)"] = [
+        {"compressor": "bioclust", "select": EVERYTHING, "config": {}}
+    ]
+    out["normsparse + ft"] = [
+        {
+            "compressor": "normsparse",
+            "select": {"types": ["Linear", "Conv2d"]},
+            "config": {},
+            "finetune": ft,
+        }
+    ]
+    out["joint (adaptive sparsity+bits)"] = [
+        {"compressor": "joint", "select": EVERYTHING, "config": {}}
+    ]
+    if convs:
+        out["statprune + tucker + ft (paper 002)"] = [
+            {
+                "compressor": "statprune",
+                "select": {"types": ["Conv2d"], "max_channels": 64},
+                "config": {},
+            },
+            {
+                "compressor": "tucker",
+                "select": {"types": ["Conv2d"], "min_channels": 64},
+                "config": {},
+                "finetune": ft,
+            },
+        ]
+        out["rlprune + sigmaprune + ft (paper 003)"] = [
+            {"compressor": "rlprune", "select": {"types": ["Conv2d"]}, "config": {}},
+            {
+                "compressor": "sigmaprune",
+                "select": {"types": ["Linear"]},
+                "config": {},
+                "finetune": ft,
+            },
+        ]
+        out["statprune -> tucker -> joint"] = [
+            {
+                "compressor": "statprune",
+                "select": {"types": ["Conv2d"], "max_channels": 64},
+                "config": {},
+            },
+            {
+                "compressor": "tucker",
+                "select": {"types": ["Conv2d"], "min_channels": 64},
+                "config": {},
+                "finetune": ft,
+            },
+            {"compressor": "joint", "select": EVERYTHING, "config": {}},
+        ]
+    out["normsparse -> bioclust"] = [
+        {
+            "compressor": "normsparse",
+            "select": {"types": ["Linear", "Conv2d"]},
+            "config": {},
+            "finetune": ft,
+        },
+        {"compressor": "bioclust", "select": EVERYTHING, "config": {}},
+    ]
+    return out
