@@ -91,7 +91,7 @@ def pareto_plot(rows: list[dict], model: str, path: Path) -> None:
 
 
 def verdicts(rows: list[dict]) -> list[str]:
-    """For each peer: netshrink's best ratio at equal accuracy (within 0.5 pp), or that the peer wins."""
+    """Per peer: netshrink's best ratio at equal accuracy (within 0.5 pp), or the peer wins."""
     ok = [r for r in rows if "error" not in r]
     ours = [r for r in ok if r["family"] == "netshrink"]
     lines = []
