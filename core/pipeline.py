@@ -186,7 +186,10 @@ def compress(
     recipe = as_recipe(steps, seed=seed, latency=latency, finetune=finetune)
     data_name = data if isinstance(data, str) else recipe.data
     splits = load_data(data if data is not None else data_name) if (data or data_name) else None
-    original = _resolve_model(model if model is not None else recipe.model, splits, recipe.seed)
+    source = model if model is not None else recipe.model
+    if source is None:
+        raise RecipeError("no model: pass a model or a spec, or set 'model' in the recipe")
+    original = _resolve_model(source, splits, recipe.seed)
     info = _info_for(original, splits)
     work = copy.deepcopy(original)
     set_model_info(work, info)

@@ -100,10 +100,17 @@ class Encoding(ABC):
         """True if this encoding or a nested one restricts values to a grid or codebook."""
         return self.value_encoded or any(c.is_value_encoded for c in self.children().values())
 
+    def packed(self) -> dict[str, torch.Tensor]:
+        """:meth:`arrays`, computed once (encodings are immutable once built)."""
+        cached = self.__dict__.get("_packed")
+        if cached is None:
+            cached = self.__dict__["_packed"] = self.arrays()
+        return cached
+
     @property
     def payload_bytes(self) -> int:
         """Bytes of the stored arrays, nested encodings included."""
-        own = sum(a.numel() * a.element_size() for a in self.arrays().values())
+        own = sum(a.numel() * a.element_size() for a in self.packed().values())
         return own + sum(c.payload_bytes for c in self.children().values())
 
     @property
@@ -121,7 +128,7 @@ class Encoding(ABC):
         """Serialise to a JSON record; arrays go through ``write`` (which returns references)."""
         record: dict[str, Any] = {"k": self.kind, "s": list(self.shape)}
         record.update(self.meta())
-        arrays = self.arrays()
+        arrays = self.packed()
         if arrays:
             record["a"] = {role: write(arr.contiguous()) for role, arr in arrays.items()}
         children = self.children()

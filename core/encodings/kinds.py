@@ -33,7 +33,8 @@ class Dense(Encoding):
         storage_dtype = storage_dtype or tensor.dtype
         if storage_dtype not in DTYPE_NAMES:
             raise EncodingError(f"unsupported storage dtype {storage_dtype}")
-        self.data = tensor.detach().to("cpu", storage_dtype).contiguous()
+        # A copy: the encoding must not change when the model's parameter is trained further.
+        self.data = tensor.detach().to("cpu", storage_dtype, copy=True).contiguous()
 
     def decode(self, positions: torch.Tensor | None = None) -> torch.Tensor:
         return self.data.to(self.dtype).reshape(self.shape)
@@ -150,7 +151,7 @@ class Quantized(Encoding):
         meta: dict[str, Any] = {"b": self.bits}
         if not self.per_channel:
             meta["sc"] = f32(float(self.scale[0]))
-        if "zp" not in self.arrays():
+        if "zp" not in self.packed():
             meta["zp"] = int(self.zero_point[0])
         if self.full_shape != self.shape:
             meta["fs"] = list(self.full_shape)
