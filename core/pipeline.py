@@ -164,7 +164,7 @@ def _info_for(model: nn.Module, data: DataSplits | None) -> ModelInfo:
 
 
 def compress(
-    model: nn.Module | str,
+    model: nn.Module | str | None,
     steps: Recipe | list[Step | dict[str, Any]] | Step | str | Path,
     data: DataSplits | str | None = None,
     *,
@@ -176,8 +176,8 @@ def compress(
     """Compress ``model`` with ``steps`` and return a :class:`CompressionResult`.
 
     ``finetune`` (a :class:`FinetuneConfig` or dict) fine-tunes after the last step.
-    ``model`` is an ``nn.Module`` (left untouched: a copy is compressed) or a spec string (with
-    ``data``, the cached reference model trained on it). ``steps`` is a list of
+    ``model`` is an ``nn.Module`` (left untouched: a copy is compressed), a spec string (with
+    ``data``, the cached reference model trained on it), or None to use the recipe's ``model``. ``steps`` is a list of
     :func:`netshrink.step` results, a :class:`Recipe`, or a recipe file. Everything is validated
     before any work; the run is deterministic given ``seed``.
     """
