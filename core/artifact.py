@@ -2,8 +2,9 @@
 
 Layout: a standard safetensors file with two uint8 tensors, ``manifest`` (JSON, zlib-compressed
 when that is smaller) and ``blob`` (every packed array, back to back), and header metadata
-``{"format": "netshrink", "manifest": "json"|"zlib"}``. The manifest names the base model spec
-(or a full module description), the architecture edits, and each tensor's encoding with
+``{"netshrink": "1;json"}`` or ``"1;zlib"`` (one key: safetensors writes metadata in hash order,
+so a second key would make identical artifacts differ byte for byte). The manifest names the
+base model spec (or a full module description), the architecture edits, and each tensor's encoding with
 ``[dtype, offset, nbytes]`` references into the blob.
 
 The file size is exactly the report's ``storage_bytes``: :func:`artifact_bytes` builds the very
@@ -103,7 +104,7 @@ def artifact_bytes(
             else torch.zeros(0, dtype=torch.uint8)
         ),
     }
-    return st_save(tensors, metadata={"format": FORMAT, "manifest": kind})
+    return st_save(tensors, metadata={FORMAT: f"{FORMAT_VERSION};{kind}"})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -159,7 +160,7 @@ def _read(path: Path, want_blob: bool) -> tuple[dict[str, Any], bytes]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
+            if FORMAT not in meta:
                 raise ArtifactError(
                     f"{path}: not a netshrink artifact (safetensors file without "
                     "netshrink metadata)"
@@ -177,7 +178,7 @@ def _read(path: Path, want_blob: bool) -> tuple[dict[str, Any], bytes]:
             f"{exc})"
         ) from None
     try:
-        if meta.get("manifest") == "zlib":
+        if meta[FORMAT].endswith(";zlib"):
             inflater = zlib.decompressobj()
             raw = inflater.decompress(raw, MAX_MANIFEST_BYTES)
             if inflater.unconsumed_tail:

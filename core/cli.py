@@ -281,6 +281,15 @@ def validate(recipe_path: str, model: str | None, data: str | None) -> None:
     console.print("[green]recipe is valid[/]")
 
 
+def _attach_builtin_groups() -> None:
+    from netshrink.scaffold import plugin_group
+
+    cli.add_command(plugin_group())
+
+
+_attach_builtin_groups()
+
+
 def _load_plugin_commands() -> None:
     from netshrink.registry import load_plugins, pm
 

@@ -100,13 +100,13 @@ def _rewrite_manifest(src, dst, edit):
         meta = fh.metadata()
         raw = fh.get_tensor("manifest").numpy().tobytes()
         blob = fh.get_tensor("blob")
-    manifest = json.loads(zlib.decompress(raw) if meta["manifest"] == "zlib" else raw)
+    manifest = json.loads(zlib.decompress(raw) if meta["netshrink"].endswith("zlib") else raw)
     edit(manifest)
     data = json.dumps(manifest).encode()
     dst.write_bytes(
         save(
             {"manifest": torch.frombuffer(bytearray(data), dtype=torch.uint8), "blob": blob},
-            metadata={"format": "netshrink", "manifest": "json"},
+            metadata={"netshrink": "1;json"},
         )
     )
 

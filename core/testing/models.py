@@ -40,41 +40,44 @@ class TinyMLP(nn.Module):
 
 
 class TinyCNN(nn.Module):
-    """Conv2d layers: two 3x3 convs (8 and 16 channels), a max-pool and a linear head."""
+    """Conv2d layers: two 3x3 convs (16 and 32 channels), each followed by a max-pool."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
+        self.pool2 = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.head = nn.Linear(16 * 4 * 4, NUM_CLASSES)
+        self.head = nn.Linear(32 * 2 * 2, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
         return self.head(self.flatten(x))
 
 
 class TinyBNCNN(nn.Module):
-    """BatchNorm2d layers: conv-BN-ReLU twice, a max-pool and a linear head."""
+    """BatchNorm2d layers: conv-BN-ReLU-pool twice and a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(16)
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(32)
         self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
+        self.pool2 = nn.MaxPool2d(2)
         self.flatten = nn.Flatten()
-        self.head = nn.Linear(16 * 4 * 4, NUM_CLASSES)
+        self.head = nn.Linear(32 * 2 * 2, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.pool(self.relu2(self.bn2(self.conv2(x))))
+        x = self.pool1(self.relu1(self.bn1(self.conv1(x))))
+        x = self.pool2(self.relu2(self.bn2(self.conv2(x))))
         return self.head(self.flatten(x))
 
 
@@ -85,14 +88,15 @@ class TinyConv1d(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv1d(8, 16, 3, padding=1)
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv1d(16, 16, 3, padding=1)
+        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)
         self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool1d(4)
         self.flatten = nn.Flatten()
-        self.head = nn.Linear(16 * 8, NUM_CLASSES)
+        self.head = nn.Linear(32 * 2, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], 8, 8)
-        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        x = self.pool(self.relu2(self.conv2(self.relu1(self.conv1(x)))))
         return self.head(self.flatten(x))
 
 
@@ -101,16 +105,18 @@ class TinyConv3d(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1 = nn.Conv3d(1, 8, (1, 3, 3), padding=(0, 1, 1))
+        self.conv1 = nn.Conv3d(1, 16, (1, 3, 3), padding=(0, 1, 1))
         self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv3d(8, 8, (1, 3, 3), padding=(0, 1, 1))
+        self.pool1 = nn.MaxPool3d((1, 2, 2))
+        self.conv2 = nn.Conv3d(16, 32, (1, 3, 3), padding=(0, 1, 1))
         self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool3d((1, 2, 2))
         self.flatten = nn.Flatten()
-        self.head = nn.Linear(8 * 8 * 8, NUM_CLASSES)
+        self.head = nn.Linear(32 * 2 * 2, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unsqueeze(2)
-        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        x = self.pool1(self.relu1(self.conv1(x.unsqueeze(2))))
+        x = self.pool2(self.relu2(self.conv2(x)))
         return self.head(self.flatten(x))
 
 
@@ -121,32 +127,35 @@ class TinyDeconv(nn.Module):
         super().__init__()
         self.down = nn.Conv2d(1, 8, 3, stride=2, padding=1)
         self.relu0 = nn.ReLU()
-        self.up1 = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.up1 = nn.ConvTranspose2d(8, 16, 2, stride=2)
         self.relu1 = nn.ReLU()
-        self.up2 = nn.ConvTranspose2d(8, 4, 3, padding=1)
+        self.up2 = nn.ConvTranspose2d(16, 16, 3, padding=1)
         self.relu2 = nn.ReLU()
+        self.pool = nn.MaxPool2d(4)
         self.flatten = nn.Flatten()
-        self.head = nn.Linear(4 * 8 * 8, NUM_CLASSES)
+        self.head = nn.Linear(16 * 2 * 2, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu1(self.up1(self.relu0(self.down(x))))
-        return self.head(self.flatten(self.relu2(self.up2(x))))
+        return self.head(self.flatten(self.pool(self.relu2(self.up2(x)))))
 
 
 class TinyEmbedding(nn.Module):
-    """Embedding layer: each pixel quantised to one of 16 levels, embedded, then a linear head."""
+    """Embedding layer: each pixel quantised to one of 16 levels; (position, level) pairs are
+    embedded, then a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
-        # Normalised digits pixels lie in about [-0.8, 2.7]; 15 edges give 16 tokens. Not a
-        # persistent buffer: the constructor rebuilds it, so the artifact need not store it.
+        # Normalised digits pixels lie in about [-0.8, 2.7]; 15 edges give 16 levels. Not
+        # persistent: the constructor rebuilds them, so the artifact need not store them.
         self.register_buffer("edges", torch.linspace(-0.8, 2.7, 15), persistent=False)
-        self.embed = nn.Embedding(16, 4)
+        self.register_buffer("offsets", torch.arange(64) * 16, persistent=False)
+        self.embed = nn.Embedding(64 * 16, 4)
         self.flatten = nn.Flatten()
         self.head = nn.Linear(64 * 4, NUM_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = torch.bucketize(x.reshape(x.shape[0], -1), self.edges)
+        tokens = torch.bucketize(x.reshape(x.shape[0], -1), self.edges) + self.offsets
         return self.head(self.flatten(self.embed(tokens)))
 
 

@@ -185,7 +185,14 @@ class Run:
 
 
 _RUNS: dict[str, Run] = {}
-_TMP = tempfile.TemporaryDirectory(prefix="netshrink-conformance-")
+_TMP: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def _tmp_dir() -> Path:
+    """A directory for the artifacts of this process's runs (removed at exit)."""
+    if not _TMP:
+        _TMP.append(tempfile.TemporaryDirectory(prefix="netshrink-conformance-"))
+    return Path(_TMP[0].name)
 
 
 @contextlib.contextmanager
@@ -259,7 +266,7 @@ def _run(case: ConformanceCase, index: int = 0) -> Run:
     original = _base_model(spec, case.data)
     inputs = load_data(case.data).test.tensors[0][:64]
     result = _compress(case, case.layer_type, copy.deepcopy(original))
-    path = Path(_TMP.name) / f"{len(_RUNS)}-{case.compressor.name}.nsk"
+    path = _tmp_dir() / f"{len(_RUNS)}-{case.compressor.name}.nsk"
     result.save(path, report=False)
     run = Run(original, result, inputs, path)
     _RUNS[key] = run
