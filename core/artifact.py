@@ -4,8 +4,8 @@ Layout: a standard safetensors file with two uint8 tensors, ``manifest`` (JSON, 
 when that is smaller) and ``blob`` (every packed array, back to back), and header metadata
 ``{"netshrink": "1;json"}`` or ``"1;zlib"`` (one key: safetensors writes metadata in hash order,
 so a second key would make identical artifacts differ byte for byte). The manifest names the
-base model spec (or a full module description), the architecture edits, and each tensor's encoding with
-``[dtype, offset, nbytes]`` references into the blob.
+base model spec (or a full module description), the architecture edits, and each tensor's
+encoding with ``[dtype, offset, nbytes]`` references into the blob.
 
 The file size is exactly the report's ``storage_bytes``: :func:`artifact_bytes` builds the very
 bytes :func:`save` writes. Loading never unpickles and runs no code from the file.

@@ -6,6 +6,7 @@ Plugins add sub-commands through the ``register_commands(cli)`` hook.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -298,7 +299,12 @@ def _load_plugin_commands() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``NETSHRINK_THREADS=N`` sets torch's CPU threads)."""
+    threads = os.environ.get("NETSHRINK_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     try:
         _load_plugin_commands()
     except NetshrinkError as exc:

@@ -178,8 +178,8 @@ def compress(
     ``finetune`` (a :class:`FinetuneConfig` or dict) fine-tunes after the last step.
     ``model`` is an ``nn.Module`` (left untouched: a copy is compressed), a spec string (with
     ``data``, the cached reference model trained on it), or None to use the recipe's ``model``.
-    ``steps`` is a list of :func:`netshrink.step` results, a :class:`Recipe`, or a recipe file. Everything is validated
-    before any work; the run is deterministic given ``seed``.
+    ``steps`` is a list of :func:`netshrink.step` results, a :class:`Recipe`, or a recipe file.
+    Everything is validated before any work; the run is deterministic given ``seed``.
     """
     from netshrink.report import build_report
 

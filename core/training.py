@@ -78,7 +78,8 @@ def train(
     after_step: Callable[[nn.Module], None] | None = None,
     desc: str = "train",
 ) -> dict[str, Any]:
-    """Train ``model`` on ``data.train``; keeps the weights with the best validation accuracy.
+    """Train ``model`` on ``data.train``; keeps the weights with the best validation accuracy
+    (the incoming weights included, so training never ends worse on validation than it began).
 
     ``extra_loss(model)`` adds a regulariser (e.g. an L1 penalty); ``after_step(model)`` runs
     after every optimizer step (e.g. to re-apply masks). Returns the history.
@@ -93,7 +94,10 @@ def train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
     loader = data.loader("train", batch_size=config.batch_size, seed=seed)
     val_loader = data.loader("val", batch_size=256)
-    best_acc, best_state, stale = -1.0, None, 0
+    # Start from the incoming weights: a short fine-tune must never end worse than it began.
+    best_acc, stale = evaluate(model, val_loader, device), 0
+    best_state = copy.deepcopy(model.state_dict())
+    history["start_val_acc"] = best_acc
     if teacher is not None:
         teacher.eval()
     bar = progress(range(config.epochs), desc=desc, total=config.epochs)
