@@ -1,0 +1,248 @@
+"""netshrink.testing: every registered compressor passes the conformance suite, and the suite
+catches compressors that break the contract."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Annotated, Any, ClassVar
+
+import pytest
+import torch
+from pydantic import Field, PlainSerializer
+
+import netshrink as ns
+from netshrink.encodings import Sparse
+from netshrink.registry import DEFAULT_PLUGINS, compressors
+from netshrink.testing import (
+    ALL_CHECKS,
+    ConformanceError,
+    check_compressor,
+    conformance_cases,
+    invalid_values,
+    tiny_model,
+)
+
+# Collected from the registry, so every compressor a built-in plugin (or, without the
+# conftest's NETSHRINK_PLUGINS="", an installed plugin) registers is covered automatically.
+CASES = [case for _, entry in sorted(compressors().items())
+         for case in conformance_cases(entry.obj)]
+# Linear and Conv2d (the layer types every method targets) run in the default suite; the other
+# declared types (Conv1d, Conv3d, ConvTranspose2d, BatchNorm2d, Embedding) with -m slow.
+FAST_TYPES = (None, "Linear", "Conv2d")
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(case, id=case.id,
+                 marks=() if case.layer_type in FAST_TYPES else (pytest.mark.slow,))
+    for case in CASES])
+def test_registered_compressor_conforms(case):
+    case.run()
+
+
+def test_every_builtin_compressor_is_covered():
+    covered = {case.compressor.name for case in CASES}
+    builtin = {name for name, entry in compressors().items()
+               if entry.plugin in {m.rsplit(".", 1)[-1] for m in DEFAULT_PLUGINS}}
+    assert "magnitude" in builtin
+    assert builtin <= covered
+    # Each covered compressor gets the class checks and at least one per-type run.
+    for name in covered:
+        checks = {case.check for case in CASES if case.compressor.name == name}
+        assert {"class", "config-json", "config-invalid", "compress", "save-load", "size",
+                "deterministic"} <= checks, name
+
+
+# -- the suite can fail: compressors that break one rule each ---------------------------------
+
+
+class _PruneHalf(ns.Compressor):
+    """Zero every other weight of each selected layer, stored sparse (a correct compressor)."""
+
+    name = "conftest-prune-half"
+    capabilities = ns.Capabilities(handles=("Linear", "Conv2d"))
+
+    class Config(ns.CompressorConfig):
+        """Configuration."""
+
+        fraction: float = Field(0.5, ge=0, lt=1, description="Fraction removed.")
+
+    def compress(self, model, layers, ctx):
+        records = []
+        for lname, module in layers:
+            mask = torch.ones(module.weight.numel(), dtype=torch.bool)
+            mask[: round(self.config.fraction * mask.numel())] = False
+            mask = mask.reshape(module.weight.shape)
+            ctx.encode(model, f"{lname}.weight", Sparse.from_dense(module.weight * mask, mask=mask))
+            records.append(ns.LayerRecord(lname, self.name, module.weight.numel()))
+        return ns.StepResult(model, records)
+
+
+def test_a_correct_compressor_passes():
+    passed = check_compressor(_PruneHalf)
+    assert set(passed) == {c.id for c in conformance_cases(_PruneHalf)}
+    assert "conftest-prune-half-refuses-undeclared" in passed
+    assert "conftest-prune-half-save-load[Conv2d]" in passed
+    assert "conftest-prune-half" not in compressors()  # the throwaway registration is gone
+
+
+class _Hooked(_PruneHalf):
+    """Doubles outputs with a forward hook: the artifact cannot reproduce that."""
+
+    name = "conftest-hooked"
+
+    def compress(self, model, layers, ctx):
+        out = super().compress(model, layers, ctx)
+        layers[0][1].register_forward_hook(lambda module, args, output: output * 2)
+        return out
+
+
+class _Noisy(_PruneHalf):
+    """Perturbs weights with an unseeded generator: not reproducible."""
+
+    name = "conftest-noisy"
+
+    def compress(self, model, layers, ctx):
+        gen = torch.Generator().manual_seed(time.perf_counter_ns())
+        with torch.no_grad():
+            for _, module in layers:
+                module.weight.add_(torch.randn(module.weight.shape, generator=gen) * 1e-3)
+        return super().compress(model, layers, ctx)
+
+
+class _NoOp(_PruneHalf):
+    """Does nothing at all."""
+
+    name = "conftest-noop"
+
+    def compress(self, model, layers, ctx):
+        return ns.StepResult(model, [])
+
+
+class _Stray(_PruneHalf):
+    """Records a layer it was not given."""
+
+    name = "conftest-stray"
+
+    def compress(self, model, layers, ctx):
+        out = super().compress(model, layers, ctx)
+        out.records.append(ns.LayerRecord("head", self.name, 0))
+        return out
+
+
+class _LaxConfig(_PruneHalf):
+    """Advertises a bound in its schema that validation does not enforce."""
+
+    name = "conftest-lax"
+
+    class Config(ns.CompressorConfig):
+        """Configuration."""
+
+        fraction: float = Field(0.5, description="Fraction removed.",
+                                json_schema_extra={"maximum": 0.99})
+
+
+class _LossyConfig(_PruneHalf):
+    """Serialises its config with a loss of precision."""
+
+    name = "conftest-lossy"
+    conformance_config: ClassVar[dict[str, Any]] = {"fraction": 0.55}
+
+    class Config(ns.CompressorConfig):
+        """Configuration."""
+
+        fraction: Annotated[float, PlainSerializer(lambda v: round(v, 1))] = Field(
+            0.5, ge=0, lt=1, description="Fraction removed.")
+
+
+class _Undocumented(_PruneHalf):
+    """Has a config field without a description."""
+
+    name = "conftest-undocumented"
+
+    class Config(ns.CompressorConfig):
+        """Configuration."""
+
+        fraction: float = Field(0.5, ge=0, lt=1)
+
+
+BROKEN = [
+    (_Hooked, ("save-load",), r"save-load\[Linear\].*outputs differ"),
+    (_Noisy, ("deterministic",), r"deterministic\[Linear\].*different artifacts"),
+    (_NoOp, ("compress",), r"compress\[Linear\].*did nothing"),
+    (_Stray, ("compress",), r"compress\[Linear\].*not selected: \['head'\]"),
+    (_LaxConfig, ("config-invalid",), r"fraction=0\.99.*was accepted"),
+    (_LossyConfig, ("config-json",), r"does not round-trip"),
+    (_Undocumented, ("class",), r"without a description: \['fraction'\]"),
+]
+
+
+@pytest.mark.parametrize(("cls", "checks", "message"),
+                         [pytest.param(*b, id=b[0].name) for b in BROKEN])
+def test_the_suite_catches(cls, checks, message):
+    with pytest.raises(ConformanceError, match=message):
+        check_compressor(cls, checks=checks)
+
+
+def test_invalid_values_come_from_the_schema():
+    values = {(v.field, v.value) for v in invalid_values(_PruneHalf.Config)}
+    assert ("fraction", 1) in values          # exclusive maximum
+    assert ("fraction", -1e-6) in values      # just below the minimum
+    assert ("fraction", "not-a-number") in values
+    assert ("__not_a_field__", 1) in values
+
+
+def test_config_override_and_unknown_check():
+    cases = conformance_cases(_PruneHalf, config={"fraction": 0.25}, checks=("class",))
+    assert [c.id for c in cases] == ["conftest-prune-half-class"]
+    assert cases[0].config == {"fraction": 0.25}
+    with pytest.raises(ValueError, match="unknown conformance check"):
+        conformance_cases(_PruneHalf, checks=("nope",))
+    assert set(ALL_CHECKS) >= {"class", "refuses-undeclared"}
+
+
+def test_model_spec_replaces_the_tiny_models():
+    cases = conformance_cases(_PruneHalf, model_spec="zoo:lenet300", checks=("compress",))
+    assert [c.id for c in cases] == ["conftest-prune-half-compress[Linear]"]
+    cases[0].run()
+
+
+def test_tiny_models_cover_every_layer_type():
+    from netshrink.selector import LAYER_TYPES
+    from netshrink.testing import model_for_type
+
+    for layer_type, torch_cls in LAYER_TYPES.items():
+        spec = model_for_type(layer_type)
+        assert spec is not None, layer_type
+        model = tiny_model(spec, trained=False)
+        assert any(isinstance(m, torch_cls) for m in model.modules()), layer_type
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_pytest_option_runs_the_suite(tmp_path):
+    env = {**os.environ, "NETSHRINK_PLUGINS": "", "NETSHRINK_PROGRESS": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "--netshrink-conformance", "magnitude", "-k", "class or config"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "3 passed" in proc.stdout
+
+
+class _DataPlugin:
+    @ns.hookimpl
+    def register_datasets(self, register):
+        register("conftest-data", lambda: ns.datasets.load("digits"), description="digits again")
+
+
+def test_pytest_plugin_fixtures(netshrink_plugin, netshrink_tiny_model):
+    assert netshrink_plugin(_DataPlugin(), name="conftest-data-plugin") == "conftest-data-plugin"
+    assert ns.datasets.available()["conftest-data"] == "digits again"
+    model = netshrink_tiny_model("Conv2d")
+    assert isinstance(model.conv1, torch.nn.Conv2d) and ns.model_info(model).head == "head"
+
+
+def test_pytest_plugin_fixture_unregistered_afterwards():
+    assert "conftest-data" not in ns.datasets.available()
