@@ -1,1 +1,250 @@
-"""Built-in plugin `rlprune` (work in progress: registers nothing yet)."""
+"""``rlprune``: a DDPG agent searches each layer's pruning ratio under a global sparsity target.
+
+Paper: "Combined pruning of deep neural networks: reinforcement learning weight pruning of the
+convolutional layers and a 3σ threshold rule for the fully connected layers" (paper 003 of the
+netshrink seeds, ``shared/seeds/003_d7ba1b3ccab3290b.txt``). The agent follows AMC (He et al.
+2018, https://arxiv.org/abs/1802.03494): a layer-by-layer episode, a continuous action per
+layer, actions clipped so the global target is met, reward from validation accuracy, the best
+episode's ratios applied. The paper prunes weights (unstructured); channel pruning through
+Torch-Pruning is offered as an option.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
+from netshrink.encodings import Dense, Sparse
+from netshrink.plugins.rlprune.checkpoint import search_key
+from netshrink.plugins.rlprune.ddpg import DDPG
+from netshrink.plugins.rlprune.env import (
+    STATE_DIM,
+    BudgetModel,
+    RewardFn,
+    WeightPruner,
+    channel_reward,
+    describe_layers,
+    link_channel_sources,
+    magnitude_prior,
+    prune_channels,
+    static_features,
+    weight_counts,
+)
+from netshrink.plugins.rlprune.search import EpisodeCallback, SearchSettings, run_search
+from netshrink.registry import hookimpl
+from netshrink.training import cache_dir
+
+# Knobs that do not change the search result: they stay out of the checkpoint key.
+_NOT_IN_KEY = {"checkpoint", "resume"}
+
+
+class RLPruneConfig(CompressorConfig):
+    """Configuration of :class:`RLPrune`."""
+
+    target_sparsity: float = Field(
+        0.8, gt=0.0, lt=1.0,
+        description="Fraction of the selected layers' weights to remove in total (met exactly "
+        "in 'weight' granularity; channel granularity meets it under its cost model).")
+    granularity: Literal["weight", "channel"] = Field(
+        "weight", description="'weight': unstructured magnitude pruning per layer, stored "
+        "sparse (the paper). 'channel': lowest-L1 output channels removed through Torch-Pruning "
+        "(physically smaller layers).")
+    episodes: int = Field(
+        100, ge=1, le=100_000, description="Search episodes (one policy rollout each).")
+    warmup: int = Field(
+        25, ge=0, description="First episodes with uniformly random actions, before the agent "
+        "learns (warmup == episodes is a pure random search).")
+    min_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Smallest pruning ratio of a layer.")
+    max_ratio: float = Field(
+        0.98, gt=0.0, lt=1.0, description="Largest pruning ratio of a layer (1 would delete it).")
+    reward: Literal["accuracy", "loss"] = Field(
+        "accuracy", description="'accuracy': validation accuracy on the reward subset (the "
+        "paper); 'loss': minus its cross-entropy (smoother on small subsets).")
+    reward_samples: int = Field(
+        512, ge=1, description="Validation examples the reward is measured on (a fixed subset: "
+        "the first N of the val split).")
+    prior: Literal["none", "magnitude"] = Field(
+        "none", description="'none': warm-up actions are uniformly random (AMC, the paper). "
+        "'magnitude': start from global magnitude pruning's per-layer ratios: episode 0 "
+        "evaluates them, warm-up explores around them, the actor is initialised to output them.")
+    noise: float = Field(
+        0.5, ge=0.0, le=10.0, description="Initial std of the truncated-normal exploration "
+        "noise, as a fraction of the ratio range (AMC: 0.5).")
+    noise_decay: float = Field(
+        0.95, gt=0.0, le=1.0, description="Noise std multiplier per episode after warm-up.")
+    hidden: int = Field(
+        300, ge=4, le=4096, description="Hidden units of the actor and critic MLPs.")
+    lr_actor: float = Field(1e-4, gt=0.0, le=1.0, description="Actor learning rate (Adam).")
+    lr_critic: float = Field(1e-3, gt=0.0, le=1.0, description="Critic learning rate (Adam).")
+    tau: float = Field(0.01, gt=0.0, le=1.0, description="Soft target-update rate.")
+    discount: float = Field(
+        1.0, ge=0.0, le=1.0, description="Discount factor of the critic's target.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Replay mini-batch size.")
+    buffer_size: int = Field(2000, ge=1, description="Replay buffer capacity (transitions).")
+    baseline_alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="Rate of the moving-average reward baseline.")
+    checkpoint: str | None = Field(
+        None, description="Checkpoint file of the search (safetensors). Default: "
+        "<cache_dir>/rlprune/<digest of model, config, layers, seed>.safetensors.")
+    resume: bool = Field(
+        True, description="Continue from a checkpoint of the same search if one exists (a "
+        "finished one returns its result at once); false starts afresh and overwrites it.")
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup_fits(cls, value: int, info: ValidationInfo) -> int:
+        episodes = info.data.get("episodes")
+        if episodes is not None and value > episodes:
+            raise ValueError(f"warmup must be <= episodes ({episodes}), got {value}")
+        return value
+
+    @field_validator("min_ratio")
+    @classmethod
+    def _min_below_target(cls, value: float, info: ValidationInfo) -> float:
+        target = info.data.get("target_sparsity")
+        if target is not None and value > target:
+            raise ValueError(f"min_ratio must be <= target_sparsity ({target}), got {value}")
+        return value
+
+    @field_validator("max_ratio")
+    @classmethod
+    def _max_above_target(cls, value: float, info: ValidationInfo) -> float:
+        low, target = info.data.get("min_ratio"), info.data.get("target_sparsity")
+        if low is not None and value <= low:
+            raise ValueError(f"max_ratio must be > min_ratio ({low}), got {value}")
+        if target is not None and value < target:
+            raise ValueError(f"max_ratio must be >= target_sparsity ({target}), got {value}")
+        return value
+
+
+class RLPrune(Compressor):
+    """DDPG search of per-layer pruning ratios under a global sparsity target (paper 003, AMC)."""
+
+    name = "rlprune"
+    Config = RLPruneConfig
+    capabilities = Capabilities(handles=("Conv2d", "Linear"), needs_data=True,
+                                changes_structure=True, needs_finetune=True)
+    paper = "shared/seeds/003_d7ba1b3ccab3290b.txt; agent after https://arxiv.org/abs/1802.03494"
+    config: RLPruneConfig
+    conformance_config: ClassVar[dict[str, Any]] = {
+        "episodes": 4, "warmup": 2, "hidden": 16, "batch_size": 8}
+
+    def __init__(self, config: RLPruneConfig | dict | None = None, *,
+                 on_episode: EpisodeCallback | None = None) -> None:
+        super().__init__(config)
+        self.on_episode = on_episode
+        """Called after every episode with ``(episode, reward, best)``; raising stops the
+        search (its checkpoint is already written)."""
+
+    def checkpoint_path(self, key: str) -> Path:
+        """Where this search checkpoints."""
+        if self.config.checkpoint:
+            return Path(self.config.checkpoint)
+        return cache_dir() / "rlprune" / f"{key[:24]}.safetensors"
+
+    def compress(self, model, layers, ctx) -> StepResult:
+        cfg = self.config
+        data = ctx.require_data()
+        n = min(cfg.reward_samples, len(data.val))
+        x, y = (t[:n].to(ctx.device) for t in data.val.tensors)
+        infos = describe_layers(model, layers, x)
+        channel = cfg.granularity == "channel"
+        if channel:
+            link_channel_sources(model, infos, x)
+        try:
+            budget = BudgetModel(infos, cfg.target_sparsity, cfg.min_ratio, cfg.max_ratio, channel)
+        except ValueError as exc:
+            raise ValueError(f"rlprune: {exc}") from None
+        names = [li.name for li in infos]
+        key = search_key(model, cfg.model_dump(exclude=_NOT_IN_KEY), names, ctx.seed, (x, y))
+        path = self.checkpoint_path(key)
+        reward = RewardFn(x, y)
+        target_count = round(cfg.target_sparsity * budget.total)
+        pruner = None if channel else WeightPruner(infos)
+        out_channels = [li.out_channels for li in infos]
+
+        def score(ratios: list[float]) -> tuple[float, float]:
+            if pruner is None:
+                return channel_reward(model, names, ratios, out_channels, x, reward)
+            pruner.apply(weight_counts(ratios, budget.params, target_count))
+            return reward(model)
+
+        agent = DDPG(STATE_DIM, hidden=cfg.hidden, lr_actor=cfg.lr_actor, lr_critic=cfg.lr_critic,
+                     tau=cfg.tau, discount=cfg.discount, batch_size=cfg.batch_size,
+                     buffer_size=cfg.buffer_size, baseline_alpha=cfg.baseline_alpha,
+                     seed=ctx.seed * 1_000_003 + ctx.step_index)
+        prior = None
+        if cfg.prior == "magnitude":
+            prior = [min(max(r, cfg.min_ratio), cfg.max_ratio)
+                     for r in magnitude_prior(infos, cfg.target_sparsity)]
+        settings = SearchSettings(cfg.episodes, cfg.warmup, cfg.noise, cfg.noise_decay,
+                                  cfg.reward, prior)
+        started = time.perf_counter()
+        try:
+            state = run_search(static_features(infos), budget, agent, ctx.generator(offset=17),
+                               settings, score, path=path, key=key, resume=cfg.resume,
+                               desc=f"[{ctx.step_index}] {ctx.step_name or self.name}: search",
+                               on_episode=self.on_episode, log=ctx.logger.info)
+        finally:
+            if pruner is not None:
+                pruner.restore()
+        ctx.logger.info("rlprune: %d episodes, best reward %.4f (episode %d), search %.1fs",
+                        state.episode, state.best_reward, state.best_episode, state.search_time_s)
+        ratios = state.best_ratios or []
+        summary = {"episodes": state.episode, "best_episode": state.best_episode,
+                   "best_reward": state.best_reward, "best_reward_accuracy": state.best_accuracy,
+                   "search_time_s": round(state.search_time_s, 3),
+                   "run_time_s": round(time.perf_counter() - started, 3),
+                   "resumed_from": state.resumed_from, "checkpoint": str(path),
+                   "episode_rewards": [round(h["reward"], 6) for h in state.history],
+                   "target_sparsity": cfg.target_sparsity, "granularity": cfg.granularity,
+                   "ratios": {nm: round(r, 6) for nm, r in zip(names, ratios)}}
+        if channel:
+            records = self._apply_channels(model, infos, ratios, x)
+        else:
+            records = self._apply_weights(model, infos, budget, ratios, target_count, ctx)
+        removed = sum(r.params_before - r.details["params_after"] for r in records)
+        summary["achieved_sparsity"] = round(removed / max(budget.total, 1), 6)
+        return StepResult(model, records, summary)
+
+    def _apply_weights(self, model, infos, budget, ratios, target_count, ctx) -> list[LayerRecord]:
+        pruner = WeightPruner(infos)
+        masks = pruner.masks(weight_counts(ratios, budget.params, target_count))
+        records = []
+        for li, ratio, mask in zip(infos, ratios, masks):
+            tname = f"{li.name}.weight"
+            previous = ctx.encoding_of(tname)
+            if isinstance(previous, Sparse):  # keep an earlier step's zeros pruned
+                mask = mask & previous.mask().to(mask.device)
+            weight = li.module.weight.detach()
+            ctx.encode(model, tname, Sparse.from_dense(weight * mask, mask=mask,
+                                                      value_encoder=lambda v, p, s: Dense(v)))
+            kept = int(mask.sum())
+            records.append(LayerRecord(li.name, self.name, li.params, {
+                "ratio": round(ratio, 6), "sparsity": round(1 - kept / li.params, 6),
+                "params_after": kept}))
+        return records
+
+    def _apply_channels(self, model, infos, ratios, x) -> list[LayerRecord]:
+        before = [li.out_channels for li in infos]
+        kept = prune_channels(model, [li.name for li in infos], ratios, before, x)
+        modules = dict(model.named_modules())
+        records = []
+        for li, ratio, k, c in zip(infos, ratios, kept, before):
+            after = modules[li.name].weight.numel()
+            records.append(LayerRecord(li.name, self.name, li.params, {
+                "ratio": round(ratio, 6), "channels_before": c, "channels_after": k,
+                "sparsity": round(1 - after / li.params, 6), "params_after": after}))
+        return records
+
+
+__all__ = ["RLPrune", "RLPruneConfig"]
+
+
+@hookimpl
+def register_compressors(register):
+    register(RLPrune)

@@ -1,0 +1,75 @@
+"""Search checkpoints: one safetensors file (tensors + a JSON metadata entry), written atomically.
+
+No pickle: network weights, optimiser moments, the replay buffer and the RNG state are tensors;
+the episode counter, best result and history are JSON in the file's metadata. The file is
+written to a temporary name and moved into place with ``os.replace`` so an interrupted write
+never leaves a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("netshrink")
+
+FORMAT = "netshrink-rlprune-search/1"
+
+
+def search_key(model: nn.Module, config: dict[str, Any], layer_names: list[str], seed: int,
+               reward_data: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """A digest of everything the search result depends on: the model's tensors, the search
+    config, the selected layers, the seed and the reward subset."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"config": config, "layers": layer_names, "seed": seed,
+                              "format": FORMAT}, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in reward_data:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save(path: Path, key: str, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically (temp file in the same folder, then ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    meta = {"format": FORMAT, "key": key, "state": json.dumps(state)}
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The checkpoint's tensors and state if ``path`` holds one for this ``key``, else None
+    (a checkpoint of another search, or an unreadable file, is ignored with a warning)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != FORMAT or meta.get("key") != key:
+                log.warning("rlprune: %s belongs to another search (different model, config, "
+                            "layers or seed); starting afresh and overwriting it", path)
+                return None
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        return tensors, json.loads(meta["state"])
+    except Exception as exc:  # a corrupt file must not block a new search
+        log.warning("rlprune: cannot read checkpoint %s (%s); starting afresh", path, exc)
+        return None

@@ -1,0 +1,284 @@
+"""The pruning environment the agent walks through: one step per selected layer.
+
+It describes each layer (the state vector), keeps the episode inside the global budget
+(AMC-style action clipping, so the target sparsity is met whatever the agent proposes), prunes a
+model with an episode's ratios and scores it on a fixed validation subset (the reward).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STATIC_FEATURES = ("index", "type", "in_channels", "out_channels", "kernel", "stride", "params",
+                   "macs")
+DYNAMIC_FEATURES = ("pruned_so_far", "params_after", "budget_left", "previous_action")
+STATE_DIM = len(STATIC_FEATURES) + len(DYNAMIC_FEATURES)
+
+
+@dataclass
+class LayerInfo:
+    """What the environment knows about one selected layer."""
+
+    name: str
+    module: nn.Module
+    params: int
+    """Elements of the weight tensor (what its ratio applies to)."""
+    macs: int
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    is_linear: bool
+    source: int | None = None
+    """Channel mode: index of the selected layer whose output channels feed this layer's input."""
+
+
+def describe_layers(model: nn.Module, layers: list[tuple[str, nn.Module]],
+                    example: torch.Tensor) -> list[LayerInfo]:
+    """Layer descriptors, with MACs measured from one forward pass on ``example``."""
+    sizes: dict[str, int] = {}
+    hooks = []
+    for name, module in layers:
+        def hook(mod: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
+            # Spatial positions per sample: every output position costs one kernel of MACs.
+            sizes[name] = int(out[0, 0].numel()) if out.dim() > 2 else 1
+        hooks.append(module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    infos = []
+    for name, module in layers:
+        weight = module.weight
+        is_linear = isinstance(module, nn.Linear)
+        kernel = 1 if is_linear else int(module.kernel_size[0])
+        stride = 1 if is_linear else int(module.stride[0])
+        in_ch = int(module.in_features if is_linear else module.in_channels)
+        out_ch = int(module.out_features if is_linear else module.out_channels)
+        infos.append(LayerInfo(name, module, weight.numel(), weight.numel() * sizes.get(name, 1),
+                               in_ch, out_ch, kernel, stride, is_linear))
+    return infos
+
+
+def static_features(infos: list[LayerInfo]) -> torch.Tensor:
+    """``(layers, 8)`` min-max normalised descriptors (AMC normalises each column to [0, 1])."""
+    rows = [[i, float(li.is_linear), li.in_channels, li.out_channels, li.kernel, li.stride,
+             li.params, li.macs] for i, li in enumerate(infos)]
+    table = torch.tensor(rows, dtype=torch.float32)
+    low, high = table.min(0).values, table.max(0).values
+    span = torch.where(high > low, high - low, torch.ones_like(high))
+    return (table - low) / span
+
+
+class BudgetModel:
+    """How many of the selected weights an episode's ratios remove, and the per-layer bounds
+    that keep the episode able to hit the global target exactly (AMC's "action wall").
+
+    Weight granularity: layer ``t`` loses ``ratio_t * params_t``. Channel granularity: removing a
+    fraction of a layer's output channels also removes the matching input channels of the
+    layer it feeds, so its cost is ``params_t * (1 - keep_out_t * keep_in_t)``.
+    """
+
+    def __init__(self, infos: list[LayerInfo], target: float, low: float, high: float,
+                 channel: bool) -> None:
+        self.params = [li.params for li in infos]
+        self.sources = [li.source if channel else None for li in infos]
+        self.channel = channel
+        self.total = sum(self.params)
+        self.target = target * self.total
+        self.low, self.high = low, high
+        most, least = self.removed([high] * len(infos)), self.removed([low] * len(infos))
+        if most < self.target - 1e-6:
+            raise ValueError(
+                f"target_sparsity {target} is out of reach: even max_ratio {high} on every "
+                f"selected layer removes only {most / self.total:.4f} of their weights; raise "
+                "max_ratio or lower target_sparsity")
+        if least > self.target + 1e-6:
+            raise ValueError(
+                f"target_sparsity {target} is below what min_ratio {low} already removes "
+                f"({least / self.total:.4f}); lower min_ratio")
+
+    def removed(self, ratios: list[float]) -> float:
+        """Weights the ratios remove from the selected layers (under the cost model)."""
+        if not self.channel:
+            return sum(r * n for r, n in zip(ratios, self.params))
+        total = 0.0
+        for r, n, src in zip(ratios, self.params, self.sources):
+            keep_in = 1.0 - ratios[src] if src is not None else 1.0
+            total += n * (1.0 - (1.0 - r) * keep_in)
+        return total
+
+    def bounds(self, prefix: list[float]) -> tuple[float, float]:
+        """The range of the next layer's ratio that leaves the target reachable, given the
+        ratios already chosen (``prefix``) and the extremes for the layers after it."""
+        rest = len(self.params) - len(prefix) - 1
+
+        def removed(x: float, fill: float) -> float:
+            return self.removed([*prefix, x] + [fill] * rest)
+
+        # Lower bound: even if every later layer takes `high`, this one must remove enough.
+        lo = self.low if removed(self.low, self.high) >= self.target else _bisect(
+            lambda x: removed(x, self.high) >= self.target, self.low, self.high, want_min=True)
+        # Upper bound: even if every later layer takes `low`, this one must not remove too much.
+        hi = self.high if removed(self.high, self.low) <= self.target else _bisect(
+            lambda x: removed(x, self.low) <= self.target, self.low, self.high, want_min=False)
+        return lo, max(lo, hi)
+
+
+def _bisect(ok: Callable[[float], bool], low: float, high: float, want_min: bool) -> float:
+    """Smallest (``want_min``) or largest x in [low, high] with ``ok(x)`` (monotone ``ok``)."""
+    for _ in range(60):
+        mid = (low + high) / 2
+        if ok(mid) == want_min:
+            high = mid
+        else:
+            low = mid
+    return high if want_min else low
+
+
+def magnitude_prior(infos: list[LayerInfo], target: float) -> list[float]:
+    """The ratios global magnitude pruning would give each layer: one threshold over all the
+    selected weights, removing ``target`` of them (an optional starting point for the agent)."""
+    sizes = [li.params for li in infos]
+    mags = torch.cat([li.module.weight.detach().abs().reshape(-1).cpu() for li in infos])
+    owner = torch.repeat_interleave(torch.arange(len(infos)), torch.tensor(sizes))
+    chosen = owner[mags.argsort(stable=True)[: round(target * mags.numel())]]
+    counts = torch.bincount(chosen, minlength=len(infos))
+    return [int(c) / n for c, n in zip(counts, sizes)]
+
+
+def weight_counts(ratios: list[float], params: list[int], target: int) -> list[int]:
+    """Weights to remove per layer; the last layer takes the exact remainder so the total is
+    ``target`` (rounding every layer independently would drift by up to one weight each)."""
+    counts = [round(r * n) for r, n in zip(ratios[:-1], params[:-1])]
+    counts.append(min(max(target - sum(counts), 0), params[-1]))
+    return counts
+
+
+class WeightPruner:
+    """Unstructured per-layer magnitude pruning, applied to the live model and undone."""
+
+    def __init__(self, infos: list[LayerInfo]) -> None:
+        self.infos = infos
+        self.originals = [li.module.weight.detach().clone() for li in infos]
+        # Sorting once makes every episode's pruning a cheap index assignment.
+        self.orders = [w.abs().reshape(-1).argsort(stable=True) for w in self.originals]
+
+    def masks(self, counts: list[int]) -> list[torch.Tensor]:
+        """Keep-masks removing the ``counts[t]`` smallest-magnitude weights of each layer."""
+        out = []
+        for order, w, k in zip(self.orders, self.originals, counts):
+            mask = torch.ones(w.numel(), dtype=torch.bool)
+            mask[order[:k]] = False
+            out.append(mask.reshape(w.shape))
+        return out
+
+    @torch.no_grad()
+    def apply(self, counts: list[int]) -> None:
+        """Write the pruned weights into the model."""
+        for li, w, mask in zip(self.infos, self.originals, self.masks(counts)):
+            li.module.weight.copy_(w * mask)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the original weights back."""
+        for li, w in zip(self.infos, self.originals):
+            li.module.weight.copy_(w)
+
+
+def link_channel_sources(model: nn.Module, infos: list[LayerInfo], example: torch.Tensor) -> None:
+    """Set each layer's ``source``: the selected layer whose output-channel pruning also prunes
+    this layer's input channels (found with Torch-Pruning's dependency graph)."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1], verbose=False)
+    index = {id(li.module): i for i, li in enumerate(infos)}
+    for i, li in enumerate(infos):
+        group = graph.get_pruning_group(li.module, out_pruning_fn(li.module), idxs=[0])
+        for item in group:
+            dep = item.dep if hasattr(item, "dep") else item[0]
+            j = index.get(id(dep.target.module))
+            if (j is not None and j != i and infos[j].source is None
+                    and graph.is_in_channel_pruning_fn(dep.handler)):
+                infos[j].source = i
+
+
+def out_pruning_fn(module: nn.Module) -> Callable:
+    """Torch-Pruning's output-channel pruning function for a conv or linear layer."""
+    import torch_pruning as tp
+
+    if isinstance(module, nn.Linear):
+        return tp.prune_linear_out_channels
+    return tp.prune_conv_out_channels
+
+
+def prune_channels(model: nn.Module, names: list[str], ratios: list[float],
+                   originals: list[int], example: torch.Tensor) -> list[int]:
+    """Remove the lowest-L1 output channels of each named layer of ``model`` (in place) through
+    Torch-Pruning's dependency graph, so every coupled layer shrinks with it. Returns the
+    channels kept per layer."""
+    import torch_pruning as tp
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1], verbose=False)
+    modules = dict(model.named_modules())
+    kept = []
+    for name, ratio, orig in zip(names, ratios, originals):
+        module = modules[name]
+        weight = module.weight.detach()
+        current = weight.shape[0]
+        keep = max(1, min(current, orig - round(ratio * orig)))
+        drop = current - keep
+        if drop > 0:
+            norms = weight.abs().reshape(current, -1).sum(1)
+            idxs = norms.argsort(stable=True)[:drop].tolist()
+            group = graph.get_pruning_group(module, out_pruning_fn(module), idxs=idxs)
+            if graph.check_pruning_group(group):
+                group.prune()
+        kept.append(int(module.weight.shape[0]))
+    return kept
+
+
+class RewardFn:
+    """Scores a pruned model on a fixed validation subset (the fast proxy of the paper's
+    validation accuracy)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> None:
+        self.x, self.y, self.batch = x, y, batch
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        """``(accuracy, mean cross-entropy)`` on the subset."""
+        was_training = model.training
+        model.eval()
+        correct, loss = 0, 0.0
+        for start in range(0, len(self.x), self.batch):
+            x, y = self.x[start:start + self.batch], self.y[start:start + self.batch]
+            logits = model(x)
+            correct += int((logits.argmax(1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        model.train(was_training)
+        acc = correct / len(self.x)
+        loss /= len(self.x)
+        if not math.isfinite(loss):
+            loss = 1e6
+        return acc, loss
+
+
+def channel_reward(model: nn.Module, names: list[str], ratios: list[float], originals: list[int],
+                   example: torch.Tensor, reward: RewardFn) -> tuple[float, float]:
+    """Reward of channel-pruning a copy of ``model`` with ``ratios`` (the model is untouched)."""
+    work = copy.deepcopy(model)
+    prune_channels(work, names, ratios, originals, example)
+    return reward(work)

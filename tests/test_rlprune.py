@@ -1,0 +1,244 @@
+"""rlprune: the DDPG search meets the global target exactly, is reproducible, resumes an
+interrupted search to the same result, prunes channels through Torch-Pruning, and refuses bad
+configs naming the field."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+import netshrink as ns
+from netshrink import CompressionContext, LayerSelector, model_info
+from netshrink.encodings import Sparse
+from netshrink.plugins.rlprune import RLPrune, RLPruneConfig
+from netshrink.plugins.rlprune.ddpg import DDPG, truncated_normal
+from netshrink.plugins.rlprune.env import BudgetModel, LayerInfo, weight_counts
+
+FAST = {"episodes": 5, "warmup": 2, "hidden": 16, "batch_size": 8, "reward_samples": 64}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return ns.datasets.load("digits")
+
+
+@pytest.fixture(scope="module")
+def lenet(digits):
+    """LeNet-5 on the 8x8 digits (cached): two convs and two linear layers, trains in seconds."""
+    return ns.reference_model("zoo:lenet5", digits)
+
+
+def _run(model, data, config, *, seed=0, types=("Conv2d", "Linear"), on_episode=None):
+    model = copy.deepcopy(model)
+    info = model_info(model)
+    ctx = CompressionContext(data=data, info=info, seed=seed, step_name="rlprune")
+    layers = LayerSelector(types=list(types)).resolve(model, head=info.head)
+    out = RLPrune(config, on_episode=on_episode).compress(model, layers, ctx)
+    ctx.encodings.reconcile(out.model)
+    return out, ctx, layers
+
+
+def test_weight_mode_meets_target_exactly_and_stores_sparse(lenet, digits, tmp_path):
+    out, ctx, layers = _run(lenet, digits, {**FAST, "checkpoint": str(tmp_path / "s.st")})
+    total = sum(m.weight.numel() for _, m in layers)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+    assert zeros == round(0.8 * total)  # the AMC-style clipping hits the target to the weight
+    assert out.summary["achieved_sparsity"] == pytest.approx(0.8, abs=1e-6)
+    ratios = list(out.summary["ratios"].values())
+    assert len(ratios) == len(layers) and all(0.0 <= r <= 0.98 for r in ratios)
+    assert len(set(ratios)) > 1  # per-layer ratios, not one uniform value
+    for name, module in layers:
+        enc = ctx.encoding_of(f"{name}.weight")
+        assert isinstance(enc, Sparse)
+        assert enc.nonzeros == int((module.weight != 0).sum())
+    # The head was protected and left dense.
+    assert ctx.encoding_of("fc2.weight") is None
+    assert out.summary["episodes"] == FAST["episodes"]
+    assert 0.0 <= out.summary["best_reward"] <= 1.0
+
+
+@pytest.mark.parametrize("reward", ["accuracy", "loss"])
+def test_applied_model_is_the_best_episode(lenet, digits, tmp_path, reward):
+    config = {**FAST, "reward": reward, "checkpoint": str(tmp_path / "r.st")}
+    out, _, _ = _run(lenet, digits, config)
+    x, y = (t[:FAST["reward_samples"]] for t in digits.val.tensors)
+    with torch.no_grad():
+        logits = out.model.eval()(x)
+    acc = float((logits.argmax(1) == y).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, y))
+    assert out.summary["best_reward_accuracy"] == pytest.approx(acc, abs=1e-9)
+    expected = acc if reward == "accuracy" else -loss
+    assert out.summary["best_reward"] == pytest.approx(expected, rel=1e-4)
+    assert out.summary["best_reward"] >= max(out.summary["episode_rewards"]) - 1e-6
+
+
+def test_magnitude_prior_starts_from_global_magnitude(lenet, digits, tmp_path):
+    from netshrink.plugins.magnitude import Magnitude
+
+    # One episode with the prior: it is global magnitude pruning's allocation, exactly.
+    config = {**FAST, "episodes": 1, "warmup": 1, "prior": "magnitude",
+              "checkpoint": str(tmp_path / "p.st")}
+    out, _, layers = _run(lenet, digits, config)
+    ref = copy.deepcopy(lenet)
+    info = model_info(ref)
+    ref_layers = LayerSelector(types=["Conv2d", "Linear"]).resolve(ref, head=info.head)
+    Magnitude({"sparsity": 0.8, "scope": "global"}).compress(
+        ref, ref_layers, CompressionContext(data=digits, info=info))
+    for (_, m), (_, r) in zip(layers, ref_layers):
+        assert torch.equal(m.weight == 0, r.weight == 0)
+    # A longer search explores around it and keeps the best (never worse on the reward subset).
+    longer, _, _ = _run(lenet, digits, {**config, "episodes": 5, "warmup": 3,
+                                        "checkpoint": str(tmp_path / "q.st")})
+    assert longer.summary["best_reward"] >= out.summary["best_reward"]
+
+
+def test_same_seed_same_search_other_seed_differs(lenet, digits, tmp_path):
+    a, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(tmp_path / "a.st")})
+    b, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(tmp_path / "b.st")})
+    c, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(tmp_path / "c.st")}, seed=1)
+    assert a.summary["ratios"] == b.summary["ratios"]
+    assert a.summary["resumed_from"] is None and b.summary["resumed_from"] is None
+    assert a.summary["ratios"] != c.summary["ratios"]
+
+
+def test_interrupted_search_resumes_to_the_uninterrupted_result(lenet, digits, tmp_path):
+    config = {**FAST, "episodes": 6, "warmup": 2}
+    full, _, _ = _run(lenet, digits, {**config, "checkpoint": str(tmp_path / "full.st")})
+    path = tmp_path / "cut.st"
+
+    def stop_after_3(episode, reward, best):
+        if episode == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(lenet, digits, {**config, "checkpoint": str(path)}, on_episode=stop_after_3)
+    with safe_open(str(path), framework="pt") as handle:  # a safetensors file, no pickle
+        assert "actor.net.0.weight" in handle.keys()  # noqa: SIM118
+        assert '"episode": 4' in handle.metadata()["state"]
+    seen = []
+    resumed, _, _ = _run(lenet, digits, {**config, "checkpoint": str(path)},
+                         on_episode=lambda e, r, b: seen.append(e))
+    assert seen == [4, 5]  # only the missing episodes ran
+    assert resumed.summary["resumed_from"] == 4
+    assert resumed.summary["ratios"] == full.summary["ratios"]
+    assert resumed.summary["best_reward"] == full.summary["best_reward"]
+    # A finished search with the same config returns at once; resume=False starts afresh.
+    again, _, _ = _run(lenet, digits, {**config, "checkpoint": str(path)},
+                       on_episode=lambda e, r, b: seen.append(e))
+    assert seen == [4, 5] and again.summary["ratios"] == full.summary["ratios"]
+    fresh, _, _ = _run(lenet, digits, {**config, "checkpoint": str(path), "resume": False})
+    assert fresh.summary["resumed_from"] is None
+    assert fresh.summary["ratios"] == full.summary["ratios"]
+
+
+def test_checkpoint_of_another_search_is_not_reused(lenet, digits, tmp_path):
+    path = tmp_path / "shared.st"
+    _run(lenet, digits, {**FAST, "checkpoint": str(path)})
+    other, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(path), "target_sparsity": 0.6})
+    assert other.summary["resumed_from"] is None
+    assert other.summary["achieved_sparsity"] == pytest.approx(0.6, abs=1e-6)
+
+
+def test_default_checkpoint_goes_to_the_cache(lenet, digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path))
+    out, _, _ = _run(lenet, digits, {**FAST, "episodes": 3, "warmup": 3})
+    assert out.summary["checkpoint"].startswith(str(tmp_path / "rlprune"))
+    assert (tmp_path / "rlprune").is_dir() and len(list((tmp_path / "rlprune").iterdir())) == 1
+
+
+def test_channel_mode_removes_channels_through_the_dependency_graph(lenet, digits, tmp_path):
+    out, _, _ = _run(lenet, digits, {**FAST, "granularity": "channel", "target_sparsity": 0.5,
+                                     "checkpoint": str(tmp_path / "ch.st")},
+                     types=("Conv2d",))
+    model = out.model
+    assert model.conv1.out_channels < 20 or model.conv2.out_channels < 50
+    assert model.conv2.in_channels == model.conv1.out_channels  # coupled layers follow
+    assert model.fc1.in_features % model.conv2.out_channels == 0
+    params_before = 20 * 1 * 25 + 50 * 20 * 25
+    params_after = model.conv1.weight.numel() + model.conv2.weight.numel()
+    assert 1 - params_after / params_before == pytest.approx(0.5, abs=0.08)
+    x = digits.test.tensors[0][:4]
+    assert model(x).shape == (4, 10)
+
+
+def test_budget_clipping_forces_the_last_layer():
+    infos = [LayerInfo(f"l{i}", torch.nn.Identity(), n, n, 1, 1, 1, 1, False)
+             for i, n in enumerate([100, 300, 600])]
+    budget = BudgetModel(infos, 0.5, 0.0, 0.98, channel=False)
+    lo, hi = budget.bounds([0.9, 0.9])  # 90 + 270 pruned: the last must prune 140 of 600
+    assert lo == pytest.approx(140 / 600, abs=1e-9) and hi == pytest.approx(140 / 600, abs=1e-9)
+    lo, hi = budget.bounds([0.0])  # the first pruned nothing: the others must average 0.5+
+    assert lo == pytest.approx((500 - 0.98 * 600) / 300, abs=1e-9) or lo == 0.0
+    assert weight_counts([0.9, 0.9, 140 / 600], [100, 300, 600], 500) == [90, 270, 140]
+    with pytest.raises(ValueError, match="out of reach"):
+        BudgetModel(infos, 0.99, 0.0, 0.9, channel=False)
+
+
+def test_ddpg_pieces():
+    gen = torch.Generator().manual_seed(0)
+    samples = [truncated_normal(0.9, 0.5, 0.0, 1.0, gen) for _ in range(200)]
+    assert all(0.0 <= s <= 1.0 for s in samples) and max(samples) > 0.95
+    agent = DDPG(5, hidden=8, lr_actor=1e-2, lr_critic=1e-2, tau=0.5, discount=1.0,
+                 batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=0)
+    for i in range(12):  # the buffer wraps around
+        agent.buffer.add(torch.rand(5, generator=gen), 0.5, float(i), torch.rand(5, generator=gen),
+                         i % 3 == 2)
+    assert agent.buffer.size == 10 and agent.buffer.cursor == 2
+    before = agent.actor_target.net[0].weight.clone()
+    assert agent.update(gen)
+    assert not torch.equal(before, agent.actor_target.net[0].weight)  # soft update moved it
+    clone = DDPG(5, hidden=8, lr_actor=1e-2, lr_critic=1e-2, tau=0.5, discount=1.0,
+                 batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=1)
+    clone.load(agent.tensors(), agent.scalars())
+    for p, q in zip(agent.critic.parameters(), clone.critic.parameters()):
+        assert torch.equal(p, q)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    agent.update(g1)
+    clone.update(g2)
+    for p, q in zip(agent.actor.parameters(), clone.actor.parameters()):
+        assert torch.equal(p, q)  # optimiser moments restored too
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("target_sparsity", 1.0), ("target_sparsity", 1.5), ("target_sparsity", 0.0),
+    ("episodes", 0), ("warmup", -1), ("max_ratio", 1.0), ("noise_decay", 0.0),
+    ("granularity", "filter"), ("tau", 0.0),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValidationError, match=field):
+        RLPruneConfig.model_validate({field: value})
+
+
+def test_inconsistent_config_is_refused():
+    cases = [({"episodes": 5, "warmup": 6}, r"warmup\n.*warmup must be <= episodes \(5\), got 6"),
+             ({"target_sparsity": 0.3, "min_ratio": 0.5, "max_ratio": 0.6},
+              r"min_ratio\n.*min_ratio must be <= target_sparsity \(0.3\), got 0.5"),
+             ({"target_sparsity": 0.99, "max_ratio": 0.95},
+              r"max_ratio\n.*max_ratio must be >= target_sparsity \(0.99\), got 0.95")]
+    for config, message in cases:
+        with pytest.raises(ValidationError, match=message):
+            RLPruneConfig.model_validate(config)
+    with pytest.raises(ns.RecipeError, match=r"config\.episodes"):
+        ns.compress("zoo:lenet5", [ns.step("rlprune", episodes=0)], data="digits")
+
+
+def test_pipeline_rl_convs_plus_sigma_fc_roundtrip(lenet, digits, tmp_path):
+    steps = [
+        ns.step("rlprune", select={"types": ["Conv2d"]},
+                **{**FAST, "checkpoint": str(tmp_path / "p.st")}),
+        ns.step("sigmaprune", select={"types": ["Linear"]}, k=1.0),
+    ]
+    result = ns.compress(lenet, steps, data=digits, seed=0)
+    model = result.model
+    conv_w = torch.cat([model.conv1.weight.reshape(-1), model.conv2.weight.reshape(-1)])
+    assert float((conv_w == 0).float().mean()) == pytest.approx(0.8, abs=1e-4)
+    assert float((model.fc1.weight == 0).float().mean()) > 0.5
+    path = result.save(tmp_path / "m.nsk", report=False)
+    assert path.stat().st_size == result.report.storage_bytes
+    loaded = ns.load(path)
+    x = digits.test.tensors[0][:8]
+    assert torch.allclose(loaded(x), model(x), atol=1e-5)
