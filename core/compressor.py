@@ -106,6 +106,12 @@ class Compressor(ABC):
         """Compress ``layers`` of ``model`` (in place or a new module) and return the result."""
 
     @classmethod
+    def capabilities_for(cls, config: CompressorConfig) -> Capabilities:
+        """The capabilities with this ``config`` (e.g. structural only in a channel mode);
+        the pipeline validates recipes with it. Default: :attr:`capabilities`."""
+        return cls.capabilities
+
+    @classmethod
     def summary(cls) -> str:
         """First line of the class docstring."""
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

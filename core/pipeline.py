@@ -109,12 +109,12 @@ def plan(
             cls.check_layers(layers)
         except SelectionError as exc:
             raise SelectionError(f"{title}: field 'select': {exc}") from None
-        caps = cls.capabilities
+        caps = cls.capabilities_for(config)
         if (caps.needs_data or step.finetune) and data is None:
             why = "it evaluates or trains on data" if caps.needs_data else "it fine-tunes"
             raise RecipeError(f"{title}: needs data ({why}); pass data=... or --data")
         for earlier in planned:
-            if not earlier.compressor.capabilities.encodes_values:
+            if not earlier.compressor.capabilities_for(earlier.config).encodes_values:
                 continue
             if caps.changes_structure:
                 raise RecipeError(

@@ -12,6 +12,7 @@ Torch-Pruning is offered as an option.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -132,6 +133,11 @@ class RLPrune(Compressor):
     config: RLPruneConfig
     conformance_config: ClassVar[dict[str, Any]] = {
         "episodes": 4, "warmup": 2, "hidden": 16, "batch_size": 8}
+
+    @classmethod
+    def capabilities_for(cls, config: RLPruneConfig) -> Capabilities:
+        """Only channel granularity changes the structure; weight granularity stores sparse."""
+        return replace(cls.capabilities, changes_structure=config.granularity == "channel")
 
     def __init__(self, config: RLPruneConfig | dict | None = None, *,
                  on_episode: EpisodeCallback | None = None) -> None:
