@@ -1,0 +1,136 @@
+"""Configuration of the ``bioclust`` compressor (Pydantic: typed, bounded, described)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from netshrink.compressor import CompressorConfig
+from netshrink.config import NetshrinkConfig
+
+
+class LayerOverride(NetshrinkConfig):
+    """Per-layer settings that replace the global ones for layers matching a name pattern."""
+
+    bits: int | None = Field(
+        None, ge=1, le=8, description="Index bits for matching layers (k = 2**bits clusters).")
+    k: int | None = Field(
+        None, ge=2, le=256, description="Number of clusters for matching layers (wins over bits).")
+    noise_scale: float | None = Field(
+        None, ge=0.0, le=10.0, description="Perturbation scale for matching layers.")
+
+
+class BioclustConfig(CompressorConfig):
+    """Configuration of :class:`~netshrink.plugins.bioclust.Bioclust`."""
+
+    bits: int = Field(
+        4, ge=1, le=8,
+        description="Index bits per weight: each selected layer gets k = 2**bits clusters.")
+    k: int | None = Field(
+        None, ge=2, le=256,
+        description="Clusters per layer, when not a power of two (ceil(log2 k) index bits); "
+        "give either bits or k.")
+    overrides: dict[str, LayerOverride] = Field(
+        default_factory=dict,
+        description="Per-layer bits / k / noise_scale by qualified-name glob or 're:' regex, "
+        "e.g. {'fc1': {'bits': 3}}; the first matching pattern wins.")
+    init: Literal["linear", "quantile", "random"] = Field(
+        "linear", description="k-means initialisation: 'linear' spaces centroids evenly between "
+        "the smallest and largest weight (best in Deep Compression), 'quantile' by density, "
+        "'random' picks weights.")
+    kmeans_iterations: int = Field(100, ge=1, le=1000, description="Maximum Lloyd iterations.")
+    sample_size: int | None = Field(
+        500_000, ge=1000,
+        description="Fit k-means on a random sample of this many weights for larger layers, "
+        "then assign every weight (None: fit on all).")
+    noise_scale: float = Field(
+        0.5, ge=0.0, le=10.0,
+        description="Perturbation size relative to each cluster's spread: a weight of cluster i "
+        "is rebuilt as centroid[i] + noise_scale * spread[i] * noise (0: plain k-means).")
+    scale_jitter: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="Each candidate draws its per-layer scale uniformly in "
+        "noise_scale * [1 - jitter, 1 + jitter] (0: every candidate uses noise_scale).")
+    distribution: Literal["normal", "uniform"] = Field(
+        "normal", description="Noise distribution: standard normal, or uniform on [-1, 1].")
+    population: int = Field(
+        16, ge=1, le=4096,
+        description="Candidate reconstructions per generation (one seed per layer each), each "
+        "evaluated on the validation split.")
+    generations: int = Field(
+        1, ge=1, le=100,
+        description="Generations: after the first, each generation mutates the best candidates "
+        "found so far (new seeds and rescaled noise for some layers).")
+    elite: int = Field(
+        4, ge=1, le=4096,
+        description="Candidates kept as parents between generations (at most all evaluated).")
+    mutation_rate: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="Probability that a child re-draws a layer's seed and rescales its noise "
+        "(at least one layer always mutates).")
+    scale_mutation: float = Field(
+        0.2, ge=0.0, le=2.0,
+        description="A mutated layer's scale is multiplied by exp(scale_mutation * N(0, 1)).")
+    keep_unperturbed: bool = Field(
+        True, description="Also evaluate the unperturbed k-means reconstruction and keep it "
+        "unless a perturbed candidate beats it on validation by more than min_gain.")
+    min_gain: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Validation accuracy (fraction) a perturbed candidate must gain over the "
+        "unperturbed one to be kept.")
+    eval_limit: int | None = Field(
+        None, ge=1, description="Evaluate candidates on only the first N validation examples "
+        "(faster, noisier selection); None: the whole split.")
+    centroid_epochs: int = Field(
+        0, ge=0, le=100,
+        description="Epochs of centroid fine-tuning after selection (Deep Compression's "
+        "shared-gradient update: each centroid moves by the summed gradient of its weights; "
+        "the chosen perturbation is kept). 0: off.")
+    centroid_lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate of the "
+                               "centroid fine-tuning.")
+
+    @field_validator("overrides")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
+        for pattern in value:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(
+                        f"override pattern {pattern!r} is not a valid regex: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _bits_or_k(self) -> BioclustConfig:
+        if self.k is not None and "bits" in self.model_fields_set:
+            raise ValueError(f"give either bits or k, not both (got bits={self.bits}, k={self.k})")
+        return self
+
+    def override_for(self, name: str) -> LayerOverride | None:
+        """The first override whose pattern matches layer ``name``."""
+        for pattern, override in self.overrides.items():
+            hit = (re.search(pattern[3:], name) is not None if pattern.startswith("re:")
+                   else fnmatch.fnmatchcase(name, pattern))
+            if hit:
+                return override
+        return None
+
+    def clusters_for(self, name: str) -> int:
+        """Number of clusters for layer ``name`` (override, then k, then 2**bits)."""
+        override = self.override_for(name)
+        if override is not None and override.k is not None:
+            return override.k
+        if override is not None and override.bits is not None:
+            return 1 << override.bits
+        return self.k if self.k is not None else 1 << self.bits
+
+    def scale_for(self, name: str) -> float:
+        """Base perturbation scale for layer ``name``."""
+        override = self.override_for(name)
+        if override is not None and override.noise_scale is not None:
+            return override.noise_scale
+        return self.noise_scale
