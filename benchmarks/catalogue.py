@@ -22,7 +22,7 @@ EVERYTHING = {"types": ["Conv2d", "Linear"], "protect_head": False}
 def netshrink_methods(model: str, quick: bool) -> dict[str, list[dict[str, Any]]]:
     """label -> recipe steps (dicts as in a YAML recipe) for ``model``."""
     ft = FT_QUICK if quick else FT
-    convs = model not in ("lenet300",)
+    convs = model not in ("lenet300", "lenet5")  # the paper-002/003 combinations target CNNs
     methods: dict[str, list[dict[str, Any]]] = {
         "magnitude 90% (global) + ft": [
             {
@@ -116,7 +116,8 @@ def _plugin_methods(
             },
             {
                 "compressor": "sigmaprune",
-                "select": {"types": ["Linear"]},
+                # ResNets have no FC layer besides the head: 3-sigma prunes the head there.
+                "select": {"types": ["Linear"], "protect_head": model == "vgg_small"},
                 "config": {"k": 2.0, "statistic": "abs"},
                 "finetune": ft,
             },
