@@ -4,7 +4,6 @@ surgery), and kernel-granular sparse storage of the remaining conv weights."""
 from __future__ import annotations
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from netshrink.context import CompressionContext
@@ -57,6 +56,8 @@ def remove_dead_units(
     Layers are visited in model order, so a filter that lost all its inputs upstream goes too.
     """
     model.eval()
+    import torch_pruning as tp  # imported here: it pulls in timm (seconds) at load time
+
     dg = tp.DependencyGraph().build_dependency(
         model, example_inputs=ctx.example_input(), verbose=False
     )
