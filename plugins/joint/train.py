@@ -1,0 +1,189 @@
+"""Joint training: masks (gradual magnitude pruning) and fake quantization (straight-through
+estimator) are both active in every forward pass, so the weights learn to work pruned *and*
+rounded, instead of being pruned, fine-tuned, then quantized after the fact."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from netshrink.plugins.joint.allocate import magnitude_mask
+from netshrink.plugins.joint.config import JointConfig
+from netshrink.plugins.joint.quant import bias_fake_quant, fake_quant, fit_scale
+
+
+class JointWeight(nn.Module):
+    """Parametrization ``w -> fake_quant(w * mask)`` (masked, rounded, straight-through)."""
+
+    def __init__(self, mask: torch.Tensor, bits: int, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("mask", mask)
+        self.register_buffer("scale", scale)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quant(weight * self.mask, self.bits, self.scale)
+
+
+class BiasQuant(nn.Module):
+    """Parametrization rounding a bias the way it will be stored."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias_fake_quant(bias, self.mode)
+
+
+@dataclass
+class LayerPlan:
+    """What the training does to one layer: its target sparsity and bit-width."""
+
+    name: str
+    module: nn.Module
+    sparsity: float
+    bits: int
+    prior: torch.Tensor | None  # mask of an earlier sparse step (kept pruned)
+    channels: int = 1
+
+
+def _latent(module: nn.Module) -> torch.Tensor:
+    return module.parametrizations.weight.original
+
+
+def _scale(weight: torch.Tensor, mask: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    masked = (weight * mask).detach()
+    if plan.bits == 1 or plan.channels == 1:
+        return fit_scale(masked[mask], plan.bits)
+    return fit_scale(masked, plan.bits, plan.channels)
+
+
+def set_masks(plans: list[LayerPlan], progress: float) -> None:
+    """Masks at ``progress`` in [0, 1] of the cubic ramp (Zhu & Gupta 2017) and refitted scales."""
+    ramp = 1.0 - (1.0 - min(max(progress, 0.0), 1.0)) ** 3
+    with torch.no_grad():
+        for plan in plans:
+            weight = _latent(plan.module)
+            param = plan.module.parametrizations.weight[0]
+            prior = None if plan.prior is None else plan.prior.to(weight.device)
+            mask = magnitude_mask(
+                weight.cpu(), plan.sparsity * ramp, None if prior is None else prior.cpu()
+            ).to(weight.device)
+            param.mask.copy_(mask)
+            param.scale.copy_(_scale(weight, mask, plan))
+
+
+def refit_scales(plans: list[LayerPlan]) -> None:
+    """Refit every scale to the current latent weights (masks unchanged)."""
+    with torch.no_grad():
+        for plan in plans:
+            param = plan.module.parametrizations.weight[0]
+            param.scale.copy_(_scale(_latent(plan.module), param.mask, plan))
+
+
+def attach(plans: list[LayerPlan], bias_mode: str) -> None:
+    """Register the mask/quantization parametrizations on every planned layer."""
+    for plan in plans:
+        weight = plan.module.weight
+        mask = (
+            plan.prior.clone()
+            if plan.prior is not None
+            else torch.ones_like(weight, dtype=torch.bool)
+        ).to(weight.device)
+        scale = _scale(weight, mask, plan)
+        parametrize.register_parametrization(
+            plan.module, "weight", JointWeight(mask, plan.bits, scale)
+        )
+        if getattr(plan.module, "bias", None) is not None and bias_mode != "fp32":
+            parametrize.register_parametrization(plan.module, "bias", BiasQuant(bias_mode))
+
+
+def detach(plans: list[LayerPlan]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Remove the parametrizations (restoring the latent weights); returns each layer's latent
+    weight, mask and scale for export."""
+    out = {}
+    for plan in plans:
+        param = plan.module.parametrizations.weight[0]
+        out[plan.name] = (
+            _latent(plan.module).detach().cpu().clone(),
+            param.mask.detach().cpu().clone(),
+            param.scale.detach().cpu().clone(),
+        )
+        parametrize.remove_parametrizations(plan.module, "weight", leave_parametrized=False)
+        if parametrize.is_parametrized(plan.module, "bias"):
+            parametrize.remove_parametrizations(plan.module, "bias", leave_parametrized=False)
+    return out
+
+
+def joint_train(
+    model: nn.Module, plans: list[LayerPlan], ctx, cfg: JointConfig, seed: int
+) -> dict[str, Any]:
+    """Train ``model`` with the parametrizations attached; keeps the best validation state once
+    every layer has reached its target sparsity. Returns the history."""
+    history: dict[str, Any] = {"val_acc": [], "loss": []}
+    if cfg.epochs == 0:
+        set_masks(plans, 1.0)
+        history["best_val_acc"] = ctx.evaluate(model, "val")
+        return history
+    torch.manual_seed(seed)
+    data = ctx.require_data()
+    loader = data.loader("train", batch_size=cfg.batch_size, seed=seed)
+    total = cfg.epochs * len(loader)
+    ramp = max(1, round(cfg.prune_fraction * total))
+    every = max(1, ramp // cfg.mask_updates)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    teacher = ctx.teacher if cfg.distill else None
+    if teacher is not None:
+        teacher.eval()
+    best_acc, best_state, step = -1.0, None, 0
+    for _epoch in ctx.progress(range(cfg.epochs), desc="joint training", total=cfg.epochs):
+        model.train()
+        if step >= ramp:
+            refit_scales(plans)
+        running = 0.0
+        for x, y in loader:
+            if step < ramp and step % every == 0:
+                set_masks(plans, step / ramp)
+            elif step == ramp:
+                set_masks(plans, 1.0)
+            x, y = x.to(ctx.device), y.to(ctx.device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = teacher(x)
+                t = cfg.kd_temperature
+                kd = (
+                    F.kl_div(
+                        F.log_softmax(logits / t, 1), F.softmax(soft / t, 1), reduction="batchmean"
+                    )
+                    * t
+                    * t
+                )
+                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach()) * len(y)
+            step += 1
+        if step == ramp:
+            set_masks(plans, 1.0)
+        acc = ctx.evaluate(model, "val")
+        history["val_acc"].append(acc)
+        history["loss"].append(running / max(len(loader.dataset), 1))
+        if step >= ramp and acc > best_acc:
+            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    history["best_val_acc"] = best_acc
+    return history
