@@ -7,11 +7,14 @@ peer name, or ``dense``).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 import netshrink as ns
 from benchmarks import catalogue, peers
@@ -20,6 +23,8 @@ from netshrink.training import evaluate
 
 
 def main(argv: list[str]) -> dict:
+    if os.environ.get("NETSHRINK_THREADS"):
+        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
     model_name, label = argv[0], argv[1]
     quick = "--quick" in argv
     spec, data_name = catalogue.MODELS[model_name]
