@@ -155,8 +155,10 @@ def main() -> None:
     out = Path(args.out)
     plots = out.parent / "benchmarks"
     plots.mkdir(parents=True, exist_ok=True)
+    threads = os.environ.get("NETSHRINK_THREADS")
     command = (
-        "python -m benchmarks"
+        (f"NETSHRINK_THREADS={threads} " if threads else "")
+        + "python -m benchmarks"
         + (" --quick" if args.quick else "")
         + (f" --models {args.models}" if args.models else "")
         + (f" --only '{args.only}'" if args.only else "")
