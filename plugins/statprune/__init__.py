@@ -1,1 +1,211 @@
-"""Built-in plugin `statprune` (work in progress: registers nothing yet)."""
+"""``statprune``: statistics-based filter pruning (paper 002: Gong, Zhang, Zeng, "Convolution neural
+network model compression method based on pruning and tensor decomposition", Journal of Computer
+Applications 40(11):3146-3151, 2020, https://doi.org/10.11772/j.issn.1001-9081.2020030362).
+
+Each selected layer's filters are described by the mean and variance of their weights (optionally
+|mean|, L1, L2); k-means or a Gaussian mixture clusters them and the cluster(s) with the smallest
+RMS weight are removed, subject to a floor on kept channels. Removal is physical and goes through
+Torch-Pruning's DependencyGraph, which rebuilds the next layers from the kept channels and keeps
+BatchNorm, residual adds, concatenations and depthwise groups consistent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from netshrink.adapters import last_linear
+from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
+from netshrink.errors import NetshrinkError
+from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
+from netshrink.plugins.statprune.stats import (
+    Feature,
+    filter_features,
+    removal_budget,
+    round_removal,
+    standardise,
+    weak_channels,
+)
+from netshrink.registry import hookimpl
+
+PAPER = "https://doi.org/10.11772/j.issn.1001-9081.2020030362"
+
+
+class StatPruneConfig(CompressorConfig):
+    """Configuration of :class:`StatPrune`."""
+
+    features: list[Feature] = Field(
+        default_factory=lambda: ["mean", "var"],
+        description="Per-filter statistics clustered: any of mean, var, abs_mean, l1, l2 "
+        "(the paper uses mean and variance).")
+    method: Literal["kmeans", "gmm"] = Field(
+        "kmeans", description="Clustering: scikit-learn KMeans or GaussianMixture.")
+    clusters: int = Field(2, ge=2, le=16, description="Number of clusters per layer (k >= 2).")
+    drop_clusters: int = Field(
+        1, ge=1, le=15, description="How many of the weakest clusters (smallest mean RMS weight) "
+        "are removed; must be < clusters.")
+    min_keep_ratio: float = Field(
+        0.25, gt=0.0, le=1.0, description="Floor: every layer keeps at least this fraction of its "
+        "channels (the weakest filters of the weak clusters go first).")
+    min_keep_channels: int = Field(
+        4, ge=1, description="Floor: every layer keeps at least this many channels.")
+    round_to: int = Field(
+        1, ge=1, le=256, description="Kept channel counts are rounded up to a multiple of this "
+        "(e.g. 8 for SIMD-friendly shapes).")
+    coupled: Literal["joint", "skip"] = Field(
+        "joint", description="Layers whose outputs are tied to others (residual adds): 'joint' "
+        "clusters the averaged statistics of all tied selected layers and prunes them together; "
+        "'skip' leaves such channels alone.")
+    verify: bool = Field(
+        True, description="Run one forward pass after pruning and fail clearly if it breaks.")
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("features must name at least one statistic, got []")
+        if len(set(value)) != len(value):
+            raise ValueError(f"features must not repeat, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _drop_lt_clusters(self) -> StatPruneConfig:
+        if self.drop_clusters >= self.clusters:
+            raise ValueError(
+                f"drop_clusters must be < clusters, got drop_clusters={self.drop_clusters} "
+                f"with clusters={self.clusters}")
+        return self
+
+
+class StatPrune(Compressor):
+    """Prune the filters that cluster as weak by the mean and variance of their weights."""
+
+    name = "statprune"
+    Config = StatPruneConfig
+    capabilities = Capabilities(handles=("Conv2d", "Linear"), changes_structure=True,
+                                needs_finetune=True)
+    paper = PAPER
+    config: StatPruneConfig
+
+    def compress(self, model, layers, ctx) -> StepResult:
+        cfg = self.config
+        head_name = (ctx.info.head if ctx.info else None) or last_linear(model)
+        head = model.get_submodule(head_name) if head_name else None
+        names = {id(m): n for n, m in model.named_modules()}
+        selected = {id(m) for _, m in layers}
+        before = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in layers}
+        params_before = sum(p.numel() for p in model.parameters())
+        dg = build_graph(model, ctx.example_input(1))
+        records: dict[str, LayerRecord] = {}
+        done: set[int] = set()
+        for index, (lname, module) in enumerate(ctx.progress(layers, desc="cluster + prune")):
+            if id(module) in done:
+                continue
+            rec = LayerRecord(lname, self.name, before[lname], {})
+            records[lname] = rec
+            rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done))
+            for other in rec.details.get("coupled_with", []):
+                records.setdefault(other, LayerRecord(other, self.name, before.get(other, 0),
+                                                      {"pruned_with": lname}))
+        if cfg.verify:
+            _verify(model, ctx)
+        params_after = sum(p.numel() for p in model.parameters())
+        pruned = [r for r in records.values() if r.details.get("removed")]
+        return StepResult(model, list(records.values()), {
+            "params_before": params_before, "params_after": params_after,
+            "groups_pruned": len(pruned),
+            "skipped": {n: r.details["skipped"] for n, r in records.items()
+                        if "skipped" in r.details},
+        })
+
+    def _prune_one(self, dg, module: nn.Module, head: nn.Module | None, selected: set[int],
+                   names: dict[int, str], ctx, index: int, done: set[int]) -> dict[str, Any]:
+        """Cluster and prune the group rooted at ``module``; returns the record's details."""
+        cfg = self.config
+        info = describe_group(dg, module)
+        details: dict[str, Any] = {"channels_before": info.channels}
+        tied = [m for m, _ in info.weighted if m is not module and not is_depthwise(m)]
+        details["coupled_with"] = [names[id(m)] for m in tied if id(m) in selected]
+        for m, _ in info.weighted:
+            done.add(id(m))
+        reason = _refusal(info, tied, head, selected, names, cfg.coupled)
+        if reason:
+            return {**details, "skipped": reason, "channels_after": info.channels}
+        table, strength = _joint_features(info, selected, cfg.features)
+        g = info.channel_groups
+        positions = info.channels // g
+        if g > 1:  # same positions in every conv group, so groups stay equal-sized
+            table = table.reshape(g, positions, -1).mean(0)
+            strength = strength.reshape(g, positions).mean(0)
+        budget = removal_budget(info.channels, cfg.min_keep_ratio, cfg.min_keep_channels,
+                                cfg.round_to) // g
+        weak, summary = weak_channels(table, strength, method=cfg.method, clusters=cfg.clusters,
+                                      drop_clusters=cfg.drop_clusters, max_remove=budget,
+                                      seed=ctx.seed + index)
+        details.update(summary)
+        remove = round_removal(positions, len(weak), max(cfg.round_to // g, 1))
+        weak = np.sort(weak[:remove])
+        idxs = sorted(int(p + j * positions) for j in range(g) for p in weak)
+        if not idxs:
+            return {**details, "removed": 0, "channels_after": info.channels}
+        fn = dg.get_pruner_of_module(module).prune_out_channels
+        group = dg.get_pruning_group(module, fn, idxs)
+        if not dg.check_pruning_group(group):
+            return {**details, "skipped": "Torch-Pruning rejected the group (it would empty a "
+                    "layer)", "channels_after": info.channels}
+        group.prune()
+        return {**details, "removed": len(idxs), "channels_after": info.channels - len(idxs)}
+
+
+def _refusal(info: GroupInfo, tied: list[nn.Module], head: nn.Module | None, selected: set[int],
+             names: dict[int, str], coupled: str) -> str | None:
+    """Why this group must not be pruned, or None."""
+    if head is not None and any(m is head for m, _ in info.weighted):
+        return "its channels are the classifier's outputs (never pruned)"
+    if info.irregular:
+        return info.irregular
+    if tied and coupled == "skip":
+        return f"outputs tied to {names[id(tied[0])]} (residual add); coupled='skip'"
+    unselected = [names[id(m)] for m in tied if id(m) not in selected]
+    if unselected:
+        return f"outputs tied to unselected layer(s) {unselected[:3]}; select them too"
+    return None
+
+
+def _joint_features(info: GroupInfo, selected: set[int],
+                    features: list[Feature]) -> tuple[np.ndarray, np.ndarray]:
+    """Statistics averaged over the tied selected layers (each standardised on its own first, so
+    layers of different scale count equally); strengths relative to each layer's mean."""
+    tables, strengths = [], []
+    for m, idxs in info.weighted:
+        if id(m) not in selected:
+            continue
+        table, strength = filter_features(m.weight, features)
+        tables.append(standardise(table[idxs]))
+        strengths.append(strength[idxs] / max(float(strength.mean()), 1e-12))
+    return np.mean(tables, 0), np.mean(strengths, 0)
+
+
+def _verify(model: nn.Module, ctx) -> None:
+    """One forward pass in eval mode; a broken graph becomes a clear error."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(ctx.example_input(1))
+    except Exception as exc:
+        raise NetshrinkError(
+            f"statprune: the pruned model no longer runs ({type(exc).__name__}: {exc}); "
+            "Torch-Pruning missed a dependency in this architecture; exclude the affected layers"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
+@hookimpl
+def register_compressors(register):
+    register(StatPrune)

@@ -1,0 +1,88 @@
+"""Torch-Pruning glue: build the dependency graph and describe the group a layer belongs to."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from netshrink.errors import NetshrinkError
+
+
+def build_graph(model: nn.Module, example: torch.Tensor):
+    """A Torch-Pruning DependencyGraph of ``model`` traced on ``example`` (in eval mode, so
+    BatchNorm accepts a single example; the training flag is restored)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TP warns about every unwrapped parameter it finds
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example,
+                                                         verbose=False)
+    except Exception as exc:  # any tracing failure becomes one clear error
+        raise NetshrinkError(
+            f"Torch-Pruning could not trace {type(model).__name__} to find channel dependencies "
+            f"({type(exc).__name__}: {exc}); statprune needs a traceable model"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv with one input channel per group (its outputs follow its inputs)."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and groups == getattr(module, "in_channels", -1)
+
+
+@dataclass
+class GroupInfo:
+    """What pruning one layer's output channels drags along."""
+
+    channels: int
+    """Output channels of the root layer."""
+    weighted: list[tuple[nn.Module, list[int]]] = field(default_factory=list)
+    """Conv/Linear layers whose *outputs* are pruned with the root (root first), with the
+    indices that correspond to the root's channels ``0..C-1``."""
+    channel_groups: int = 1
+    """Grouped (non-depthwise) convs in the group need the same channels removed in every group."""
+    touches: list[nn.Module] = field(default_factory=list)
+    """Every module the group changes."""
+    irregular: str | None = None
+    """Why the channel mapping is not one-to-one (a split, slice or partial add), if it isn't."""
+
+
+def describe_group(dg, module: nn.Module) -> GroupInfo:
+    """The coupling of ``module``'s output channels, discovered from a group over all channels."""
+    channels = int(dg.get_out_channels(module))
+    fn = dg.get_pruner_of_module(module).prune_out_channels
+    group = dg.get_pruning_group(module, fn, list(range(channels)))
+    info = GroupInfo(channels)
+    seen: set[int] = set()
+    for dep, idxs in group:
+        target = dep.target.module
+        info.touches.append(target)
+        groups = getattr(target, "groups", 1)
+        if isinstance(target, nn.Conv2d) and groups > 1 and not is_depthwise(target):
+            info.channel_groups = math.lcm(info.channel_groups, int(groups))
+        if (dg.is_out_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear))
+                and id(target) not in seen):
+            seen.add(id(target))
+            idxs = [int(i) for i in idxs]
+            size = int(dg.get_out_channels(target))
+            if len(idxs) != channels or max(idxs, default=0) >= size:
+                # e.g. a split/slice or an add over part of the channels (rexnet, CSP blocks)
+                info.irregular = info.irregular or (
+                    f"its channels map onto {len(idxs)} of {size} channels of another layer "
+                    "(split, slice or partial add)")
+                continue
+            info.weighted.append((target, idxs))
+    if info.channel_groups > 1 and channels % info.channel_groups:
+        raise NetshrinkError(
+            f"{channels} channels cannot be split into {info.channel_groups} conv groups"
+        )
+    return info
