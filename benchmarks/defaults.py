@@ -27,12 +27,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "defaults.md"))
     args = parser.parse_args()
+    threads = os.environ.get("NETSHRINK_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
     data = ns.datasets.load("digits28")
     model = ns.reference_model("zoo:lenet5", data)
     lines = [
         "# Default configs on LeNet-5 / digits28",
         "",
-        f"Produced by `python -m benchmarks.defaults` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
+        f"Produced by `{'NETSHRINK_THREADS=' + threads + ' ' if threads else ''}python -m benchmarks.defaults` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} "
         f"UTC, {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}. Each "
         "compressor runs with its default config and default selector (the head protected), "
         "without fine-tuning. Budget: 120 s each.",
