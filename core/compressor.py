@@ -40,6 +40,13 @@ class Capabilities:
     rewrite those values."""
     accepts_encoded: bool = False
     """It can act on layers whose values are already quantized or clustered."""
+    default_types: tuple[str, ...] | None = None
+    """Layer types selected when a step's selector names none (default: ``handles``)."""
+
+    @property
+    def selected_by_default(self) -> list[str]:
+        """The layer types a selector without ``types`` picks for this compressor."""
+        return list(self.default_types or self.handles)
 
 
 @dataclass

@@ -104,7 +104,9 @@ def plan(
         selector = _selector(step, title)
         try:
             layers = selector.resolve(
-                model, head=info.head, default_types=list(cls.capabilities.handles)
+                model,
+                head=info.head,
+                default_types=cls.capabilities_for(config).selected_by_default,
             )
             cls.check_layers(layers)
         except SelectionError as exc:
@@ -217,7 +219,9 @@ def compress(
             teacher=teacher,
         )
         layers = item.selector.filter(
-            work, head=info.head, default_types=list(item.compressor.capabilities.handles)
+            work,
+            head=info.head,
+            default_types=item.compressor.capabilities_for(item.config).selected_by_default,
         )
         if not layers:
             raise SelectionError(

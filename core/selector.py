@@ -59,7 +59,7 @@ class LayerSelector(NetshrinkConfig):
     types: list[str] | None = Field(
         None,
         description="Layer types to select (e.g. ['Conv2d', 'Linear']); subclasses match. "
-        "Default: the types the step's compressor handles.",
+        "Default: the types the step's compressor selects by default (usually all it handles).",
     )
     names: list[str] | None = Field(
         None,

