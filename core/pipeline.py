@@ -89,6 +89,8 @@ def plan(
     step and field), the selector selects something the compressor handles, data is given when
     needed, and no step rewrites values that an earlier step quantized or clustered.
     """
+    if recipe.finetune and data is None:
+        raise RecipeError("recipe field 'finetune': fine-tuning needs data; pass data=...")
     planned: list[PlannedStep] = []
     for index, step in enumerate(recipe.steps):
         title = step.title(index)
@@ -130,8 +132,6 @@ def plan(
                     f"already quantized/clustered ({', '.join(overlap[:4])}); reorder the steps "
                     "or exclude those layers"
                 )
-        if recipe.finetune and data is None:
-            raise RecipeError("recipe field 'finetune': fine-tuning needs data; pass data=...")
         planned.append(PlannedStep(index, step, cls, config, selector, [n for n, _ in layers]))
     return planned
 
