@@ -233,7 +233,9 @@ def compress(
         try:
             out = item.compressor(item.config).compress(work, layers, ctx)
         except NetshrinkError as exc:
-            raise type(exc)(f"{item.title}: {exc}") from exc
+            # Name the step, keeping the exception's type (and its extra attributes).
+            exc.args = (f"{item.title}: {exc}", *exc.args[1:])
+            raise
         work = out.model
         set_model_info(work, info)
         table.reconcile(work)
