@@ -190,13 +190,11 @@ def build_report(
     layers: list[str] = []
     methods: dict[str, list[str]] = {}
     details: dict[str, dict[str, Any]] = {}
-    params_before_of: dict[str, int] = {}
     for rec in records:
         if rec.name not in methods:
             layers.append(rec.name)
             methods[rec.name] = []
             details[rec.name] = {}
-            params_before_of[rec.name] = rec.params_before
         if rec.method not in methods[rec.name]:
             methods[rec.name].append(rec.method)
         details[rec.name].update(rec.details)
