@@ -31,6 +31,20 @@ JOINT_TARGET = {
     "resnet_small": 25,
     "resnet18": 50,
 }
+# The same after statprune -> tucker: joint's ratio is relative to the model it receives (already
+# 1.3-2.8x smaller), and the fixed rest (BatchNorm, manifest) stays.
+JOINT_CHAIN_TARGET = {
+    "vgg_small": 100,
+    "resnet_small": 12,
+    "resnet18": 20,
+}
+# First convs (they feed BatchNorm) and shortcut 1x1s keep 8 bits under bioclust's 4-bit
+# codebooks: at 4 bits they cost most of the accuracy (docs/benchmarks/bioclust.md; on vgg_small
+# after normsparse, features.0 alone at 4 bits drops test accuracy from 98.6% to 59.4%).
+BIOCLUST_8BIT = {
+    "re:^(conv1|stem\\.0|features\\.0)$": {"bits": 8},
+    "re:(downsample|shortcut)": {"bits": 8},
+}
 
 
 def _recipe_steps(name: str) -> list[dict[str, Any]]:
@@ -88,16 +102,11 @@ def _plugin_methods(
 ) -> dict[str, list[dict[str, Any]]]:
     """The paper methods; filled in from each plugin's documented defaults."""
     out: dict[str, list[dict[str, Any]]] = {}
-    # Layers feeding BatchNorm (stems, shortcut/downsample 1x1s) get 8 bits: at 4 bits they cost
-    # most of the accuracy (docs/benchmarks/bioclust.md).
     bio = {
         "bits": 4,
         "population": 4 if quick else 16,
         "noise_scale": 0.5,
-        "overrides": {
-            "re:^(conv1|stem\\.0)$": {"bits": 8},
-            "re:(downsample|shortcut)": {"bits": 8},
-        },
+        "overrides": BIOCLUST_8BIT,
     }
     out["bioclust (4-bit codebook, 8-bit stem/shortcuts)"] = [
         {"compressor": "bioclust", "select": EVERYTHING, "config": bio}
@@ -112,13 +121,13 @@ def _plugin_methods(
     ]
     # recipes/joint_lenet5.yaml's settings (min_bits 3: ternary fc1 trained worse there).
     joint = {
-        "target_ratio": 100,
+        "target_ratio": JOINT_TARGET[model],
         "min_bits": 3,
         "epochs": 3 if quick else 10,
         "lr": 0.002,
         "batch_size": 32,
     }
-    out["joint (adaptive sparsity+bits, 100x target)"] = [
+    out[f"joint (adaptive sparsity+bits, {JOINT_TARGET[model]}x target)"] = [
         {"compressor": "joint", "select": EVERYTHING, "config": joint}
     ]
     if convs:
@@ -140,7 +149,7 @@ def _plugin_methods(
             },
         }
         if model == "vgg_small":
-            out["rlprune + sigmaprune + ft (paper 003)"] = [
+            paper003 = [
                 rl,
                 {
                     "compressor": "sigmaprune",
@@ -149,11 +158,20 @@ def _plugin_methods(
                     "finetune": ft,
                 },
             ]
+            out["rlprune + sigmaprune + ft (paper 003)"] = paper003
+            out["rlprune + sigmaprune + ft -> quantize 5-bit"] = [
+                *paper003,
+                {"compressor": "quantize", "select": EVERYTHING, "config": {"bits": 5}},
+            ]
         else:  # ResNets have no FC layer but the head: the RL half of paper 003 only
             out["rlprune 80% conv weights + ft (paper 003, RL half)"] = [{**rl, "finetune": ft}]
         out["statprune -> tucker -> joint"] = [
             *paper002,
-            {"compressor": "joint", "select": EVERYTHING, "config": joint},
+            {
+                "compressor": "joint",
+                "select": EVERYTHING,
+                "config": {**joint, "target_ratio": JOINT_CHAIN_TARGET[model]},
+            },
         ]
     out["normsparse -> bioclust"] = [
         {
