@@ -23,6 +23,36 @@ def digits28():
 
 
 @pytest.fixture(scope="session")
+def digits():
+    """The 8x8 digits splits (the fastest to train on)."""
+    import netshrink as ns
+
+    return ns.datasets.load("digits")
+
+
+@pytest.fixture(scope="session")
+def lenet(digits):
+    """LeNet-5 trained on the 8x8 digits (cached): two convs, two linear layers; trains fast."""
+    import netshrink as ns
+
+    return ns.reference_model("zoo:lenet5", digits)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module: tiny models train much faster so on a busy machine.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def lenet5(digits28):
     """LeNet-5 trained on digits28 (cached on disk across runs)."""
     import netshrink as ns

@@ -17,8 +17,8 @@ from netshrink.plugins.magnitude import Magnitude
 
 
 @pytest.fixture(scope="module")
-def data():
-    return ns.datasets.load("digits")
+def data(digits):
+    return digits  # the 8x8 digits (conftest)
 
 
 @pytest.fixture(scope="module")

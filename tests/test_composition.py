@@ -18,23 +18,7 @@ from netshrink.recipe import Recipe
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return ns.datasets.load("digits")
-
-
-@pytest.fixture(scope="module")
-def lenet(digits):
-    """LeNet-5 on the 8x8 digits (cached)."""
-    return ns.reference_model("zoo:lenet5", digits)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _round_trip(result, digits, tmp_path) -> torch.nn.Module:

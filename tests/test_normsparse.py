@@ -26,18 +26,7 @@ from netshrink.training import FinetuneConfig, train
 FAST = {"epochs": 4, "l1": 0.01, "lr_magnitude": 0.05, "schedule": "constant", "patience": None}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models train much faster single-threaded on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return ns.datasets.load("digits")
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def MLP() -> nn.Sequential:

@@ -21,17 +21,6 @@ from netshrink.plugins.rlprune.env import BudgetModel, LayerInfo, weight_counts
 FAST = {"episodes": 5, "warmup": 2, "hidden": 16, "batch_size": 8, "reward_samples": 64}
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return ns.datasets.load("digits")
-
-
-@pytest.fixture(scope="module")
-def lenet(digits):
-    """LeNet-5 on the 8x8 digits (cached): two convs and two linear layers, trains in seconds."""
-    return ns.reference_model("zoo:lenet5", digits)
-
-
 def _run(model, data, config, *, seed=0, types=("Conv2d", "Linear"), on_episode=None):
     model = copy.deepcopy(model)
     info = model_info(model)
