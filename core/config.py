@@ -11,11 +11,27 @@ class NetshrinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def _is_union_tag(part: object, is_last: bool) -> bool:
+    """A model class name Pydantic puts in a location to say which union member failed."""
+    return isinstance(part, str) and not is_last and part[:1].isupper() and part.isidentifier()
+
+
 def format_validation_error(exc: ValidationError, where: str = "") -> str:
-    """One line per failing field: ``<where> field.path: message (got value)``."""
+    """One line per failing field: ``<where> field.path: message (got value)``.
+
+    For a field that accepts several types (a selector or a preset name), only the substantive
+    error is shown: "Input should be a valid string" next to a real error in the selector is
+    noise, and so is the member's class name in the field path.
+    """
+    errors = exc.errors()
+    if any(not e["type"].endswith("_type") for e in errors):
+        errors = [e for e in errors if not e["type"].endswith("_type")] or errors
     lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(config)"
+    for err in errors:
+        parts = err["loc"]
+        loc = ".".join(
+            str(p) for i, p in enumerate(parts) if not _is_union_tag(p, i == len(parts) - 1)
+        ) or "(config)"
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]

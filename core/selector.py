@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pydantic import Field, field_validator
 from torch import nn
@@ -25,10 +25,26 @@ LAYER_TYPES: dict[str, type[nn.Module]] = {
 }
 
 
-def _matches(pattern: str, name: str) -> bool:
+def name_matches(pattern: str, name: str) -> bool:
+    """True if layer ``name`` matches ``pattern``: a shell glob, or a regex after ``re:``
+    (searched anywhere in the name; anchor it with ``^...$`` for a whole-name match)."""
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
+
+
+def check_name_patterns(patterns: Iterable[str]) -> None:
+    """Raise ``ValueError`` naming the first ``re:`` pattern that is not a valid regex.
+
+    For Pydantic validators of fields holding layer-name patterns (selectors, per-layer
+    overrides), so that a typo fails validation instead of the run.
+    """
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ValueError(f"pattern {pattern!r} is not a valid regex: {exc}") from None
 
 
 def out_channels(module: nn.Module) -> int | None:
@@ -87,6 +103,12 @@ class LayerSelector(NetshrinkConfig):
         True, description="Leave the model's classifier head alone (the adapter names it)."
     )
 
+    @field_validator("names", "exclude")
+    @classmethod
+    def _valid_patterns(cls, value: list[str] | None) -> list[str] | None:
+        check_name_patterns(value or [])
+        return value
+
     @field_validator("types")
     @classmethod
     def _known_types(cls, value: list[str] | None) -> list[str] | None:
@@ -144,9 +166,9 @@ class LayerSelector(NetshrinkConfig):
 
     def _predicate(self, head: str | None) -> Callable[[str, nn.Module], bool]:
         def keep(name: str, module: nn.Module) -> bool:
-            if self.names is not None and not any(_matches(p, name) for p in self.names):
+            if self.names is not None and not any(name_matches(p, name) for p in self.names):
                 return False
-            if any(_matches(p, name) for p in self.exclude):
+            if any(name_matches(p, name) for p in self.exclude):
                 return False
             if self.protect_head and head and (name == head or name.startswith(head + ".")):
                 return False

@@ -82,3 +82,14 @@ def test_bad_fields():
         LayerSelector(typez=["Conv2d"])
     with pytest.raises(ValidationError):
         LayerSelector(min_params=-1)
+
+
+@pytest.mark.parametrize("field", ["names", "exclude"])
+def test_bad_regex_fails_validation_not_the_run(field):
+    with pytest.raises(ValidationError, match=r"pattern 're:fc\[1' is not a valid regex"):
+        LayerSelector(**{field: ["re:fc[1"]})
+    with pytest.raises(ns.RecipeError) as info:
+        ns.step("magnitude", select={field: ["re:fc[1"]})
+    text = str(info.value)
+    assert f"field 'select.{field}'" in text
+    assert "valid string" not in text  # the preset-name branch of the union is not the problem

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from netshrink.compressor import CompressorConfig
 from netshrink.config import NetshrinkConfig
+from netshrink.selector import check_name_patterns, name_matches
 
 
 class LayerOverride(NetshrinkConfig):
@@ -95,13 +94,7 @@ class BioclustConfig(CompressorConfig):
     @field_validator("overrides")
     @classmethod
     def _patterns_compile(cls, value: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
-        for pattern in value:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(
-                        f"override pattern {pattern!r} is not a valid regex: {exc}") from None
+        check_name_patterns(value)
         return value
 
     @model_validator(mode="after")
@@ -113,9 +106,7 @@ class BioclustConfig(CompressorConfig):
     def override_for(self, name: str) -> LayerOverride | None:
         """The first override whose pattern matches layer ``name``."""
         for pattern, override in self.overrides.items():
-            hit = (re.search(pattern[3:], name) is not None if pattern.startswith("re:")
-                   else fnmatch.fnmatchcase(name, pattern))
-            if hit:
+            if name_matches(pattern, name):
                 return override
         return None
 

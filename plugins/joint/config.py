@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from netshrink.compressor import CompressorConfig
 from netshrink.config import NetshrinkConfig
+from netshrink.selector import check_name_patterns, name_matches
 
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 DEFAULT_RATIO = 50.0
@@ -119,14 +118,7 @@ class JointConfig(CompressorConfig):
     @field_validator("overrides")
     @classmethod
     def _check_patterns(cls, value: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
-        for pattern in value:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as exc:
-                    raise ValueError(
-                        f"overrides pattern {pattern!r} is not a valid regex: {exc}"
-                    ) from None
+        check_name_patterns(value)
         return value
 
     @model_validator(mode="after")
@@ -146,12 +138,7 @@ class JointConfig(CompressorConfig):
     def override_for(self, layer: str) -> LayerOverride | None:
         """The first override whose pattern matches ``layer``."""
         for pattern, override in self.overrides.items():
-            hit = (
-                re.search(pattern[3:], layer) is not None
-                if pattern.startswith("re:")
-                else fnmatch.fnmatchcase(layer, pattern)
-            )
-            if hit:
+            if name_matches(pattern, layer):
                 return override
         return None
 
