@@ -60,6 +60,28 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = 
     return correct / max(total, 1)
 
 
+def distillation_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Hinton et al.'s knowledge-distillation loss.
+
+    ``(1 - alpha) * CE(logits, targets) + alpha * T**2 * KL(softmax(teacher/T) || softmax(s/T))``;
+    the ``T**2`` keeps the soft term's gradients on the scale of the hard term's.
+    """
+    hard = F.cross_entropy(logits, targets)
+    soft = F.kl_div(
+        F.log_softmax(logits / temperature, 1),
+        F.softmax(teacher_logits / temperature, 1),
+        reduction="batchmean",
+    )
+    return (1 - alpha) * hard + alpha * soft * temperature * temperature
+
+
 def _optimizer(params, config: FinetuneConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
@@ -107,19 +129,14 @@ def train(
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
             if teacher is not None and config.distill:
                 with torch.no_grad():
                     soft = teacher(x)
-                t = config.kd_temperature
-                kd = (
-                    F.kl_div(
-                        F.log_softmax(logits / t, 1), F.softmax(soft / t, 1), reduction="batchmean"
-                    )
-                    * t
-                    * t
+                loss = distillation_loss(
+                    logits, y, soft, temperature=config.kd_temperature, alpha=config.kd_alpha
                 )
-                loss = (1 - config.kd_alpha) * loss + config.kd_alpha * kd
+            else:
+                loss = F.cross_entropy(logits, y)
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
             opt.zero_grad()

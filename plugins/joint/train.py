@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from netshrink.plugins.joint.allocate import magnitude_mask
 from netshrink.plugins.joint.config import JointConfig
 from netshrink.plugins.joint.quant import bias_fake_quant, fake_quant, fit_scale
+from netshrink.training import distillation_loss
 
 
 class JointWeight(nn.Module):
@@ -157,19 +158,14 @@ def joint_train(
                 set_masks(plans, 1.0)
             x, y = x.to(ctx.device), y.to(ctx.device)
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
             if teacher is not None:
                 with torch.no_grad():
                     soft = teacher(x)
-                t = cfg.kd_temperature
-                kd = (
-                    F.kl_div(
-                        F.log_softmax(logits / t, 1), F.softmax(soft / t, 1), reduction="batchmean"
-                    )
-                    * t
-                    * t
+                loss = distillation_loss(
+                    logits, y, soft, temperature=cfg.kd_temperature, alpha=cfg.kd_alpha
                 )
-                loss = (1 - cfg.kd_alpha) * loss + cfg.kd_alpha * kd
+            else:
+                loss = F.cross_entropy(logits, y)
             opt.zero_grad()
             loss.backward()
             opt.step()
