@@ -14,8 +14,6 @@ bytes :func:`save` writes. Loading never unpickles and runs no code from the fil
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from netshrink import modules as arch
 from netshrink.adapters import ModelInfo, load_model, model_info, set_model_info
 from netshrink.encodings import DTYPE_NAMES, DTYPES, Encoding, EncodingTable, model_tensors
 from netshrink.errors import ArtifactError, NetshrinkError
+from netshrink.fileio import atomic_write
 
 FORMAT = "netshrink"
 FORMAT_VERSION = 1
@@ -107,20 +106,6 @@ def artifact_bytes(
     return st_save(tensors, metadata={FORMAT: f"{FORMAT_VERSION};{kind}"})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(obj: Any, path: str | Path, *, report: bool = True) -> Path:
     """Save a :class:`~netshrink.pipeline.CompressionResult` (or a model built from a spec, stored
     dense) as one artifact file, atomically. With a result and ``report=True``, the report is
@@ -132,7 +117,7 @@ def save(obj: Any, path: str | Path, *, report: bool = True) -> Path:
         data = obj.report.artifact
         if data is None:
             raise NetshrinkError("the result has no artifact bytes (was it built by compress()?)")
-        _atomic_write(path, data)
+        atomic_write(path, data)
         if report:
             obj.report.save_json(path.with_suffix(".report.json"))
             try:
@@ -143,7 +128,7 @@ def save(obj: Any, path: str | Path, *, report: bool = True) -> Path:
                 logging.getLogger("netshrink").warning("could not draw the report plot: %s", exc)
         return path
     if isinstance(obj, nn.Module):
-        _atomic_write(path, artifact_bytes(obj, EncodingTable(), model_info(obj)))
+        atomic_write(path, artifact_bytes(obj, EncodingTable(), model_info(obj)))
         return path
     raise TypeError(f"save() takes a CompressionResult or an nn.Module, got {type(obj).__name__}")
 

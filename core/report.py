@@ -7,8 +7,6 @@ size the report prints is the size of the file on disk.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from netshrink.adapters import ModelInfo
 from netshrink.compressor import LayerRecord
 from netshrink.datasets import DataSplits
 from netshrink.encodings import EncodingTable, model_tensors
+from netshrink.fileio import atomic_write
 from netshrink.metrics import compare_latency, count_macs
 from netshrink.recipe import Recipe
 from netshrink.training import evaluate
@@ -119,13 +118,7 @@ class Report(BaseModel):
 
     def save_json(self, path: str | Path) -> Path:
         """Write the report as JSON (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2, default=str)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2, default=str))
 
     @classmethod
     def load_json(cls, path: str | Path) -> Report:

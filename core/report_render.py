@@ -10,6 +10,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from netshrink.fileio import atomic_write
+
 if TYPE_CHECKING:
     from netshrink.report import Report
 
@@ -165,7 +167,7 @@ def plot(report: Report, path: Path) -> Path:
     ax.set_title(f"size vs accuracy ({report.compression_ratio:.1f}x)")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return path
+    return atomic_write(path, buffer.getvalue())

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from netshrink.config import NetshrinkConfig
 from netshrink.datasets import DataSplits
 from netshrink.encodings import EncodingTable, Sparse, model_tensors
+from netshrink.fileio import atomic_write
 from netshrink.progress import progress
 
 TRAINING_VERSION = 1  # bump when reference training changes, to invalidate caches
@@ -234,7 +235,8 @@ def reference_model(
 ) -> nn.Module:
     """A model built from ``spec`` and trained on ``data`` (cached on disk, keyed by spec,
     options, data, seed and training settings). Training takes seconds for the zoo models."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
 
     from netshrink.adapters import load_model, model_info, parse_spec
     from netshrink.datasets import load as load_data
@@ -272,11 +274,9 @@ def reference_model(
         seed=seed,
         desc=f"training reference {spec} on {data.name}",
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata={"key": key}
+    atomic_write(
+        path,
+        st_save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"key": key}),
     )
-    os.replace(tmp, path)
     model.eval()
     return model

@@ -53,7 +53,7 @@ pm.add_hookspecs(hookspecs)
 
 _loaded = False
 _blocked: set[str] = set()
-_cache: dict[str, tuple[frozenset[int], dict[str, Entry]]] = {}
+_cache: dict[str, tuple[frozenset[int], list[object], dict[str, Entry]]] = {}
 
 
 @dataclass(frozen=True)
@@ -169,10 +169,11 @@ def _dist_name(dist: Any) -> str | None:
 def _collect(hook_name: str, make_register: Callable[[Callable[..., None]], Callable[..., None]]):
     """Call every implementation of ``hook_name`` with its own register callback."""
     load_plugins()
-    key = frozenset(id(p) for p in pm.get_plugins())
+    plugins = pm.get_plugins()
+    key = frozenset(id(p) for p in plugins)
     cached = _cache.get(hook_name)
     if cached is not None and cached[0] == key:
-        return cached[1]
+        return cached[2]
     dists = _distributions()
     entries: dict[str, Entry] = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
@@ -196,7 +197,9 @@ def _collect(hook_name: str, make_register: Callable[[Callable[..., None]], Call
             entries[name] = Entry(name, obj, _impl.plugin_name, _dist, description)
 
         impl.function(**{impl.argnames[0]: make_register(add)})
-    _cache[hook_name] = (key, entries)
+    # The plugin objects are kept with the key: while they are referenced here, no new plugin
+    # can be given the id of one that was unregistered, so an equal key means the same set.
+    _cache[hook_name] = (key, list(plugins), entries)
     return entries
 
 

@@ -58,12 +58,12 @@ def test_atomic_save_keeps_old_file_on_failure(saved, tmp_path, monkeypatch):
     result, _ = saved
     target = tmp_path / "keep.nsk"
     target.write_bytes(b"previous")
-    import netshrink.artifact as art
+    import netshrink.fileio as fileio
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(art.os, "fsync", boom)
+    monkeypatch.setattr(fileio.os, "fsync", boom)
     with pytest.raises(OSError):
         result.save(target, report=False)
     assert target.read_bytes() == b"previous"

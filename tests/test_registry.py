@@ -171,3 +171,35 @@ def test_plugin_sources_are_plain(tmp_path):
     # The throwaway plugin above is a complete example: keep it importable as text.
     assert "register_compressors" in textwrap.dedent(PLUGIN_SOURCE)
     assert torch.__version__
+
+
+def test_cache_is_not_fooled_by_a_reused_object_id(fresh_registry):
+    """The hook-result cache is keyed by the ids of the registered plugins. An unregistered
+    plugin must stay referenced by the cache entry built with it: if it were freed, a new plugin
+    could get its id and be served the old plugin's stale entries (a flaky test showed this)."""
+    import gc
+    import weakref
+
+    from netshrink.registry import manager
+
+    class Plugin:
+        def __init__(self, prefix: str) -> None:
+            self.prefix = prefix
+
+        @ns.hookimpl
+        def register_datasets(self, register):
+            register(self.prefix, lambda: None)
+
+    old = Plugin("reuse-old")
+    fresh_registry.register_plugin(old, name="reuse")
+    assert "reuse-old" in manager.datasets()
+    fresh_registry.unregister_plugin(old)
+    ref = weakref.ref(old)
+    del old
+    gc.collect()
+    assert ref() is not None  # still referenced: its id cannot be handed to a new plugin
+    new = Plugin("reuse-new")
+    fresh_registry.register_plugin(new, name="reuse")
+    names = manager.datasets()
+    assert "reuse-new" in names and "reuse-old" not in names
+    fresh_registry.unregister_plugin(new)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from netshrink.fileio import atomic_write
 
 log = logging.getLogger("netshrink")
 
@@ -40,18 +41,11 @@ def search_key(model: nn.Module, config: dict[str, Any], layer_names: list[str],
 
 def save(path: Path, key: str, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """Write a checkpoint atomically (temp file in the same folder, then ``os.replace``)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {"format": FORMAT, "key": key, "state": json.dumps(state)}
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                               metadata=meta))
 
 
 def load(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
