@@ -206,7 +206,13 @@ def main() -> None:
             "",
         ]
     elapsed = datetime.datetime.now(datetime.timezone.utc) - started
-    lines += [f"Total benchmark wall time: {elapsed.total_seconds() / 60:.1f} minutes.", ""]
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    lines += [
+        f"Total benchmark wall time: {elapsed.total_seconds() / 60:.1f} minutes. Load average "
+        f"(1, 5, 15 min) at the end: {load} — latency ratios are noisier when other jobs run; "
+        "the dense row's own speedup shows the noise level.",
+        "",
+    ]
     out.write_text("\n".join(lines))
     print(f"wrote {out}", file=sys.stderr)
 
