@@ -11,9 +11,20 @@ class NetshrinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-def _is_union_tag(part: object, is_last: bool) -> bool:
-    """A model class name Pydantic puts in a location to say which union member failed."""
-    return isinstance(part, str) and not is_last and part[:1].isupper() and part.isidentifier()
+def _config_class_names() -> set[str]:
+    """Names of every :class:`NetshrinkConfig` subclass defined so far."""
+    names, todo = set(), [NetshrinkConfig]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
+def _is_union_tag(part: object, is_last: bool, tags: set[str]) -> bool:
+    """A config class name Pydantic puts in a location to say which union member failed (a
+    dict key, e.g. a layer name in per-layer overrides, is never dropped unless it is one)."""
+    return isinstance(part, str) and not is_last and part in tags
 
 
 def format_validation_error(exc: ValidationError, where: str = "") -> str:
@@ -26,11 +37,12 @@ def format_validation_error(exc: ValidationError, where: str = "") -> str:
     errors = exc.errors()
     if any(not e["type"].endswith("_type") for e in errors):
         errors = [e for e in errors if not e["type"].endswith("_type")] or errors
+    tags = _config_class_names()
     lines = []
     for err in errors:
         parts = err["loc"]
         loc = ".".join(
-            str(p) for i, p in enumerate(parts) if not _is_union_tag(p, i == len(parts) - 1)
+            str(p) for i, p in enumerate(parts) if not _is_union_tag(p, i == len(parts) - 1, tags)
         ) or "(config)"
         msg = err["msg"]
         if msg.startswith("Value error, "):

@@ -7,11 +7,23 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0)  # elsewhere: set and restore (briefly visible to other threads)
+    os.umask(mask)
+    return mask
+
+
 def _default_mode() -> int:
     """The mode ``open()`` would give a new file: 0o666 less the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:

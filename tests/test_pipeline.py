@@ -39,6 +39,9 @@ def test_bad_config_names_step_and_field(lenet5):
         ns.compress(lenet5, [ns.step("magnitude", sparsity=1.5)], data="digits28")
     with pytest.raises(RecipeError, match=r"config\.sparsty"):
         ns.compress(lenet5, [ns.step("magnitude", sparsty=0.5)], data="digits28")
+    # A layer name in per-layer overrides stays in the path, even one that looks like a class.
+    with pytest.raises(RecipeError, match=r"field 'config\.overrides\.Conv1\.bits'"):
+        ns.compress(lenet5, [ns.step("bioclust", overrides={"Conv1": {"bits": 99}})])
 
 
 def test_selection_errors_name_step(lenet5):
