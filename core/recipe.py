@@ -76,7 +76,10 @@ class Recipe(NetshrinkConfig):
             elif path.suffix == ".json":
                 data = json.loads(text)
             elif path.suffix == ".toml":
-                import tomllib
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+                    import tomli as tomllib
 
                 data = tomllib.loads(text)
             else:

@@ -83,6 +83,19 @@ def test_recipe_file_errors(tmp_path):
         Recipe.from_file(tmp_path / "r.json")
 
 
+def test_json_and_toml_recipes_load_like_yaml(tmp_path):
+    (tmp_path / "r.json").write_text(
+        '{"steps": [{"compressor": "magnitude", "config": {"sparsity": 0.8}}]}'
+    )
+    (tmp_path / "r.toml").write_text(
+        '[[steps]]\ncompressor = "magnitude"\n[steps.config]\nsparsity = 0.8\n'
+    )
+    for name in ("r.json", "r.toml"):
+        recipe = Recipe.from_file(tmp_path / name)
+        assert recipe.steps[0].compressor == "magnitude"
+        assert recipe.steps[0].config == {"sparsity": 0.8}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_parse(path):
     recipe = Recipe.from_file(path)
