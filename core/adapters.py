@@ -1,4 +1,5 @@
-"""Model adapters: turn a spec (``zoo:lenet5``, ``timm:resnet18?in_chans=1``) into a model."""
+"""The model-adapter contract: what builds a model for a spec prefix, and what it tells the rest
+(:class:`ModelInfo`). :func:`netshrink.load_model` looks adapters up in the registry."""
 
 from __future__ import annotations
 
@@ -55,10 +56,6 @@ class ModelAdapter(ABC):
     def load(self, name: str, **options: Any) -> tuple[nn.Module, ModelInfo]:
         """Build model ``name`` with ``options``; raise :class:`ModelSpecError` if unknown."""
 
-    def names(self) -> list[str]:
-        """Model names this adapter knows (may be empty when open-ended)."""
-        return []
-
 
 def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
     """Split ``prefix:name?key=value&...`` into prefix, name and JSON-decoded options."""
@@ -76,21 +73,6 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
         except json.JSONDecodeError:
             options[key] = value
     return prefix, name, options
-
-
-def load_model(spec: str, **options: Any) -> nn.Module:
-    """Build a model from a spec string; the result carries its :class:`ModelInfo`.
-
-    ``options`` override options in the spec's query string, e.g.
-    ``load_model("timm:resnet18", in_chans=1, num_classes=10)``.
-    """
-    from netshrink.registry import get_model_adapter
-
-    prefix, name, spec_options = parse_spec(spec)
-    adapter = get_model_adapter(prefix)
-    model, info = adapter.load(name, **{**spec_options, **options})
-    set_model_info(model, info)
-    return model
 
 
 def set_model_info(model: nn.Module, info: ModelInfo) -> None:

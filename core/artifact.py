@@ -7,8 +7,11 @@ so a second key would make identical artifacts differ byte for byte). The manife
 base model spec (or a full module description), the architecture edits, and each tensor's
 encoding with ``[dtype, offset, nbytes]`` references into the blob.
 
-The file size is exactly the report's ``storage_bytes``: :func:`artifact_bytes` builds the very
-bytes :func:`save` writes. Loading never unpickles and runs no code from the file.
+The pipeline builds the artifact once, with :func:`artifact_bytes`; the report measures those
+bytes (its ``storage_bytes`` is their length) and ``CompressionResult.save`` writes them as they
+are, so the size the report prints is the size of the file. Compressors ask their context for the
+same figure mid-run (``ctx.artifact_size(model)``). Loading never unpickles and runs no code from
+the file.
 """
 
 from __future__ import annotations
@@ -24,20 +27,16 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from netshrink import modules as arch
-from netshrink.adapters import ModelInfo, load_model, model_info, set_model_info
+from netshrink.adapters import ModelInfo, model_info, set_model_info
 from netshrink.encodings import DTYPE_NAMES, DTYPES, Encoding, EncodingTable, model_tensors
 from netshrink.errors import ArtifactError, NetshrinkError
 from netshrink.fileio import atomic_write
+from netshrink.models import load_model
+from netshrink.version import __version__
 
 FORMAT = "netshrink"
 FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-
-
-def _version() -> str:
-    from netshrink import __version__
-
-    return __version__
 
 
 class _BlobWriter:
@@ -58,10 +57,11 @@ def build_manifest(
     model: nn.Module,
     encodings: EncodingTable,
     info: ModelInfo | None,
-    extra: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], bytes]:
-    """The manifest and the blob for ``model`` stored with ``encodings``."""
-    manifest: dict[str, Any] = {"format": FORMAT, "v": FORMAT_VERSION, "netshrink": _version()}
+    """The manifest and the blob for ``model`` stored with ``encodings`` (``recipe``, when
+    given, is kept in the manifest as the artifact's provenance)."""
+    manifest: dict[str, Any] = {"format": FORMAT, "v": FORMAT_VERSION, "netshrink": __version__}
     if info is not None and info.spec:
         base = load_model(info.spec, **info.options)
         manifest["arch"] = {"spec": info.spec, "options": info.options}
@@ -78,8 +78,8 @@ def build_manifest(
         }
     writer = _BlobWriter()
     manifest["t"] = {name: enc.to_record(writer) for name, enc in encodings.complete(model).items()}
-    if extra:
-        manifest.update(extra)
+    if recipe:
+        manifest["recipe"] = recipe
     return manifest, b"".join(writer.parts)
 
 
@@ -87,10 +87,10 @@ def artifact_bytes(
     model: nn.Module,
     encodings: EncodingTable,
     info: ModelInfo | None,
-    extra: dict[str, Any] | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> bytes:
-    """The exact bytes of the artifact file."""
-    manifest, blob = build_manifest(model, encodings, info, extra)
+    """The exact bytes of the artifact file for ``model`` stored with ``encodings``."""
+    manifest, blob = build_manifest(model, encodings, info, recipe)
     text = json.dumps(manifest, separators=(",", ":")).encode()
     packed = zlib.compress(text, 9)
     kind = "zlib" if len(packed) < len(text) else "json"
@@ -106,31 +106,9 @@ def artifact_bytes(
     return st_save(tensors, metadata={FORMAT: f"{FORMAT_VERSION};{kind}"})
 
 
-def save(obj: Any, path: str | Path, *, report: bool = True) -> Path:
-    """Save a :class:`~netshrink.pipeline.CompressionResult` (or a model built from a spec, stored
-    dense) as one artifact file, atomically. With a result and ``report=True``, the report is
-    written next to it as ``<stem>.report.json`` and ``<stem>.report.png``."""
-    from netshrink.pipeline import CompressionResult
-
-    path = Path(path)
-    if isinstance(obj, CompressionResult):
-        data = obj.report.artifact
-        if data is None:
-            raise NetshrinkError("the result has no artifact bytes (was it built by compress()?)")
-        atomic_write(path, data)
-        if report:
-            obj.report.save_json(path.with_suffix(".report.json"))
-            try:
-                obj.report.plot(path.with_suffix(".report.png"))
-            except Exception as exc:  # a missing font or backend must not lose the artifact
-                import logging
-
-                logging.getLogger("netshrink").warning("could not draw the report plot: %s", exc)
-        return path
-    if isinstance(obj, nn.Module):
-        atomic_write(path, artifact_bytes(obj, EncodingTable(), model_info(obj)))
-        return path
-    raise TypeError(f"save() takes a CompressionResult or an nn.Module, got {type(obj).__name__}")
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Save an uncompressed model (every tensor stored dense) as an artifact, atomically."""
+    return atomic_write(path, artifact_bytes(model, EncodingTable(), model_info(model)))
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -263,8 +263,8 @@ def selectors() -> None:
 @click.option("--data", "data", default=None, help="Dataset (default: the recipe's).")
 def validate(recipe_path: str, model: str | None, data: str | None) -> None:
     """Validate a recipe against a model without compressing anything."""
-    from netshrink.adapters import load_model
     from netshrink.datasets import load as load_data
+    from netshrink.models import load_model
     from netshrink.pipeline import _info_for, plan
     from netshrink.recipe import Recipe
 

@@ -34,12 +34,11 @@ class Capabilities:
     changes_structure: bool = False
     """It changes module shapes or replaces modules (channel pruning, factorisation)."""
     needs_finetune: bool = False
-    """Accuracy usually needs a fine-tune after it (the CLI warns when none is configured)."""
+    """Accuracy usually needs a fine-tune after it (planning a recipe logs a warning when
+    neither this step nor a later one nor the recipe fine-tunes)."""
     encodes_values: bool = False
     """It restricts values to a grid or codebook (quantize, cluster): later steps may not
     rewrite those values."""
-    accepts_encoded: bool = False
-    """It can act on layers whose values are already quantized or clustered."""
     default_types: tuple[str, ...] | None = None
     """Layer types selected when a step's selector names none (default: ``handles``)."""
 
@@ -51,16 +50,19 @@ class Capabilities:
 
 @dataclass
 class LayerRecord:
-    """What a step did to one selected layer."""
+    """What a step did to one selected layer: ``LayerRecord(name, {"sparsity": 0.9})``.
+
+    A compressor fills ``name`` and ``details``; the pipeline fills ``method`` and
+    ``params_before``, which it knows."""
 
     name: str
     """Qualified module name of the layer (as selected)."""
-    method: str
-    """The compressor's name."""
-    params_before: int
-    """Parameters of the layer before the step."""
     details: dict[str, Any] = field(default_factory=dict)
     """Method-specific figures (chosen ratio, rank, bits, clusters, ...), JSON-able."""
+    method: str = field(default="", kw_only=True)
+    """The compressor's name (filled by the pipeline)."""
+    params_before: int = field(default=0, kw_only=True)
+    """Parameters of the layer before the step (filled by the pipeline)."""
 
 
 @dataclass

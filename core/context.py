@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from netshrink.adapters import ModelInfo
-from netshrink.datasets import DataSplits, Split
-from netshrink.encodings import Encoding, EncodingTable
+from netshrink.artifact import artifact_bytes
+from netshrink.data import DataSplits, Split
+from netshrink.encodings import Encoding, EncodingTable, Sparse
 from netshrink.errors import DataError
 from netshrink.progress import progress as _progress
 from netshrink.training import FinetuneConfig, evaluate, finetune
@@ -34,7 +35,8 @@ class CompressionContext:
     teacher: nn.Module | None = None
     """The uncompressed model (for distillation or comparisons); never modify it."""
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("netshrink"))
-    extras: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] | None = None
+    """The run's recipe as the artifact's manifest stores it (set by the pipeline)."""
 
     # -- data -------------------------------------------------------------------------------
 
@@ -95,6 +97,26 @@ class CompressionContext:
     def encoding_of(self, tensor_name: str) -> Encoding | None:
         """The current encoding of a tensor, if a previous step set one."""
         return self.encodings.get(tensor_name)
+
+    def prune(self, model: nn.Module, tensor_name: str, keep: torch.Tensor) -> torch.Tensor:
+        """Zero ``tensor_name`` where ``keep`` is False and record it as sparse (the kept values
+        dense). Zeros an earlier step pruned stay pruned: the mask actually applied, ``keep``
+        and the earlier mask, is returned."""
+        tensor = model.get_parameter(tensor_name).detach()
+        mask = keep.to(device=tensor.device, dtype=torch.bool)
+        previous = self.encoding_of(tensor_name)
+        if isinstance(previous, Sparse):
+            mask = mask & previous.mask().to(mask.device)
+        self.encode(model, tensor_name, Sparse.from_dense(tensor * mask, mask=mask))
+        return mask
+
+    def artifact_size(self, model: nn.Module, encodings: EncodingTable | None = None) -> int:
+        """The exact bytes of the artifact if the run ended with ``model`` stored as
+        ``encodings`` (default: the encodings recorded so far); what the report will print
+        for the same model and encodings. Tensors without an encoding count as dense."""
+        table = self.encodings if encodings is None else encodings
+        with torch.no_grad():
+            return len(artifact_bytes(model, table, self.info, self.recipe))
 
     def finetune(
         self,

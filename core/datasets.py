@@ -1,81 +1,23 @@
-"""Datasets as fixed train/val/test splits of tensors; ``load(name)`` goes through the registry."""
+"""Datasets by name, through the registry: ``netshrink.datasets.load("digits28")``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+from netshrink.data import DataSplits, Split
+from netshrink.registry import datasets as _registered
+from netshrink.registry import get_dataset
 
-Split = Literal["train", "val", "test"]
-
-
-@dataclass
-class DataSplits:
-    """A classification dataset with fixed splits, already normalised."""
-
-    name: str
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    num_classes: int
-    description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one input (without batch), e.g. ``(1, 28, 28)``."""
-        return tuple(self.train.tensors[0].shape[1:])
-
-    def split(self, split: Split) -> TensorDataset:
-        """One of ``train``, ``val``, ``test``."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {split!r}")
-        return getattr(self, split)
-
-    def loader(
-        self,
-        split: Split,
-        batch_size: int = 64,
-        shuffle: bool | None = None,
-        seed: int = 0,
-        limit: int | None = None,
-    ) -> DataLoader:
-        """A DataLoader over a split; training shuffles with a seeded generator by default."""
-        dataset = self.split(split)
-        if limit is not None and limit < len(dataset):
-            dataset = TensorDataset(*(t[:limit] for t in dataset.tensors))
-        shuffle = split == "train" if shuffle is None else shuffle
-        gen = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
-
-    def model_options(self) -> dict[str, Any]:
-        """Adapter options that make a model fit this data (channels, classes, input size)."""
-        shape = self.input_shape
-        options: dict[str, Any] = {"num_classes": self.num_classes, "in_chans": shape[0]}
-        if len(shape) == 3:
-            options["input_size"] = shape[-1]
-        return options
-
-    def __repr__(self) -> str:
-        return (
-            f"DataSplits({self.name!r}, train={len(self.train)}, val={len(self.val)}, "
-            f"test={len(self.test)}, input={self.input_shape}, classes={self.num_classes})"
-        )
+__all__ = ["DataSplits", "Split", "available", "load"]
 
 
 def load(name: str | DataSplits, **kwargs: Any) -> DataSplits:
     """Load a registered dataset by name (``digits``, ``digits28``, ``digits32``, ...)."""
     if isinstance(name, DataSplits):
         return name
-    from netshrink.registry import get_dataset
-
     return get_dataset(name)(**kwargs)
 
 
 def available() -> dict[str, str]:
     """Registered dataset names with their descriptions."""
-    from netshrink.registry import datasets
-
-    return {name: e.description for name, e in datasets().items()}
+    return {name: e.description for name, e in _registered().items()}

@@ -49,3 +49,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def cache_dir() -> Path:
+    """Where netshrink caches what it rebuilds on demand (reference weights, search checkpoints):
+    ``$NETSHRINK_CACHE`` or ``~/.cache/netshrink``."""
+    root = os.environ.get("NETSHRINK_CACHE") or Path.home() / ".cache" / "netshrink"
+    return Path(root)

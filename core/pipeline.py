@@ -15,18 +15,22 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from netshrink.adapters import ModelInfo, last_linear, load_model, model_info, set_model_info
+from netshrink.adapters import ModelInfo, last_linear, model_info, set_model_info
+from netshrink.artifact import artifact_bytes, save_model
 from netshrink.compressor import Compressor, CompressorConfig, LayerRecord
 from netshrink.config import format_validation_error
 from netshrink.context import CompressionContext
-from netshrink.datasets import DataSplits
+from netshrink.data import DataSplits
 from netshrink.datasets import load as load_data
 from netshrink.encodings import EncodingTable
 from netshrink.errors import NetshrinkError, RecipeError, SelectionError
+from netshrink.fileio import atomic_write
+from netshrink.models import load_model, reference_model
 from netshrink.recipe import Recipe, Step, as_recipe
 from netshrink.registry import get_compressor, get_selector_preset
+from netshrink.report import Report, build_report
 from netshrink.selector import LayerSelector
-from netshrink.training import FinetuneConfig, evaluate, reference_model
+from netshrink.training import FinetuneConfig, evaluate
 from netshrink.training import finetune as run_finetune
 
 log = logging.getLogger("netshrink")
@@ -52,21 +56,38 @@ class PlannedStep:
 
 @dataclass
 class CompressionResult:
-    """What :func:`compress` returns: the compressed model, its report, and its encodings."""
+    """What :func:`compress` returns: the compressed model, its report, its encodings and the
+    artifact's bytes (``len(artifact) == report.storage_bytes``)."""
 
     model: nn.Module
-    report: Any
+    report: Report
     encodings: EncodingTable
     recipe: Recipe
     info: ModelInfo
+    artifact: bytes
     records: list[LayerRecord] = field(default_factory=list)
 
     def save(self, path: str | Path, *, report: bool = True) -> Path:
-        """Write the artifact (its size equals ``report.storage_bytes``); with ``report=True``
-        also ``<stem>.report.json`` and ``<stem>.report.png`` next to it."""
-        from netshrink.artifact import save
+        """Write the artifact atomically (its size equals ``report.storage_bytes``); with
+        ``report=True`` also ``<stem>.report.json`` and ``<stem>.report.png`` next to it."""
+        path = atomic_write(path, self.artifact)
+        if report:
+            self.report.save_json(path.with_suffix(".report.json"))
+            try:
+                self.report.plot(path.with_suffix(".report.png"))
+            except Exception as exc:  # a missing font or backend must not lose the artifact
+                log.warning("could not draw the report plot: %s", exc)
+        return path
 
-        return save(self, path, report=report)
+
+def save(obj: CompressionResult | nn.Module, path: str | Path, *, report: bool = True) -> Path:
+    """Save a :class:`CompressionResult` (see :meth:`CompressionResult.save`), or a model
+    built from a spec (every tensor stored dense), as one artifact file, atomically."""
+    if isinstance(obj, CompressionResult):
+        return obj.save(path, report=report)
+    if isinstance(obj, nn.Module):
+        return save_model(obj, path)
+    raise TypeError(f"save() takes a CompressionResult or an nn.Module, got {type(obj).__name__}")
 
 
 def _selector(step: Step, title: str) -> LayerSelector:
@@ -126,14 +147,32 @@ def plan(
                     f"quantized/clustered values; put structural steps first"
                 )
             overlap = sorted(set(earlier.layers) & {n for n, _ in layers})
-            if overlap and not caps.accepts_encoded:
+            if overlap:
                 raise RecipeError(
                     f"{title}: '{cls.name}' would rewrite layers whose values {earlier.title} "
                     f"already quantized/clustered ({', '.join(overlap[:4])}); reorder the steps "
                     "or exclude those layers"
                 )
         planned.append(PlannedStep(index, step, cls, config, selector, [n for n, _ in layers]))
+    _warn_unfinetuned(recipe, planned)
     return planned
+
+
+def _warn_unfinetuned(recipe: Recipe, planned: list[PlannedStep]) -> None:
+    """Log a warning for a step that declares ``needs_finetune`` when nothing fine-tunes after
+    it (neither the step, nor a later step, nor the recipe)."""
+    if recipe.finetune is not None and recipe.finetune.epochs > 0:
+        return
+    tuned_after = False
+    for item in reversed(planned):
+        tuned_after = tuned_after or bool(item.step.finetune and item.step.finetune.epochs > 0)
+        if item.compressor.capabilities_for(item.config).needs_finetune and not tuned_after:
+            log.warning(
+                "%s: '%s' usually needs fine-tuning afterwards and none is configured; add "
+                "'finetune' to this step or to the recipe",
+                item.title,
+                item.compressor.name,
+            )
 
 
 def _seed_everything(seed: int) -> None:
@@ -183,8 +222,6 @@ def compress(
     ``steps`` is a list of :func:`netshrink.step` results, a :class:`Recipe`, or a recipe file.
     Everything is validated before any work; the run is deterministic given ``seed``.
     """
-    from netshrink.report import build_report
-
     recipe = as_recipe(steps, seed=seed, latency=latency, finetune=finetune)
     data_name = data if isinstance(data, str) else recipe.data
     splits = load_data(data if data is not None else data_name) if (data or data_name) else None
@@ -204,6 +241,7 @@ def compress(
     for p in teacher.parameters():
         p.requires_grad_(False)
     table = EncodingTable()
+    stored_recipe = recipe.model_dump(exclude_defaults=True)
     records: list[LayerRecord] = []
     step_summaries: list[dict[str, Any]] = []
     for item in planned:
@@ -217,6 +255,7 @@ def compress(
             step_index=item.index,
             step_name=item.step.label or item.compressor.name,
             teacher=teacher,
+            recipe=stored_recipe,
         )
         layers = item.selector.filter(
             work,
@@ -229,6 +268,10 @@ def compress(
                 "steps had run (they renamed or removed the layers)"
             )
         item.compressor.check_layers(layers, where=f"{item.title}: ")
+        params_before = {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in work.named_modules()
+        }
         t0 = time.perf_counter()
         try:
             out = item.compressor(item.config).compress(work, layers, ctx)
@@ -259,6 +302,8 @@ def compress(
             summary["finetune_best_val_acc"] = hist.get("best_val_acc")
         summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
         for rec in out.records:
+            rec.method = item.compressor.name
+            rec.params_before = params_before.get(rec.name, 0)
             rec.details.setdefault("step", item.index)
         records.extend(out.records)
         step_summaries.append(summary)
@@ -276,10 +321,12 @@ def compress(
     wall = time.perf_counter() - started
     work.eval()
     work.to("cpu")
+    artifact = artifact_bytes(work, table, info, stored_recipe)
     report = build_report(
         original=original.cpu(),
         model=work,
         encodings=table,
+        artifact=artifact,
         records=records,
         info=info,
         data=splits,
@@ -289,7 +336,13 @@ def compress(
         measure_latency=recipe.latency,
     )
     return CompressionResult(
-        model=work, report=report, encodings=table, recipe=recipe, info=info, records=records
+        model=work,
+        report=report,
+        encodings=table,
+        recipe=recipe,
+        info=info,
+        artifact=artifact,
+        records=records,
     )
 
 

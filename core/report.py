@@ -1,7 +1,8 @@
 """The report: per-layer and total sizes from what is actually stored, MACs, latency, accuracy.
 
-``storage_bytes`` is the length of the artifact's bytes (built here, written by ``save``), so the
-size the report prints is the size of the file on disk.
+The report reads what the pipeline built: ``storage_bytes`` is the length of the artifact's
+bytes (which ``CompressionResult.save`` writes unchanged), so the size the report prints is the
+size of the file on disk; per-layer bytes come from the same encodings.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, PrivateAttr
+from pydantic import BaseModel
 from torch import nn
 
 from netshrink.adapters import ModelInfo
 from netshrink.compressor import LayerRecord
-from netshrink.datasets import DataSplits
+from netshrink.data import DataSplits
 from netshrink.encodings import EncodingTable, model_tensors
 from netshrink.fileio import atomic_write
 from netshrink.metrics import compare_latency, count_macs
@@ -74,12 +75,6 @@ class Report(BaseModel):
     steps: list[dict[str, Any]] = []
     wall_time_s: float = 0.0
     recipe: dict[str, Any] = {}
-    _artifact: bytes | None = PrivateAttr(default=None)
-
-    @property
-    def artifact(self) -> bytes | None:
-        """The exact artifact bytes this report's ``storage_bytes`` counts."""
-        return self._artifact
 
     @property
     def compression_ratio(self) -> float:
@@ -169,6 +164,7 @@ def build_report(
     original: nn.Module,
     model: nn.Module,
     encodings: EncodingTable,
+    artifact: bytes,
     records: list[LayerRecord],
     info: ModelInfo,
     data: DataSplits | None,
@@ -177,9 +173,8 @@ def build_report(
     wall_time_s: float,
     measure_latency: bool = True,
 ) -> Report:
-    """Measure everything and build the artifact bytes the report's size refers to."""
-    from netshrink.artifact import artifact_bytes
-
+    """Measure ``model`` against ``original``: sizes from ``artifact`` (the bytes the pipeline
+    built) and its ``encodings``, MACs, latency and, with ``data``, accuracy."""
     layers: list[str] = []
     methods: dict[str, list[str]] = {}
     details: dict[str, dict[str, Any]] = {}
@@ -246,9 +241,6 @@ def build_report(
     if measure_latency and example is not None:
         latency = compare_latency(original, model, example)
 
-    summary = {"accuracy_before": acc_before, "accuracy_after": acc_after}
-    extra = {"recipe": recipe.model_dump(exclude_defaults=True), "summary": summary}
-    blob = artifact_bytes(model, encodings, info, extra)
     all_rows = [*rows.values(), other]
     payload = sum(r.storage_bytes for r in all_rows)
     all_rows.append(
@@ -256,14 +248,14 @@ def build_report(
             name="(header + manifest)",
             methods="-",
             encoding="json/zlib",
-            storage_bytes=len(blob) - payload,
+            storage_bytes=len(artifact) - payload,
         )
     )
-    report = Report(
+    return Report(
         model=info.spec or type(original).__name__,
         data=data.name if data else None,
         rows=all_rows,
-        storage_bytes=len(blob),
+        storage_bytes=len(artifact),
         dense_bytes=sum(r.dense_bytes for r in all_rows),
         params_before=sum(r.params_before for r in all_rows),
         params_after=sum(r.params_after for r in all_rows),
@@ -277,5 +269,3 @@ def build_report(
         wall_time_s=round(wall_time_s, 3),
         recipe=recipe.model_dump(exclude_defaults=True),
     )
-    report._artifact = blob
-    return report

@@ -85,7 +85,6 @@ from pydantic import Field
 
 import netshrink
 from netshrink import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.encodings import Sparse
 
 __version__ = "0.1.0"
 
@@ -118,14 +117,10 @@ class ${cls}(Compressor):
             mask = torch.ones(weight.numel(), dtype=torch.bool)
             mask[order[: round(self.config.sparsity * weight.numel())]] = False
             mask = mask.reshape(weight.shape)
-            previous = ctx.encoding_of(tensor_name)
-            if isinstance(previous, Sparse):  # keep an earlier step's zeros pruned
-                mask &= previous.mask()
-            # Store the kept weights sparsely; this also writes the values into the model.
-            ctx.encode(model, tensor_name, Sparse.from_dense(weight * mask, mask=mask))
+            # Zero the rest and store the kept weights sparsely (earlier zeros stay pruned).
+            mask = ctx.prune(model, tensor_name, mask)
             records.append(LayerRecord(
-                layer_name, self.name, sum(p.numel() for p in module.parameters()),
-                {"sparsity": round(1 - float(mask.float().mean()), 6)}))
+                layer_name, {"sparsity": round(1 - float(mask.float().mean()), 6)}))
         return StepResult(model, records)
 
 

@@ -1,13 +1,9 @@
-"""Training, evaluation, fine-tuning that respects encodings, and cached reference models."""
+"""Training, evaluation, and fine-tuning that respects encodings."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -17,12 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from netshrink.config import NetshrinkConfig
-from netshrink.datasets import DataSplits
+from netshrink.data import DataSplits
 from netshrink.encodings import EncodingTable, Sparse, model_tensors
-from netshrink.fileio import atomic_write
 from netshrink.progress import progress
-
-TRAINING_VERSION = 1  # bump when reference training changes, to invalidate caches
 
 
 class FinetuneConfig(NetshrinkConfig):
@@ -211,72 +204,3 @@ def finetune(
             p.requires_grad_(True)
     encodings.reconcile(model)
     return history
-
-
-# -- reference models -------------------------------------------------------------------------
-
-REFERENCE_EPOCHS = {"lenet300": 20, "lenet5": 15, "vgg_small": 20, "resnet_small": 20}
-
-
-def cache_dir() -> Path:
-    """Where trained reference weights are cached: ``$NETSHRINK_CACHE`` or ~/.cache/netshrink."""
-    root = os.environ.get("NETSHRINK_CACHE") or Path.home() / ".cache" / "netshrink"
-    return Path(root)
-
-
-def reference_model(
-    spec: str,
-    data: DataSplits | str,
-    *,
-    seed: int = 0,
-    epochs: int | None = None,
-    lr: float = 1e-3,
-    **options: Any,
-) -> nn.Module:
-    """A model built from ``spec`` and trained on ``data`` (cached on disk, keyed by spec,
-    options, data, seed and training settings). Training takes seconds for the zoo models."""
-    from safetensors.torch import load_file
-    from safetensors.torch import save as st_save
-
-    from netshrink.adapters import load_model, model_info, parse_spec
-    from netshrink.datasets import load as load_data
-
-    data = load_data(data)
-    opts = {**data.model_options(), **options}
-    torch.manual_seed(seed)
-    model = load_model(spec, **opts)
-    info = model_info(model)
-    name = parse_spec(spec)[1]
-    epochs = epochs if epochs is not None else REFERENCE_EPOCHS.get(name, 15)
-    key = json.dumps(
-        {
-            "spec": spec,
-            "options": info.options if info else opts,
-            "data": data.name,
-            "seed": seed,
-            "epochs": epochs,
-            "lr": lr,
-            "v": TRAINING_VERSION,
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    safe = "".join(c if c.isalnum() else "_" for c in f"{spec}-{data.name}")
-    path = cache_dir() / "reference" / f"{safe}-{digest}.safetensors"
-    if path.is_file():
-        model.load_state_dict(load_file(str(path)))
-        model.eval()
-        return model
-    train(
-        model,
-        data,
-        FinetuneConfig(epochs=epochs, lr=lr),
-        seed=seed,
-        desc=f"training reference {spec} on {data.name}",
-    )
-    atomic_write(
-        path,
-        st_save({k: v.contiguous() for k, v in model.state_dict().items()}, metadata={"key": key}),
-    )
-    model.eval()
-    return model

@@ -24,8 +24,11 @@ from typing import Any
 
 import pluggy
 
+from netshrink.adapters import ModelAdapter
+from netshrink.compressor import Compressor
 from netshrink.errors import DuplicateNameError, NetshrinkError, UnknownNameError
 from netshrink.registry import hookspecs
+from netshrink.selector import LayerSelector
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "netshrink.plugins.digits",
@@ -204,8 +207,6 @@ def _collect(hook_name: str, make_register: Callable[[Callable[..., None]], Call
 
 
 def _register_compressor(add):
-    from netshrink.compressor import Compressor
-
     def register(cls: type) -> None:
         if not (isinstance(cls, type) and issubclass(cls, Compressor)):
             raise NetshrinkError(f"register_compressors: {cls!r} is not a Compressor subclass")
@@ -216,8 +217,6 @@ def _register_compressor(add):
 
 
 def _register_adapter(add):
-    from netshrink.adapters import ModelAdapter
-
     def register(adapter: Any) -> None:
         if not isinstance(adapter, ModelAdapter):
             raise NetshrinkError(f"register_model_adapters: {adapter!r} is not a ModelAdapter")
@@ -236,8 +235,6 @@ def _register_dataset(add):
 
 
 def _register_selector(add):
-    from netshrink.selector import LayerSelector
-
     def register(name: str, selector: Any, description: str = "") -> None:
         sel = (
             selector

@@ -76,7 +76,7 @@ class _PruneHalf(ns.Compressor):
             mask[: round(self.config.fraction * mask.numel())] = False
             mask = mask.reshape(module.weight.shape)
             ctx.encode(model, f"{lname}.weight", Sparse.from_dense(module.weight * mask, mask=mask))
-            records.append(ns.LayerRecord(lname, self.name, module.weight.numel()))
+            records.append(ns.LayerRecord(lname))
         return ns.StepResult(model, records)
 
 
@@ -128,7 +128,7 @@ class _Stray(_PruneHalf):
 
     def compress(self, model, layers, ctx):
         out = super().compress(model, layers, ctx)
-        out.records.append(ns.LayerRecord("head", self.name, 0))
+        out.records.append(ns.LayerRecord("head"))
         return out
 
 

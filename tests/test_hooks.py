@@ -53,7 +53,7 @@ class Halve(ns.Compressor):
             mask[:: self.config.keep_every] = True
             mask = mask.reshape(module.weight.shape)
             ctx.encode(model, f"{lname}.weight", Sparse.from_dense(module.weight * mask, mask=mask))
-            records.append(ns.LayerRecord(lname, self.name, module.weight.numel()))
+            records.append(ns.LayerRecord(lname))
         return ns.StepResult(model, records)
 
 

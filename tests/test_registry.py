@@ -38,7 +38,7 @@ class Half(ns.Compressor):
             mask = mask.reshape(module.weight.shape)
             w = module.weight.detach() * mask
             ctx.encode(model, lname + ".weight", Sparse.from_dense(w, mask=mask))
-            records.append(ns.LayerRecord(lname, self.name, module.weight.numel()))
+            records.append(ns.LayerRecord(lname))
         return ns.StepResult(model, records)
 
 

@@ -63,10 +63,6 @@ class EncodingTable(Mapping[str, Encoding]):
         """Record the encoding of tensor ``name``."""
         self._entries[name] = encoding
 
-    def pop(self, name: str) -> Encoding | None:
-        """Forget tensor ``name``'s encoding (it falls back to dense)."""
-        return self._entries.pop(name, None)
-
     def copy(self) -> EncodingTable:
         """A shallow copy (encodings are immutable once built)."""
         return EncodingTable(self._entries)

@@ -228,8 +228,8 @@ _TRAINED: dict[str, dict[str, torch.Tensor]] = {}
 def tiny_model(spec: str, *, trained: bool = True, epochs: int = 3) -> nn.Module:
     """A fresh copy of a tiny model, briefly trained on ``digits`` (weights cached per process),
     so that accuracy-driven compressors see a model that has learned something."""
-    from netshrink.adapters import load_model
     from netshrink.datasets import load as load_data
+    from netshrink.models import load_model
     from netshrink.training import FinetuneConfig, train
 
     ensure_registered()

@@ -229,7 +229,7 @@ def _base_model(spec: str, data: str) -> nn.Module:
     """A trained model: a tiny ``conformance:`` model, or ``reference_model(spec, data)``."""
     if spec.startswith("conformance:"):
         return tiny_model(spec)
-    from netshrink.training import reference_model
+    from netshrink.models import reference_model
 
     return reference_model(spec, data)
 

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from netshrink.compressor import Capabilities, Compressor, LayerRecord, StepResult
-from netshrink.context import CompressionContext
+from netshrink import (
+    Capabilities,
+    CompressionContext,
+    Compressor,
+    LayerRecord,
+    StepResult,
+    hookimpl,
+)
 from netshrink.plugins.bioclust.config import BioclustConfig, LayerOverride
 from netshrink.plugins.bioclust.finetune import finetune_centroids
 from netshrink.plugins.bioclust.kmeans import Clustering, kmeans1d
@@ -25,7 +31,6 @@ from netshrink.plugins.bioclust.search import (
     population_search,
     stats,
 )
-from netshrink.registry import hookimpl
 
 PAPER = ("Zhu, Liu, Li: Bio-inspired matrix reduction and quantization method for deep neural "
          "network, Journal of Computer Applications 40(10):2817-2821, 2020")
@@ -77,9 +82,7 @@ class Bioclust(Compressor):
             codebook = target.codebook(seed, scale, cfg.distribution, centroids=cents)
             encoding = target.encoding(codebook)
             ctx.encode(model, target.tensor_name, encoding)
-            module = dict(layers)[target.layer]
-            records.append(LayerRecord(
-                target.layer, self.name, sum(p.numel() for p in module.parameters()), {
+            records.append(LayerRecord(target.layer, {
                     "k": codebook.centroids.numel(),
                     "k_requested": target.requested_k,
                     "index_bits": codebook.bits,

@@ -6,9 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from netshrink.compressor import CompressorConfig
-from netshrink.config import NetshrinkConfig
-from netshrink.selector import check_name_patterns, name_matches
+from netshrink import CompressorConfig, NetshrinkConfig, check_name_patterns, name_matches
 
 
 class LayerOverride(NetshrinkConfig):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from netshrink.context import CompressionContext
+from netshrink import CompressionContext
 from netshrink.plugins.bioclust.search import Candidate, Target
 
 

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from netshrink.context import CompressionContext
-from netshrink.encodings import Codebook, Encoding, Sparse, encode_values
-from netshrink.errors import EncodingError
+from netshrink import Codebook, CompressionContext, Encoding, EncodingError, Sparse, encode_values
 from netshrink.plugins.bioclust.config import BioclustConfig
 from netshrink.plugins.bioclust.kmeans import Clustering, kmeans1d
 

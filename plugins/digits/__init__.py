@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from netshrink.datasets import DataSplits
-from netshrink.registry import hookimpl
+from netshrink import DataSplits, hookimpl
 
 
 @lru_cache(maxsize=8)

@@ -8,9 +8,15 @@ from typing import Any
 
 from torch import nn
 
-from netshrink.adapters import ModelAdapter, ModelInfo, load_model, model_info
-from netshrink.errors import ModelSpecError
-from netshrink.registry import hookimpl
+from netshrink import (
+    ModelAdapter,
+    ModelInfo,
+    ModelSpecError,
+    hookimpl,
+    load,
+    load_model,
+    model_info,
+)
 
 
 class FileAdapter(ModelAdapter):
@@ -25,8 +31,6 @@ class FileAdapter(ModelAdapter):
             raise ModelSpecError(f"file:{name}: no such file")
         arch = options.pop("arch", None)
         if arch is None:
-            from netshrink.artifact import load
-
             model = load(path)
             info = model_info(model)
             assert info is not None

@@ -15,9 +15,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from netshrink.compressor import Capabilities, Compressor, LayerRecord, StepResult
-from netshrink.encodings import Sparse
-from netshrink.errors import ConfigError
+from netshrink import (
+    Capabilities,
+    Compressor,
+    ConfigError,
+    LayerRecord,
+    Sparse,
+    StepResult,
+    hookimpl,
+)
 from netshrink.plugins.joint.allocate import (
     Candidate,
     allocate_fisher,
@@ -27,11 +33,10 @@ from netshrink.plugins.joint.allocate import (
     magnitude_mask,
     predicted_dloss,
 )
-from netshrink.plugins.joint.budget import artifact_size, dense_bytes, fixed_bytes
+from netshrink.plugins.joint.budget import dense_bytes, fixed_bytes
 from netshrink.plugins.joint.config import DEFAULT_RATIO, JointConfig, LayerOverride
 from netshrink.plugins.joint.quant import encode_bias, encode_weight
 from netshrink.plugins.joint.train import LayerPlan, attach, detach, joint_train
-from netshrink.registry import hookimpl
 
 __all__ = ["Joint", "JointConfig", "LayerOverride"]
 
@@ -74,7 +79,7 @@ class Joint(Compressor):
         placeholders = {
             f"{name}.weight": _placeholder(w, priors[name]) for name, w in weights.items()
         }
-        fixed = fixed_bytes(model, ctx.encodings, ctx.info, placeholders)
+        fixed = fixed_bytes(model, ctx, placeholders)
         budget = int(target * (1 - cfg.margin)) - fixed
         if budget <= 0:
             raise ConfigError(
@@ -138,8 +143,6 @@ class Joint(Compressor):
             records.append(
                 LayerRecord(
                     plan.name,
-                    self.name,
-                    sum(p.numel() for p in plan.module.parameters()),
                     {
                         "sparsity": round(1 - kept / enc.numel, 6),
                         "bits": plan.bits,
@@ -181,9 +184,10 @@ def _placeholder(weight: torch.Tensor, prior: torch.Tensor | None) -> Sparse:
 def _trim(model, ctx, plans: list[LayerPlan], exported, target: int) -> tuple[int, int]:
     """Drop the smallest kept weights of the largest layers until the artifact fits ``target``
     (masks move a little during training, so the allocation's estimate can be off by a few
-    hundred bytes). Returns the final estimated size and the number of weights dropped."""
+    hundred bytes). Returns the final artifact size (exact, from ``ctx.artifact_size``) and the
+    number of weights dropped."""
     dropped = 0
-    size = artifact_size(model, ctx.encodings, ctx.info)
+    size = ctx.artifact_size(model)
     for _ in range(10):
         if size <= target:
             break
@@ -200,7 +204,7 @@ def _trim(model, ctx, plans: list[LayerPlan], exported, target: int) -> tuple[in
         mask = magnitude_mask(latent * mask, 1 - (kept - drop) / mask.numel(), mask)
         ctx.encode(model, name, encode_weight(latent, mask, plan.bits, scale))
         dropped += drop
-        size = artifact_size(model, ctx.encodings, ctx.info)
+        size = ctx.artifact_size(model)
     return size, dropped
 
 

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.encodings import Dense, Sparse, packed_nbytes
-from netshrink.errors import ConfigError
+from netshrink import ConfigError, Dense, Sparse, packed_nbytes
 from netshrink.plugins.joint.quant import fit_scale, quantize
 
 

@@ -1,20 +1,12 @@
 """Byte accounting of the ``joint`` plugin: the budget is the whole artifact file, not just the
-weights of the selected layers (manifest, header, biases and unselected tensors included)."""
+weights of the selected layers (manifest, header, biases and unselected tensors included), as
+the context measures it (``ctx.artifact_size``: the exact bytes the pipeline will write)."""
 
 from __future__ import annotations
 
-import logging
-
-import torch
 from torch import nn
 
-from netshrink.encodings import Encoding, EncodingTable, model_tensors
-
-log = logging.getLogger("netshrink")
-
-#: Bytes kept for what the report adds to the manifest (recipe and accuracy summary), which the
-#: step cannot see; measured at 150-250 bytes (zlib-compressed) for the shipped recipes.
-REPORT_EXTRA_BYTES = 320
+from netshrink import CompressionContext, Encoding, model_tensors
 
 
 def dense_bytes(model: nn.Module) -> int:
@@ -26,30 +18,14 @@ def dense_bytes(model: nn.Module) -> int:
     return total
 
 
-def artifact_size(model: nn.Module, table: EncodingTable, info) -> int:
-    """Bytes of the artifact ``model`` + ``table`` would be, plus :data:`REPORT_EXTRA_BYTES`.
-
-    Falls back to payload bytes + 64 bytes per tensor if the artifact cannot be built here
-    (e.g. a model the artifact format cannot describe yet)."""
-    from netshrink.artifact import artifact_bytes
-
-    try:
-        return len(artifact_bytes(model, table, info)) + REPORT_EXTRA_BYTES
-    except Exception as exc:  # an estimate is still useful; the pipeline reports the truth
-        log.debug("joint: artifact size estimate failed (%s); using payload + 64 B/tensor", exc)
-        complete = table.complete(model)
-        return sum(e.payload_bytes + 64 for e in complete.values()) + REPORT_EXTRA_BYTES
-
-
 def fixed_bytes(
-    model: nn.Module, table: EncodingTable, info, placeholders: dict[str, Encoding]
+    model: nn.Module, ctx: CompressionContext, placeholders: dict[str, Encoding]
 ) -> int:
     """Artifact bytes that do not depend on the allocation: everything except the payload of
     the selected weights (``placeholders`` stand in for them, so their manifest records and
     the other tensors are counted as they will be)."""
-    trial = table.copy()
+    trial = ctx.encodings.copy()
     for name, enc in placeholders.items():
         trial.set(name, enc)
-    with torch.no_grad():
-        size = artifact_size(model, trial, info)
+    size = ctx.artifact_size(model, trial)
     return size - sum(enc.payload_bytes for enc in placeholders.values())

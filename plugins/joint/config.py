@@ -6,9 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from netshrink.compressor import CompressorConfig
-from netshrink.config import NetshrinkConfig
-from netshrink.selector import check_name_patterns, name_matches
+from netshrink import CompressorConfig, NetshrinkConfig, check_name_patterns, name_matches
 
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 DEFAULT_RATIO = 50.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from netshrink.encodings import Codebook, Encoding, Quantized, Sparse
+from netshrink import Codebook, Dense, Encoding, Quantized, Sparse
 
 #: Clipping ratios (of the largest kept magnitude) tried when fitting a scale: clipping a few
 #: outliers lowers the rounding error of all other weights at low bit-widths.
@@ -114,8 +114,6 @@ def encode_weight(
 
 def encode_bias(bias: torch.Tensor, mode: str) -> Encoding:
     """A bias stored as 8-bit codes (``q8``) or plain floats (``fp16``/``fp32``)."""
-    from netshrink.encodings import Dense
-
     if mode == "q8":
         return Quantized.quantize(bias.detach(), 8, symmetric=True)
     dtype = torch.float16 if mode == "fp16" else torch.float32

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from netshrink import distillation_loss
 from netshrink.plugins.joint.allocate import magnitude_mask
 from netshrink.plugins.joint.config import JointConfig
 from netshrink.plugins.joint.quant import bias_fake_quant, fake_quant, fit_scale
-from netshrink.training import distillation_loss
 
 
 class JointWeight(nn.Module):

@@ -8,9 +8,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.encodings import Dense, Sparse
-from netshrink.registry import hookimpl
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    LayerRecord,
+    StepResult,
+    hookimpl,
+)
 
 
 class MagnitudeConfig(CompressorConfig):
@@ -41,7 +46,7 @@ class Magnitude(Compressor):
 
     def compress(self, model, layers, ctx) -> StepResult:
         cfg = self.config
-        targets = []  # (layer name, tensor name, parameter, params_before)
+        targets = []  # (layer name, tensor name, parameter)
         for lname, module in layers:
             names = ["weight"] + (["bias"] if cfg.include_bias and module.bias is not None else [])
             for pname in names:
@@ -54,24 +59,8 @@ class Magnitude(Compressor):
             weight = param.detach()
             if cfg.scope == "layer":
                 threshold = _kth(weight.abs().reshape(-1), cfg.sparsity)
-            mask = weight.abs() > threshold
-            previous = ctx.encoding_of(tname)
-            if isinstance(previous, Sparse):  # keep earlier zeros pruned
-                mask &= previous.mask()
-            ctx.encode(
-                model,
-                tname,
-                Sparse.from_dense(weight * mask, mask=mask, value_encoder=lambda v, p, s: Dense(v)),
-            )
-            rec = records.setdefault(
-                lname,
-                LayerRecord(
-                    lname,
-                    self.name,
-                    sum(p.numel() for p in dict(layers)[lname].parameters()),
-                    {"sparsity": 0.0},
-                ),
-            )
+            mask = ctx.prune(model, tname, weight.abs() > threshold)
+            rec = records.setdefault(lname, LayerRecord(lname, {"sparsity": 0.0}))
             if tname.endswith(".weight"):
                 rec.details["sparsity"] = round(1 - float(mask.float().mean()), 6)
         return StepResult(model, list(records.values()))

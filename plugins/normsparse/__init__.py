@@ -11,9 +11,9 @@ parameters for +0.09% error, LeNet-5 FC layers -82.2% with no error increase, VG
 
 from __future__ import annotations
 
+from netshrink import hookimpl
 from netshrink.plugins.normsparse.compressor import NormSparse
 from netshrink.plugins.normsparse.config import NormSparseConfig
-from netshrink.registry import hookimpl
 
 __all__ = ["NormSparse", "NormSparseConfig", "register_compressors"]
 

@@ -8,11 +8,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from netshrink.adapters import model_info
-from netshrink.compressor import Capabilities, Compressor, LayerRecord, StepResult
-from netshrink.context import CompressionContext
-from netshrink.encodings import Sparse, model_tensors
-from netshrink.errors import SelectionError
+from netshrink import (
+    Capabilities,
+    CompressionContext,
+    Compressor,
+    LayerRecord,
+    SelectionError,
+    Sparse,
+    StepResult,
+    model_info,
+    model_tensors,
+)
 from netshrink.plugins.normsparse.config import NormSparseConfig
 from netshrink.plugins.normsparse.removal import encode_kernel_sparse, remove_dead_units
 from netshrink.plugins.normsparse.reparam import Reparam, attach, dead_mask, fold
@@ -107,9 +113,7 @@ class NormSparse(Compressor):
             )
         if head is not None and any(m is head for _, m in layers):
             records.append(
-                LayerRecord(
-                    head_name, self.name, params_before[head_name], {"protected_head": True}
-                )
+                LayerRecord(head_name, {"protected_head": True})
             )
         model_params_after = sum(p.numel() for p in model.parameters())
         summary: dict[str, Any] = {
@@ -160,7 +164,7 @@ class NormSparse(Compressor):
                 slice_sparsity=round(1 - live / max(total, 1), 6),
             )
         details["params_after"] = sum(p.numel() for p in rep.module.parameters())
-        return LayerRecord(rep.name, self.name, params_before, details)
+        return LayerRecord(rep.name, details)
 
 
 def _constraints(

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from netshrink.compressor import CompressorConfig
+from netshrink import CompressorConfig
 
 
 class NormSparseConfig(CompressorConfig):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from netshrink.context import CompressionContext
-from netshrink.encodings import Dense, Sparse
+from netshrink import CompressionContext, Dense, Sparse
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netshrink.context import CompressionContext
+from netshrink import CompressionContext
 from netshrink.plugins.normsparse.config import NormSparseConfig
 from netshrink.plugins.normsparse.reparam import Reparam, dead_mask, project_
 

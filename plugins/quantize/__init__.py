@@ -7,9 +7,17 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.encodings import Dense, Quantized, encode_values
-from netshrink.registry import hookimpl
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    Dense,
+    LayerRecord,
+    Quantized,
+    StepResult,
+    encode_values,
+    hookimpl,
+)
 
 
 class QuantizeConfig(CompressorConfig):
@@ -64,12 +72,7 @@ class Quantize(Compressor):
                 )
             err = float((module.weight.detach() - before).pow(2).mean().sqrt())
             records.append(
-                LayerRecord(
-                    lname,
-                    self.name,
-                    sum(p.numel() for p in module.parameters()),
-                    {"bits": cfg.bits, "rmse": round(err, 6)},
-                )
+                LayerRecord(lname, {"bits": cfg.bits, "rmse": round(err, 6)})
             )
         return StepResult(model, records)
 

@@ -18,8 +18,15 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.encodings import Dense, Sparse
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    LayerRecord,
+    StepResult,
+    cache_dir,
+    hookimpl,
+)
 from netshrink.plugins.rlprune.checkpoint import search_key
 from netshrink.plugins.rlprune.ddpg import DDPG
 from netshrink.plugins.rlprune.env import (
@@ -36,8 +43,6 @@ from netshrink.plugins.rlprune.env import (
     weight_counts,
 )
 from netshrink.plugins.rlprune.search import EpisodeCallback, SearchSettings, run_search
-from netshrink.registry import hookimpl
-from netshrink.training import cache_dir
 
 # Knobs that do not change the search result: they stay out of the checkpoint key.
 _NOT_IN_KEY = {"checkpoint", "resume"}
@@ -213,7 +218,7 @@ class RLPrune(Compressor):
             records = self._apply_channels(model, infos, ratios, x)
         else:
             records = self._apply_weights(model, infos, budget, ratios, target_count, ctx)
-        removed = sum(r.params_before - r.details["params_after"] for r in records)
+        removed = sum(li.params - r.details["params_after"] for li, r in zip(infos, records))
         summary["achieved_sparsity"] = round(removed / max(budget.total, 1), 6)
         return StepResult(model, records, summary)
 
@@ -223,14 +228,8 @@ class RLPrune(Compressor):
         records = []
         for li, ratio, mask in zip(infos, ratios, masks):
             tname = f"{li.name}.weight"
-            previous = ctx.encoding_of(tname)
-            if isinstance(previous, Sparse):  # keep an earlier step's zeros pruned
-                mask = mask & previous.mask().to(mask.device)
-            weight = li.module.weight.detach()
-            ctx.encode(model, tname, Sparse.from_dense(weight * mask, mask=mask,
-                                                      value_encoder=lambda v, p, s: Dense(v)))
-            kept = int(mask.sum())
-            records.append(LayerRecord(li.name, self.name, li.params, {
+            kept = int(ctx.prune(model, tname, mask).sum())
+            records.append(LayerRecord(li.name, {
                 "ratio": round(ratio, 6), "sparsity": round(1 - kept / li.params, 6),
                 "params_after": kept}))
         return records
@@ -242,7 +241,7 @@ class RLPrune(Compressor):
         records = []
         for li, ratio, k, c in zip(infos, ratios, kept, before):
             after = modules[li.name].weight.numel()
-            records.append(LayerRecord(li.name, self.name, li.params, {
+            records.append(LayerRecord(li.name, {
                 "ratio": round(ratio, 6), "channels_before": c, "channels_after": k,
                 "sparsity": round(1 - after / li.params, 6), "params_after": after}))
         return records

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netshrink.fileio import atomic_write
+from netshrink import atomic_write
 
 log = logging.getLogger("netshrink")
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from netshrink import enabled as progress_enabled
 from netshrink.plugins.rlprune import checkpoint
 from netshrink.plugins.rlprune.ddpg import DDPG, truncated_normal
 from netshrink.plugins.rlprune.env import BudgetModel
-from netshrink.progress import enabled as progress_enabled
 
 EpisodeCallback = Callable[[int, float, float], None]
 """Called after each episode (and its checkpoint) with ``(episode, reward, best_reward)``."""

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from netshrink.registry import hookimpl
-from netshrink.selector import LayerSelector
+from netshrink import LayerSelector, hookimpl
 
 PRESETS = {
     "all-linear": (LayerSelector(types=["Linear"]), "every Linear layer except the head"),

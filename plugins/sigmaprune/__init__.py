@@ -15,9 +15,14 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.encodings import Dense, Sparse
-from netshrink.registry import hookimpl
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    LayerRecord,
+    StepResult,
+    hookimpl,
+)
 
 
 class SigmaPruneConfig(CompressorConfig):
@@ -82,11 +87,7 @@ class SigmaPrune(Compressor):
                     mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
                     mask[top] = True
                     mask = mask.reshape(weight.shape)
-                previous = ctx.encoding_of(tname)
-                if isinstance(previous, Sparse):  # keep an earlier step's zeros pruned
-                    mask &= previous.mask().to(mask.device)
-                ctx.encode(model, tname, Sparse.from_dense(
-                    weight * mask, mask=mask, value_encoder=lambda v, p, s: Dense(v)))
+                mask = ctx.prune(model, tname, mask)
                 kept = int(mask.sum())
                 if pname == "weight":
                     details = {"threshold": round(threshold, 8),
@@ -94,9 +95,7 @@ class SigmaPrune(Compressor):
                                "params_after": kept}
                     removed_total += weight.numel() - kept
                     params_total += weight.numel()
-            records.append(LayerRecord(lname, self.name,
-                                       sum(p.numel() for p in module.parameters(recurse=False)),
-                                       details))
+            records.append(LayerRecord(lname, details))
         summary = {"k": cfg.k, "statistic": cfg.statistic,
                    "sparsity": round(removed_total / max(params_total, 1), 6)}
         return StepResult(model, records, summary)

@@ -18,9 +18,16 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from netshrink.adapters import last_linear
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.errors import NetshrinkError
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    LayerRecord,
+    NetshrinkError,
+    StepResult,
+    hookimpl,
+    last_linear,
+)
 from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
 from netshrink.plugins.statprune.stats import (
     Feature,
@@ -30,7 +37,6 @@ from netshrink.plugins.statprune.stats import (
     standardise,
     weak_channels,
 )
-from netshrink.registry import hookimpl
 
 PAPER = "https://doi.org/10.11772/j.issn.1001-9081.2020030362"
 
@@ -97,7 +103,6 @@ class StatPrune(Compressor):
         head = model.get_submodule(head_name) if head_name else None
         names = {id(m): n for n, m in model.named_modules()}
         selected = {id(m) for _, m in layers}
-        before = {n: sum(p.numel() for p in m.parameters(recurse=False)) for n, m in layers}
         params_before = sum(p.numel() for p in model.parameters())
         dg = build_graph(model, ctx.example_input(1))
         records: dict[str, LayerRecord] = {}
@@ -105,12 +110,11 @@ class StatPrune(Compressor):
         for index, (lname, module) in enumerate(ctx.progress(layers, desc="cluster + prune")):
             if id(module) in done:
                 continue
-            rec = LayerRecord(lname, self.name, before[lname], {})
+            rec = LayerRecord(lname)
             records[lname] = rec
             rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done))
             for other in rec.details.get("coupled_with", []):
-                records.setdefault(other, LayerRecord(other, self.name, before.get(other, 0),
-                                                      {"pruned_with": lname}))
+                records.setdefault(other, LayerRecord(other, {"pruned_with": lname}))
         if cfg.verify:
             _verify(model, ctx)
         params_after = sum(p.numel() for p in model.parameters())

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from netshrink.errors import NetshrinkError
+from netshrink import NetshrinkError
 
 
 def build_graph(model: nn.Module, example: torch.Tensor):

@@ -11,8 +11,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.registry import hookimpl
+from netshrink import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult, hookimpl
 
 
 class SVDConfig(CompressorConfig):
@@ -70,7 +69,7 @@ class SVD(Compressor):
             }
             if self.config.only_if_smaller and after >= before:
                 details["skipped"] = "factorised form is not smaller"
-                records.append(LayerRecord(lname, self.name, before, details))
+                records.append(LayerRecord(lname, details))
                 continue
             root = s[:rank].sqrt()
             first = nn.Linear(in_f, rank, bias=False)
@@ -83,9 +82,7 @@ class SVD(Compressor):
             parent_name, _, child = lname.rpartition(".")
             setattr(model.get_submodule(parent_name), child, nn.Sequential(first, second))
             records.append(
-                LayerRecord(
-                    lname, self.name, before + (out_f if module.bias is not None else 0), details
-                )
+                LayerRecord(lname, details)
             )
         return StepResult(model, records)
 

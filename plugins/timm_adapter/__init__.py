@@ -7,9 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from netshrink.adapters import ModelAdapter, ModelInfo, last_linear
-from netshrink.errors import ModelSpecError
-from netshrink.registry import hookimpl
+from netshrink import ModelAdapter, ModelInfo, ModelSpecError, hookimpl, last_linear
 
 
 def _head_name(model: nn.Module) -> str | None:

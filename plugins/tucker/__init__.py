@@ -18,8 +18,15 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import nn
 
-from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.errors import NetshrinkError
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    LayerRecord,
+    NetshrinkError,
+    StepResult,
+    hookimpl,
+)
 from netshrink.plugins.tucker.factorize import (
     singular_values,
     svd_error,
@@ -33,7 +40,6 @@ from netshrink.plugins.tucker.factorize import (
     tucker2_params,
 )
 from netshrink.plugins.tucker.ranks import rank_by_energy, rank_by_ratio, rank_by_vbmf
-from netshrink.registry import hookimpl
 
 PAPER = "https://doi.org/10.11772/j.issn.1001-9081.2020030362"
 
@@ -86,13 +92,12 @@ class Tucker(Compressor):
         records: list[LayerRecord] = []
         params_before = sum(p.numel() for p in model.parameters())
         for index, (lname, module) in enumerate(ctx.progress(layers, desc="decompose")):
-            own = sum(p.numel() for p in module.parameters(recurse=False))
             details, replacement = self._factorise(lname, module, ctx.seed + index)
             if replacement is not None:
                 replacement.train(module.training)
                 _replace(model, lname, replacement)
                 details["params_after"] = sum(p.numel() for p in replacement.parameters())
-            records.append(LayerRecord(lname, self.name, own, details))
+            records.append(LayerRecord(lname, details))
         params_after = sum(p.numel() for p in model.parameters())
         return StepResult(model, records, {
             "params_before": params_before, "params_after": params_after,

@@ -6,10 +6,8 @@ from typing import Any
 
 from torch import nn
 
-from netshrink.adapters import ModelAdapter, ModelInfo
-from netshrink.errors import ModelSpecError, UnknownNameError
+from netshrink import ModelAdapter, ModelInfo, ModelSpecError, UnknownNameError, hookimpl
 from netshrink.plugins.zoo.models import ZOO
-from netshrink.registry import hookimpl
 
 _OPTIONS = ("in_chans", "input_size", "num_classes")
 

@@ -113,8 +113,7 @@ class Snip(Compressor):
             weight = module.weight.detach().cpu()
             ctx.encode(model, f"{name}.weight", Sparse.from_dense(weight * mask, mask=mask))
             records.append(LayerRecord(
-                name, self.name, sum(p.numel() for p in module.parameters()),
-                {"sparsity": round(1 - float(mask.float().mean()), 6)}))
+                name, {"sparsity": round(1 - float(mask.float().mean()), 6)}))
         kept = sum(int(m.sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
         return StepResult(model, records, {"sparsity": round(1 - kept / total, 6),
