@@ -1,6 +1,6 @@
-"""Benchmarks that regenerate docs/benchmarks.md (not run by the unit tests).
+"""Benchmarks that regenerate docs/benchmarks.md and docs/benchmarks/*.md (not run by the tests).
 
-``python -m benchmarks [--quick] [--models lenet5,vgg_small]`` runs every method on each
-reference model in a fresh subprocess (so peak memory is per method) and writes the page and
-its Pareto plots.
+One form: ``python -m benchmarks PAGE [--quick] [--seeds N] [--out DIR]`` (``python -m
+benchmarks --help`` lists the pages). ``harness`` holds what pages share, ``pages/`` one spec
+per page, ``peers`` the non-netshrink methods compared against. Only public ``netshrink`` names.
 """

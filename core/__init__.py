@@ -10,7 +10,7 @@ from netshrink.artifact import load, read_manifest
 from netshrink.compressor import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
 from netshrink.config import NetshrinkConfig
 from netshrink.context import CompressionContext
-from netshrink.data import DataSplits
+from netshrink.data import ArrayDataset, DataSplits
 from netshrink.encodings import (
     Codebook,
     Dense,
@@ -35,18 +35,35 @@ from netshrink.errors import (
     UnknownNameError,
 )
 from netshrink.fileio import atomic_write, cache_dir
+from netshrink.lowrank import (
+    LowRank,
+    rank_by_energy,
+    rank_by_ratio,
+    rank_by_vbmf,
+    singular_values,
+    truncated_svd,
+)
 from netshrink.models import load_model, reference_model
 from netshrink.pipeline import CompressionResult, accuracy, compress, save
 from netshrink.recipe import Recipe, Step, step
 from netshrink.registry.hookspecs import hookimpl
 from netshrink.report import LayerRow, Report
 from netshrink.selector import LayerSelector
-from netshrink.training import FinetuneConfig, distillation_loss, evaluate, train
+from netshrink.training import (
+    CheckpointPolicy,
+    FinetuneConfig,
+    TrainState,
+    distillation_loss,
+    evaluate,
+    train,
+)
 from netshrink.version import __version__
 
 __all__ = [
+    "ArrayDataset",
     "ArtifactError",
     "Capabilities",
+    "CheckpointPolicy",
     "Codebook",
     "CompressionContext",
     "CompressionResult",
@@ -64,6 +81,7 @@ __all__ = [
     "LayerRecord",
     "LayerRow",
     "LayerSelector",
+    "LowRank",
     "ModelAdapter",
     "ModelInfo",
     "ModelSpecError",
@@ -77,6 +95,7 @@ __all__ = [
     "Sparse",
     "Step",
     "StepResult",
+    "TrainState",
     "UnknownNameError",
     "__version__",
     "accuracy",
@@ -94,10 +113,15 @@ __all__ = [
     "model_info",
     "model_tensors",
     "packed_nbytes",
+    "rank_by_energy",
+    "rank_by_ratio",
+    "rank_by_vbmf",
     "read_manifest",
     "reference_model",
     "save",
     "set_model_info",
+    "singular_values",
     "step",
     "train",
+    "truncated_svd",
 ]

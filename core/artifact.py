@@ -25,7 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from netshrink import manifest as schema
 from netshrink import modules as arch
 from netshrink.adapters import ModelInfo, model_info, set_model_info
 from netshrink.encodings import DTYPE_NAMES, DTYPES, Encoding, EncodingTable, model_tensors
@@ -36,7 +38,7 @@ from netshrink.version import __version__
 
 FORMAT = "netshrink"
 FORMAT_VERSION = 1
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_MANIFEST_BYTES = schema.MAX_MANIFEST_BYTES
 
 
 class _BlobWriter:
@@ -112,12 +114,19 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of an artifact (validated to be a netshrink file)."""
-    manifest, _ = _read(Path(path), want_blob=False)
+    """The manifest of an artifact, checked against the schema (:mod:`netshrink.manifest`)."""
+    path = Path(path)
+    raw, blob_bytes = _read_header(path)
+    try:
+        manifest = _parse(raw)
+        schema.validate(manifest, blob_bytes)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from None
     return manifest
 
 
-def _read(path: Path, want_blob: bool) -> tuple[dict[str, Any], bytes]:
+def _read_header(path: Path) -> tuple[bytes, int]:
+    """The manifest's bytes (inflated) and the blob's length; the blob itself is not read."""
     if not path.is_file():
         raise ArtifactError(f"{path}: no such file")
     try:
@@ -131,45 +140,67 @@ def _read(path: Path, want_blob: bool) -> tuple[dict[str, Any], bytes]:
             keys = set(fh.keys())
             if not {"manifest", "blob"} <= keys:
                 raise ArtifactError(f"{path}: netshrink artifact lacks its manifest or blob")
+            sizes = {}
+            for key in ("manifest", "blob"):
+                part = fh.get_slice(key)
+                shape = part.get_shape()
+                if part.get_dtype() != "U8" or len(shape) != 1:
+                    raise ArtifactError(f"{path}: the artifact's {key} is not a byte array")
+                sizes[key] = int(shape[0])
+            if sizes["manifest"] > MAX_MANIFEST_BYTES:
+                raise ArtifactError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
             raw = fh.get_tensor("manifest").numpy().tobytes()
-            blob = fh.get_tensor("blob").numpy().tobytes() if want_blob else b""
     except ArtifactError:
         raise
     except Exception as exc:  # safetensors raises its own error types for foreign/corrupt files
         raise ArtifactError(
             f"{path}: not a readable netshrink artifact (truncated, corrupted or another format: "
-            f"{exc})"
+            f"{str(exc)[:200]})"
         ) from None
-    try:
-        if meta[FORMAT].endswith(";zlib"):
+    if str(meta[FORMAT]).endswith(";zlib"):
+        try:
             inflater = zlib.decompressobj()
             raw = inflater.decompress(raw, MAX_MANIFEST_BYTES)
-            if inflater.unconsumed_tail:
-                raise ArtifactError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = json.loads(raw)
-    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupted manifest: {exc}") from None
+        except zlib.error as exc:
+            raise ArtifactError(f"{path}: corrupted manifest: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise ArtifactError(f"{path}: manifest larger than {MAX_MANIFEST_BYTES} bytes")
+    return raw, sizes["blob"]
+
+
+def _parse(raw: bytes) -> dict[str, Any]:
+    """The manifest's JSON, with the format and version checked before the schema."""
+    manifest = schema.parse(raw)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: manifest is not a netshrink manifest")
-    if manifest.get("v") != FORMAT_VERSION:
+        raise ArtifactError("manifest is not a netshrink manifest")
+    version = manifest.get("v")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise ArtifactError(
-            f"{path}: artifact format version {manifest.get('v')} is not supported "
+            f"artifact format version {schema.show(version)} is not supported "
             f"(this netshrink reads version {FORMAT_VERSION})"
         )
-    return manifest, blob
+    return manifest
 
 
-def _reader(blob: bytes, path: Path):
+def _read_blob(path: Path) -> bytes:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.get_tensor("blob").numpy().tobytes()
+    except Exception as exc:  # the file changed since its header was read
+        raise ArtifactError(f"not a readable netshrink artifact: {str(exc)[:200]}") from None
+
+
+def _reader(blob: bytes):
     def read(ref: Any) -> torch.Tensor:
         try:
             dtype_name, offset, nbytes = ref
             dtype = DTYPES[dtype_name]
             offset, nbytes = int(offset), int(nbytes)
         except (ValueError, TypeError, KeyError):
-            raise ArtifactError(f"{path}: malformed array reference {ref!r}") from None
+            raise ArtifactError(f"malformed array reference {schema.show(ref)}") from None
         if offset < 0 or nbytes < 0 or offset + nbytes > len(blob):
             raise ArtifactError(
-                f"{path}: array reference {ref!r} points outside the data "
+                f"array reference {schema.show(ref)} points outside the data "
                 f"({len(blob)} bytes): the file is truncated or corrupted"
             )
         if nbytes == 0:
@@ -179,43 +210,230 @@ def _reader(blob: bytes, path: Path):
     return read
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild a runnable model from an artifact alone (no pickle, no code from the file)."""
-    path = Path(path)
-    manifest, blob = _read(path, want_blob=True)
-    arch_spec = manifest.get("arch") or {}
+# In-place initialisers do nothing on the meta device but still cost about a millisecond each
+# through the meta kernels (a model with thousands of layers would take many seconds to count).
+_META_NOOPS = frozenset(
+    {
+        "uniform_",
+        "normal_",
+        "trunc_normal_",
+        "fill_",
+        "zero_",
+        "clamp_",
+        "clamp_min_",
+        "clamp_max_",
+        "erfinv_",
+        "mul_",
+        "add_",
+        "sub_",
+        "div_",
+        "copy_",
+        "exponential_",
+        "bernoulli_",
+        "random_",
+        "log_normal_",
+        "geometric_",
+        "cauchy_",
+        "addcmul_",
+        "addcdiv_",
+        "sqrt_",
+        "exp_",
+        "neg_",
+        "abs_",
+        "sign_",
+        "masked_fill_",
+        "index_fill_",
+        "lerp_",
+        "pow_",
+        "tanh_",
+        "sigmoid_",
+    }
+)
+
+
+class _SkipMetaInit(TorchFunctionMode):
+    """Skip elementwise in-place ops on meta tensors (they change no shape)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (
+            getattr(func, "__name__", "") in _META_NOOPS
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].is_meta
+        ):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+class _NoMetaBuild(Exception):
+    """The adapter cannot build this model on the meta device (it touches tensor data)."""
+
+
+def _build_arch(manifest: dict[str, Any]) -> nn.Module:
+    """The model the manifest describes, edits applied, with its initial (random) weights."""
+    arch_spec = manifest["arch"]
+    if "tree" in arch_spec:
+        return arch.build(arch_spec["tree"], "arch.tree")
+    spec, options = arch_spec["spec"], arch_spec.get("options", {})
     try:
-        if "spec" in arch_spec:
-            model = load_model(arch_spec["spec"], **arch_spec.get("options", {}))
-            arch.apply_edits(model, manifest.get("edits", []))
-        elif "tree" in arch_spec:
-            model = arch.build(arch_spec["tree"])
+        model = load_model(spec, **options)
+    except NetshrinkError as exc:
+        raise ArtifactError(
+            f"arch: cannot build {schema.show(spec)} with options {schema.show(options)}: "
+            f"{str(exc)[:300]}"
+        ) from None
+    for i, edit in enumerate(manifest.get("edits", [])):
+        try:
+            arch.apply_edits(model, [edit])
+        except ArtifactError as exc:
+            raise ArtifactError(f"edits[{i}]: {exc}") from None
+    return model
+
+
+def _guarded_build(manifest: dict[str, Any], budget: int, meta: bool) -> nn.Module:
+    """:func:`_build_arch` under an allocation guard; on the meta device nothing is allocated
+    (raises :class:`_NoMetaBuild` when the model cannot be built there)."""
+    with arch.allocation_guard(budget, schema.MAX_MODULES, "the model") as count:
+        try:
+            if meta:
+                with torch.device("meta"), _SkipMetaInit():
+                    model = _build_arch(manifest)
+            else:
+                model = _build_arch(manifest)
+        except Exception as exc:
+            if count.error is not None:
+                raise ArtifactError(f"arch: {count.error}; {schema.budget_hint()}") from None
+            if isinstance(exc, ArtifactError):
+                raise
+            if meta:
+                raise _NoMetaBuild from exc
+            spec = manifest["arch"].get("spec", "the module tree")
+            raise ArtifactError(
+                f"arch: cannot build {schema.show(spec)}: {type(exc).__name__}: {str(exc)[:300]}"
+            ) from None
+        if count.error is not None:
+            raise ArtifactError(f"arch: {count.error}; {schema.budget_hint()}")
+    return model
+
+
+def _expected_shapes(model: nn.Module, set_paths: list[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes the tensors of allow-listed modules must have: a module an edit changed is
+    rebuilt (on the meta device) from its new attributes; others keep their built shapes.
+    Tensors of other module classes are only held to the budget."""
+    edited = set(set_paths)
+    out: dict[str, tuple[int, ...]] = {}
+    for name, module in model.named_modules():
+        if name in edited:
+            try:
+                with torch.device("meta"), _SkipMetaInit():
+                    shapes = arch.rebuilt_shapes(module)
+            except ArtifactError as exc:
+                raise ArtifactError(f"edits: module {name!r}: {exc}") from None
+            except Exception as exc:  # describe() refuses a non-simple attribute
+                raise ArtifactError(f"edits: module {name!r}: {str(exc)[:200]}") from None
+        elif _allow_listed(module):
+            shapes = {
+                key: tuple(t.shape)
+                for key, t in {**module._parameters, **module._buffers}.items()
+                if t is not None and key not in module._non_persistent_buffers_set
+            }
         else:
-            raise ArtifactError(f"{path}: manifest has no architecture")
+            shapes = None
+        for key, shape in (shapes or {}).items():
+            out[f"{name}.{key}" if name else key] = shape
+    return out
+
+
+def _allow_listed(module: nn.Module) -> bool:
+    entry = arch.MODULE_TYPES.get(type(module).__name__)
+    return entry is not None and type(module) is entry[0]
+
+
+def _check_tensors(model: nn.Module, plan: schema.Plan) -> None:
+    """The manifest's tensor table names exactly the model's tensors, with fitting shapes."""
+    expected = set(model_tensors(model))
+    missing = expected - set(plan.tensors)
+    if missing:
+        raise ArtifactError(f"manifest lacks tensors {sorted(missing)[:5]}")
+    extra = sorted(set(plan.tensors) - expected)
+    if extra:
+        raise ArtifactError(
+            f"t[{schema.show(extra[0])}]: manifest has a tensor {extra[0]!r} the model does "
+            "not have"
+        )
+    for name, shape in _expected_shapes(model, plan.set_paths).items():
+        declared = plan.tensors[name].shape if name in plan.tensors else shape
+        if declared != shape:
+            owner = name.rpartition(".")[0]
+            raise ArtifactError(
+                f"t[{schema.show(name)}].shape: {list(declared)} does not match the model's "
+                f"{list(shape)} (module {owner!r}: {model.get_submodule(owner)})"
+            )
+
+
+def load(path: str | Path, *, max_decoded_bytes: int | None = None) -> nn.Module:
+    """Rebuild a runnable model from an artifact alone (no pickle, no code from the file).
+
+    Nothing in the file is trusted: the manifest is checked against a schema, and the model and
+    its decoded tensors must fit a budget the file's size justifies (``max(64 MiB, 1000 x file
+    size)``) before anything is built. For a trusted file that needs more, pass
+    ``max_decoded_bytes`` or set ``NETSHRINK_MAX_DECODED_BYTES``. Raises
+    :class:`~netshrink.ArtifactError` naming the offending field.
+    """
+    path = Path(path)
+    raw, blob_bytes = _read_header(path)
+    try:
+        budget = schema.decoded_budget(path.stat().st_size, max_decoded_bytes)
+        manifest = _parse(raw)
+        plan = schema.validate(manifest, blob_bytes)
+        schema.check_budget(plan, budget, path.stat().st_size)
+        model = _load_checked(path, manifest, plan, budget)
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
-    read = _reader(blob, path)
-    records = manifest.get("t")
-    if not isinstance(records, dict):
-        raise ArtifactError(f"{path}: manifest has no tensor table")
-    expected = set(model_tensors(model))
-    missing = expected - set(records)
-    if missing:
-        raise ArtifactError(f"{path}: manifest lacks tensors {sorted(missing)[:5]}")
-    for name, record in records.items():
-        if name not in expected:
-            raise ArtifactError(f"{path}: manifest has a tensor {name!r} the model does not have")
+    return model
+
+
+def _load_checked(
+    path: Path, manifest: dict[str, Any], plan: schema.Plan, budget: int
+) -> nn.Module:
+    try:  # count on the meta device first: a model too big for the budget is never allocated
+        _check_tensors(_guarded_build(manifest, budget, meta=True), plan)
+        checked = True
+    except _NoMetaBuild:
+        checked = False  # built for real below, still capped by the guard
+    model = _guarded_build(manifest, budget, meta=False)
+    if not checked:
+        _check_tensors(model, plan)
+    read = _reader(_read_blob(path))
+    for name, record in manifest["t"].items():
+        where = f"t[{schema.show(name)}]"
         try:
-            encoding = Encoding.from_record(record, read)
-            value = encoding.decode()
-        except ArtifactError as exc:
-            raise ArtifactError(f"{path}: tensor {name!r}: {exc}") from None
+            value = Encoding.from_record(record, read).decode()
         except NetshrinkError as exc:
-            raise ArtifactError(f"{path}: tensor {name!r}: {exc}") from None
+            raise ArtifactError(f"{where}: {exc}") from None
+        except Exception as exc:  # a decoder's own error on a record that passed the schema
+            raise ArtifactError(
+                f"{where}: cannot decode: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+        if tuple(value.shape) != plan.tensors[name].shape:
+            raise ArtifactError(
+                f"{where}: decodes to shape {list(value.shape)}, the record says "
+                f"{list(plan.tensors[name].shape)}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ArtifactError(
+                f"{where}: decodes to {bad} non-finite values (NaN or infinity); netshrink "
+                "refuses non-finite weights"
+            )
         arch.set_tensor(model, name, value.clone())
     model.eval()
     info = model_info(model) or ModelInfo(spec="")
-    stored = manifest.get("info", {})
+    stored = manifest.get("info") or {}
     info = ModelInfo.from_json({**info.to_json(), **stored})
+    try:
+        schema.check_input_shape(info.input_shape)
+    except ValueError as exc:  # the adapter derived it from arch.options
+        raise ArtifactError(f"info.input_shape: {exc}") from None
     set_model_info(model, info)
     return model

@@ -16,7 +16,25 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from netshrink.adapters import parse_spec
+from netshrink.artifact import read_manifest
+from netshrink.datasets import load as load_data
 from netshrink.errors import NetshrinkError
+from netshrink.models import load_model
+from netshrink.pipeline import _info_for, plan
+from netshrink.pipeline import compress as run
+from netshrink.recipe import Recipe
+from netshrink.registry import (
+    compressors,
+    get_compressor,
+    list_plugins,
+    load_plugins,
+    pm,
+    selector_presets,
+)
+from netshrink.registry import datasets as registered
+from netshrink.report import Report
+from netshrink.scaffold import plugin_group
 
 # Reports are wide: keep them readable when output goes to a file or CI log.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -45,7 +63,6 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json: bool) -> None:
     """List every loaded plugin with its distribution, version and what it registered."""
-    from netshrink.registry import list_plugins
 
     infos = list_plugins()
     if as_json:
@@ -63,7 +80,6 @@ def plugins(as_json: bool) -> None:
 @cli.command()
 def methods() -> None:
     """List the registered compressors."""
-    from netshrink.registry import compressors
 
     table = Table(title="compressors")
     for col in (
@@ -135,7 +151,6 @@ def field_rows(model_cls: Any) -> list[dict[str, str]]:
 @click.option("--json", "as_json", is_flag=True, help="Print the config's JSON schema.")
 def describe(method: str, as_json: bool) -> None:
     """Show METHOD's configuration fields (types, bounds, defaults, docs) and capabilities."""
-    from netshrink.registry import compressors, get_compressor
 
     cls = get_compressor(method)
     if as_json:
@@ -143,10 +158,9 @@ def describe(method: str, as_json: bool) -> None:
         return
     entry = compressors()[method]
     console.print(f"[bold]{cls.name}[/] — {cls.summary()}")
-    console.print(
-        f"plugin: {entry.plugin} ({entry.distribution or 'built-in'})"
-        + (f"   paper: {cls.paper}" if cls.paper else "")
-    )
+    console.print(f"plugin: {entry.plugin} ({entry.distribution or 'built-in'})")
+    if cls.paper:
+        console.print(f"paper: {cls.paper}", markup=False, highlight=False, soft_wrap=True)
     caps = cls.capabilities
     console.print(
         f"handles: {', '.join(caps.handles)}; needs data: {_yn(caps.needs_data)}; "
@@ -189,9 +203,6 @@ def compress(
     With --data, a zoo/timm/torchvision spec is first trained on the data (cached), so the
     report compares accuracy before and after.
     """
-    from netshrink.adapters import parse_spec
-    from netshrink.pipeline import compress as run
-    from netshrink.recipe import Recipe
 
     recipe = Recipe.from_file(recipe_path)
     data = data or recipe.data
@@ -210,8 +221,6 @@ def compress(
 @click.argument("artifact", type=click.Path(exists=True, dir_okay=False))
 def report(artifact: str) -> None:
     """Print the report of an ARTIFACT (from its .report.json, or its manifest alone)."""
-    from netshrink.artifact import read_manifest
-    from netshrink.report import Report
 
     path = Path(artifact)
     side = path.with_suffix(".report.json")
@@ -234,7 +243,6 @@ def report(artifact: str) -> None:
 @cli.command()
 def datasets() -> None:
     """List registered datasets."""
-    from netshrink.registry import datasets as registered
 
     table = Table(title="datasets")
     for col in ("name", "plugin", "description"):
@@ -247,7 +255,6 @@ def datasets() -> None:
 @cli.command()
 def selectors() -> None:
     """List registered layer-selector presets."""
-    from netshrink.registry import selector_presets
 
     table = Table(title="selector presets")
     for col in ("name", "plugin", "selector", "description"):
@@ -263,10 +270,6 @@ def selectors() -> None:
 @click.option("--data", "data", default=None, help="Dataset (default: the recipe's).")
 def validate(recipe_path: str, model: str | None, data: str | None) -> None:
     """Validate a recipe against a model without compressing anything."""
-    from netshrink.datasets import load as load_data
-    from netshrink.models import load_model
-    from netshrink.pipeline import _info_for, plan
-    from netshrink.recipe import Recipe
 
     recipe = Recipe.from_file(recipe_path)
     spec = model or recipe.model
@@ -283,7 +286,6 @@ def validate(recipe_path: str, model: str | None, data: str | None) -> None:
 
 
 def _attach_builtin_groups() -> None:
-    from netshrink.scaffold import plugin_group
 
     cli.add_command(plugin_group())
 
@@ -292,7 +294,6 @@ _attach_builtin_groups()
 
 
 def _load_plugin_commands() -> None:
-    from netshrink.registry import load_plugins, pm
 
     load_plugins()
     pm.hook.register_commands(cli=cli)

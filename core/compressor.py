@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import ValidationError
 from torch import nn
 
-from netshrink.config import NetshrinkConfig
-from netshrink.errors import NetshrinkError, SelectionError
-from netshrink.selector import LAYER_TYPES
+from netshrink.config import NetshrinkConfig, format_validation_error
+from netshrink.errors import ConfigError, NetshrinkError, SelectionError
+from netshrink.selector import LAYER_TYPES, check_name_patterns, name_matches
 
 if TYPE_CHECKING:
     from netshrink.context import CompressionContext
@@ -21,6 +24,15 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 class CompressorConfig(NetshrinkConfig):
     """Base class of every compressor's ``Config``: typed fields with bounds and descriptions."""
+
+    def merged(self, override: Mapping[str, Any]) -> CompressorConfig:
+        """This config with ``override``'s fields replacing its own, validated (raises
+        ``ValidationError``): the config of the layers a step's ``overrides`` pattern matches.
+
+        Fields nobody set stay unset, so a rule such as "give either bits or k" sees only what
+        was given. A config with alternative fields overrides this to drop the alternative an
+        override replaces (bioclust: an override's ``bits`` replaces the step's ``k``)."""
+        return self.model_validate({**self.model_dump(exclude_unset=True), **override})
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,8 @@ class Compressor(ABC):
     Subclasses set ``name`` (kebab-case id), ``Config`` (a :class:`CompressorConfig`),
     ``capabilities`` and ideally ``paper``; and implement :meth:`compress`, which must record
     how each tensor it changed is stored, through ``ctx.encode(model, tensor_name, encoding)``.
+    A compressor that honours a step's per-layer ``overrides`` lists the fields in
+    ``layer_fields`` and reads them through ``self.config_for(layer_name)``.
 
     Example::
 
@@ -99,14 +113,91 @@ class Compressor(ABC):
     Config: ClassVar[type[CompressorConfig]] = CompressorConfig
     capabilities: ClassVar[Capabilities]
     paper: ClassVar[str | None] = None
-    #: Fast config overrides the conformance suite (netshrink.testing) uses for this compressor.
-    conformance_config: ClassVar[dict[str, Any]] = {}
+    #: Config fields a step's ``overrides`` may set per layer: those :meth:`compress` reads
+    #: through :meth:`config_for`. Empty: one config for every layer, and overrides are refused
+    #: (rather than silently ignored).
+    layer_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: CompressorConfig | dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: CompressorConfig | dict[str, Any] | None = None,
+        *,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         if isinstance(config, self.Config):
             self.config = config
         else:
             self.config = self.Config.model_validate(config or {})
+        self.overrides: dict[str, dict[str, Any]] = {
+            pattern: dict(fields) for pattern, fields in (overrides or {}).items()
+        }
+        """The step's per-layer overrides: layer-name pattern -> partial config."""
+        self._layer_configs = self.override_configs(self.config, self.overrides)
+
+    def config_for(self, layer: str) -> CompressorConfig:
+        """The config for layer ``layer``: the step's config merged with the first override
+        whose pattern matches ``layer`` (validated when the compressor was built), or the
+        step's config when no pattern matches."""
+        for pattern, config in self._layer_configs:
+            if name_matches(pattern, layer):
+                return config
+        return self.config
+
+    @classmethod
+    def override_configs(
+        cls,
+        config: CompressorConfig,
+        overrides: Mapping[str, Mapping[str, Any]],
+        where: str = "",
+    ) -> list[tuple[str, CompressorConfig]]:
+        """Validate per-layer ``overrides`` against the step's ``config``: each pattern
+        compiles, sets only :attr:`layer_fields`, and merges into a valid config.
+
+        Returns ``(pattern, merged config)`` in order. Raises :class:`ConfigError` with one
+        line per problem, each naming ``overrides.<pattern>.<field>`` (prefixed by ``where``).
+        """
+        prefix = f"{where}: " if where else ""
+        problems: list[str] = []
+        merged: list[tuple[str, CompressorConfig]] = []
+        for pattern, fields in overrides.items():
+            key = f"overrides.{pattern}"
+            try:
+                check_name_patterns([pattern])
+            except ValueError as exc:
+                problems.append(f"{prefix}field '{key}': {exc}")
+                continue
+            refused = [
+                f"{prefix}field '{key}.{name}': {cls._not_per_layer(name, value)}"
+                for name, value in fields.items()
+                if name not in cls.layer_fields
+            ]
+            if refused:
+                problems += refused
+                continue
+            try:
+                merged.append((pattern, config.merged(fields)))
+            except ValidationError as exc:
+                # Lines read "field 'bits': ..." or, for a cross-field rule, "field '(config)'".
+                for line in format_validation_error(exc).splitlines():
+                    name, _, message = line.removeprefix("field '").partition("': ")
+                    path = key if name == "(config)" else f"{key}.{name}"
+                    problems.append(f"{prefix}field '{path}': {message}")
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return merged
+
+    @classmethod
+    def _not_per_layer(cls, name: str, value: Any) -> str:
+        allowed = ", ".join(cls.layer_fields)
+        valid = f"per-layer fields: {allowed}" if allowed else f"{cls.name!r} takes no overrides"
+        if name in cls.Config.model_fields:
+            return (
+                f"{cls.name!r} reads {name!r} once for the whole step, not per layer "
+                f"(got {value!r}); {valid}"
+            )
+        close = difflib.get_close_matches(name, cls.layer_fields, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{cls.name!r} has no config field {name!r} (got {value!r}); {valid}{hint}"
 
     @abstractmethod
     def compress(
@@ -157,4 +248,12 @@ class Compressor(ABC):
             raise NetshrinkError(
                 f"{cls.__qualname__}.capabilities.handles has unknown types {unknown}; "
                 f"known: {sorted(LAYER_TYPES)}"
+            )
+        per_layer = cls.layer_fields
+        if not isinstance(per_layer, tuple) or any(
+            f not in cls.Config.model_fields for f in per_layer
+        ):
+            raise NetshrinkError(
+                f"{cls.__qualname__}.layer_fields must be a tuple of its Config's field names, "
+                f"got {per_layer!r}; fields: {sorted(cls.Config.model_fields)}"
             )

@@ -64,10 +64,8 @@ class CompressionContext:
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         """A batch of real inputs if data is given, else zeros of the model's input shape."""
-        if self.data is not None:
-            x = self.data.val.tensors[0][:batch]
-            if len(x) == batch:
-                return x.to(self.device)
+        if self.data is not None and len(self.data.val) >= batch:
+            return self.data.batch("val", batch)[0].to(self.device)
         shape = self.info.input_shape if self.info and self.info.input_shape else None
         if shape is None:
             raise DataError("no data and no known input shape: pass data=... to compress")

@@ -6,10 +6,15 @@ types add a builder with :func:`register_module_type`.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
 from netshrink.errors import ArtifactError
 
@@ -93,34 +98,130 @@ def describe(module: nn.Module) -> dict[str, Any]:
     return spec
 
 
-def build(spec: dict[str, Any]) -> nn.Module:
-    """Rebuild a module from :func:`describe`'s output (only allow-listed classes)."""
+def build(spec: dict[str, Any], where: str = "") -> nn.Module:
+    """Rebuild a module from :func:`describe`'s output (only allow-listed classes); errors name
+    the module's place as ``where`` (e.g. ``arch.tree.children[0][1]``)."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(spec, dict):
+        raise ArtifactError(
+            f"{prefix}a module description must be a JSON object, got {type(spec).__name__}"
+        )
     try:
         cls, allowed = MODULE_TYPES[spec["type"]]
     except (KeyError, TypeError):
         raise ArtifactError(
-            f"module type {spec.get('type') if isinstance(spec, dict) else spec!r} "
-            "is not allowed in artifacts"
+            f"{prefix}module type {str(spec.get('type'))[:80]!r} is not allowed in artifacts"
         ) from None
-    args = dict(spec.get("args", {}))
+    args = spec.get("args", {})
+    if not isinstance(args, dict):
+        raise ArtifactError(f"{prefix}arguments of {cls.__name__} must be a JSON object")
+    args = dict(args)
     if set(args) - set(allowed):
         raise ArtifactError(
-            f"unexpected arguments {sorted(set(args) - set(allowed))} for {cls.__name__}"
+            f"{prefix}unexpected arguments {sorted(set(args) - set(allowed))} for {cls.__name__}"
         )
     for key, value in args.items():
         if isinstance(value, list):
             args[key] = tuple(value)
         elif not isinstance(value, _SIMPLE):
-            raise ArtifactError(f"argument {key} of {cls.__name__} is not a simple value")
+            raise ArtifactError(f"{prefix}argument {key} of {cls.__name__} is not a simple value")
     if cls is nn.Sequential:
         module = nn.Sequential()
-        for child_name, child in spec.get("children", []):
-            module.add_module(str(child_name), build(child))
+        children = spec.get("children", [])
+        if not isinstance(children, list):
+            raise ArtifactError(f"{prefix}children must be a list of [name, module]")
+        for i, pair in enumerate(children):
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
+                raise ArtifactError(f"{prefix}children must be a list of [name, module]")
+            child = build(pair[1], f"{where or 'module'}.children[{i}][1]")
+            try:
+                module.add_module(pair[0], child)
+            except KeyError as exc:  # add_module refuses empty names, dots, existing attributes
+                raise ArtifactError(f"{prefix}bad child name {pair[0][:80]!r}: {exc}") from None
         return module
     try:
         return cls(**args)
-    except (TypeError, ValueError) as exc:
-        raise ArtifactError(f"cannot build {cls.__name__}({args}): {exc}") from None
+    except ArtifactError:
+        raise
+    except Exception as exc:  # torch raises TypeError, ValueError, RuntimeError, OverflowError
+        raise ArtifactError(
+            f"{prefix}cannot build {cls.__name__}({str(args)[:200]}): {str(exc)[:200]}"
+        ) from None
+
+
+def rebuilt_shapes(module: nn.Module) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of ``module``'s own parameters and persistent buffers as its constructor
+    arguments imply (an allow-listed leaf rebuilt with :func:`build`), or None for a class that
+    is not allow-listed. Call it under ``torch.device("meta")`` to allocate nothing."""
+    entry = MODULE_TYPES.get(type(module).__name__)
+    if entry is None or type(module) is not entry[0] or isinstance(module, nn.Sequential):
+        return None
+    fresh = build(describe(module))
+    tensors = {**fresh._parameters, **fresh._buffers}
+    return {
+        name: tuple(t.shape)
+        for name, t in tensors.items()
+        if t is not None and name not in fresh._non_persistent_buffers_set
+    }
+
+
+@dataclass
+class Allocation:
+    """What an :func:`allocation_guard` counted."""
+
+    bytes: int = 0
+    modules: int = 0
+    error: ArtifactError | None = None
+
+
+@contextmanager
+def allocation_guard(max_bytes: int, max_modules: int, what: str) -> Iterator[Allocation]:
+    """Count the parameters, buffers and modules registered in this thread while active, and
+    refuse (``ArtifactError``) once they pass ``max_bytes`` or ``max_modules``.
+
+    A registration hook sees a parameter after its storage exists but before a constructor
+    initialises it, so a model that would need gigabytes stops at its first oversized layer;
+    build under ``torch.device("meta")`` first to count without allocating. Code that swallows
+    the error (an adapter wrapping ``ValueError``) does not hide it: it is in ``.error`` and
+    every later registration raises it again.
+    """
+    count = Allocation()
+    thread = threading.get_ident()
+
+    def refuse() -> None:
+        if count.error is None:
+            count.error = ArtifactError(
+                f"{what} needs more than {max_bytes:,} bytes of parameters and buffers or "
+                f"more than {max_modules:,} modules (counted so far: {count.bytes:,} bytes, "
+                f"{count.modules:,} modules)"
+            )
+        raise count.error
+
+    def tensor_hook(module: nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+        if threading.get_ident() != thread:
+            return
+        if tensor is not None:
+            count.bytes += tensor.numel() * tensor.element_size()
+        if count.error is not None or count.bytes > max_bytes:
+            refuse()
+
+    def module_hook(module: nn.Module, name: str, child: nn.Module | None) -> None:
+        if threading.get_ident() != thread:
+            return
+        count.modules += 1
+        if count.error is not None or count.modules > max_modules:
+            refuse()
+
+    handles = [
+        _module_hooks.register_module_parameter_registration_hook(tensor_hook),
+        _module_hooks.register_module_buffer_registration_hook(tensor_hook),
+        _module_hooks.register_module_module_registration_hook(module_hook),
+    ]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def simple_attrs(module: nn.Module) -> dict[str, Any]:
@@ -172,35 +273,71 @@ def diff(base: nn.Module, model: nn.Module) -> list[dict[str, Any]]:
     return edits
 
 
+def _same_kind(current: Any, value: Any) -> bool:
+    """Whether an edit may store ``value`` where the base model holds ``current``."""
+    if current is None or value is None:
+        return True
+    if isinstance(current, bool) or isinstance(value, bool):
+        return isinstance(current, bool) and isinstance(value, bool)
+    if isinstance(current, (int, float)):
+        return isinstance(value, (int, float))
+    if isinstance(current, (tuple, list)):
+        return isinstance(value, list)
+    return isinstance(current, str) and isinstance(value, str)
+
+
 def apply_edits(model: nn.Module, edits: list[dict[str, Any]]) -> None:
     """Apply :func:`diff`'s edits to a freshly built base model."""
+    if not isinstance(edits, list):
+        raise ArtifactError("edits must be a list")
     for edit in edits:
-        path = edit.get("path")
+        path = edit.get("path") if isinstance(edit, dict) else None
         if not isinstance(path, str):
-            raise ArtifactError(f"malformed edit {edit!r}")
+            raise ArtifactError(f"malformed edit {str(edit)[:120]}")
         if edit.get("op") == "replace":
             parent_name, _, child = path.rpartition(".")
             try:
                 parent = model.get_submodule(parent_name)
             except AttributeError:
                 raise ArtifactError(f"edit refers to a missing module {parent_name!r}") from None
-            setattr(parent, child, build(edit["module"]))
+            if not child or (child not in parent._modules and hasattr(parent, child)):
+                raise ArtifactError(
+                    f"edit replaces {path!r}, which is an attribute of its parent, not a module"
+                )
+            setattr(parent, child, build(edit.get("module"), "module"))
         elif edit.get("op") == "set":
             try:
                 module = model.get_submodule(path)
             except AttributeError:
                 raise ArtifactError(f"edit refers to a missing module {path!r}") from None
-            for key, value in edit["attrs"].items():
+            attrs = edit.get("attrs")
+            if not isinstance(attrs, dict):
+                raise ArtifactError(f"edit of {path!r}: attrs must be a JSON object")
+            for key, value in attrs.items():
                 if key not in vars(module) or key.startswith("_"):
                     raise ArtifactError(f"edit sets unknown attribute {key!r} of {path!r}")
                 current = vars(module)[key]
+                if not isinstance(value, _SIMPLE) and not (
+                    isinstance(value, list) and all(isinstance(v, _SIMPLE) for v in value)
+                ):
+                    raise ArtifactError(f"edit sets {key!r} of {path!r} to a non-simple value")
+                try:
+                    _jsonable(current)
+                except TypeError:
+                    raise ArtifactError(
+                        f"edit sets {key!r} of {path!r}, which does not hold a simple value"
+                    ) from None
+                if not _same_kind(current, value):
+                    raise ArtifactError(
+                        f"edit sets {key!r} of {path!r} to {str(value)[:40]} "
+                        f"({type(value).__name__}) where the model holds a "
+                        f"{type(current).__name__}"
+                    )
                 if isinstance(value, list):
                     value = tuple(value) if isinstance(current, tuple) else list(value)
-                elif not isinstance(value, _SIMPLE):
-                    raise ArtifactError(f"edit sets {key!r} of {path!r} to a non-simple value")
                 setattr(module, key, value)
         else:
-            raise ArtifactError(f"unknown edit operation {edit.get('op')!r}")
+            raise ArtifactError(f"unknown edit operation {str(edit.get('op'))[:40]!r}")
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:

@@ -23,13 +23,13 @@ from netshrink.context import CompressionContext
 from netshrink.data import DataSplits
 from netshrink.datasets import load as load_data
 from netshrink.encodings import EncodingTable
-from netshrink.errors import NetshrinkError, RecipeError, SelectionError
+from netshrink.errors import ConfigError, NetshrinkError, RecipeError, SelectionError
 from netshrink.fileio import atomic_write
 from netshrink.models import load_model, reference_model
 from netshrink.recipe import Recipe, Step, as_recipe
 from netshrink.registry import get_compressor, get_selector_preset
 from netshrink.report import Report, build_report
-from netshrink.selector import LayerSelector
+from netshrink.selector import LayerSelector, name_matches
 from netshrink.training import FinetuneConfig, evaluate
 from netshrink.training import finetune as run_finetune
 
@@ -107,8 +107,9 @@ def plan(
     """Validate every step against ``model`` and ``data`` before any work is done.
 
     Checks: the compressor exists (with did-you-mean), its config validates (errors name the
-    step and field), the selector selects something the compressor handles, data is given when
-    needed, and no step rewrites values that an earlier step quantized or clustered.
+    step and field), so does each per-layer override merged into it (``overrides.<pattern>``),
+    the selector selects something the compressor handles, data is given when needed, and no
+    step rewrites values that an earlier step quantized or clustered.
     """
     if recipe.finetune and data is None:
         raise RecipeError("recipe field 'finetune': fine-tuning needs data; pass data=...")
@@ -124,6 +125,10 @@ def plan(
         except ValidationError as exc:
             msg = format_validation_error(exc, title).replace("field '", "field 'config.")
             raise RecipeError(msg) from None
+        try:
+            cls.override_configs(config, step.overrides, where=title)
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from None
         selector = _selector(step, title)
         try:
             layers = selector.resolve(
@@ -153,9 +158,26 @@ def plan(
                     f"already quantized/clustered ({', '.join(overlap[:4])}); reorder the steps "
                     "or exclude those layers"
                 )
+        _warn_unused_overrides(title, step.overrides, [n for n, _ in layers])
         planned.append(PlannedStep(index, step, cls, config, selector, [n for n, _ in layers]))
     _warn_unfinetuned(recipe, planned)
     return planned
+
+
+def _warn_unused_overrides(title: str, overrides: dict[str, Any], names: list[str]) -> None:
+    """Log a warning for an override pattern that no selected layer gets (a typo, or an
+    earlier pattern matches first). Not an error: one recipe may serve several models."""
+    used = {next((p for p in overrides if name_matches(p, n)), None) for n in names}
+    for pattern in overrides:
+        if pattern not in used:
+            matched = any(name_matches(pattern, n) for n in names)
+            log.warning(
+                "%s: field 'overrides.%s' applies to no selected layer (%s); selected: %s",
+                title,
+                pattern,
+                "an earlier pattern matches them first" if matched else "it matches none",
+                ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""),
+            )
 
 
 def _warn_unfinetuned(recipe: Recipe, planned: list[PlannedStep]) -> None:
@@ -274,7 +296,10 @@ def compress(
         }
         t0 = time.perf_counter()
         try:
-            out = item.compressor(item.config).compress(work, layers, ctx)
+            # Overrides only when the step has some: a compressor that takes none may define
+            # __init__(config) without the keyword.
+            extra = {"overrides": item.step.overrides} if item.step.overrides else {}
+            out = item.compressor(item.config, **extra).compress(work, layers, ctx)
         except NetshrinkError as exc:
             # Name the step, keeping the exception's type (and its extra attributes).
             exc.args = (f"{item.title}: {exc}", *exc.args[1:])

@@ -1,4 +1,5 @@
-"""Recipes: an ordered list of steps ``{compressor, config, select, finetune}`` plus settings.
+"""Recipes: an ordered list of steps ``{compressor, config, overrides, select, finetune}`` plus
+settings.
 
 A recipe is a Pydantic model, loadable from YAML, JSON or TOML and buildable in Python with
 :func:`step`.
@@ -14,7 +15,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from netshrink.config import NetshrinkConfig, format_validation_error
 from netshrink.errors import RecipeError
-from netshrink.selector import LayerSelector
+from netshrink.selector import LayerSelector, check_name_patterns
 from netshrink.training import FinetuneConfig
 
 
@@ -25,6 +26,14 @@ class Step(NetshrinkConfig):
     config: dict[str, Any] = Field(
         default_factory=dict, description="The compressor's config (see `netshrink describe NAME`)."
     )
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Per-layer config: {layer-name pattern (a glob, or a regex after 're:', as "
+        "in selectors): {field: value}}. A selected layer gets `config` with the fields of the "
+        "first pattern its qualified name matches replaced, e.g. {'fc1': {'bits': 3}}. Only the "
+        "compressor's per-layer fields may be set (listed in the compressor reference); each "
+        "merged config is validated before any work.",
+    )
     select: LayerSelector | str | None = Field(
         None,
         description="Layers to act on: a selector, or the name of a registered preset. "
@@ -34,6 +43,12 @@ class Step(NetshrinkConfig):
         None, description="Fine-tune after this step (pruned zeros and quantized values are kept)."
     )
     label: str | None = Field(None, description="A name for this step in reports.")
+
+    @field_validator("overrides")
+    @classmethod
+    def _patterns_compile(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        check_name_patterns(value)
+        return value
 
     def title(self, index: int) -> str:
         """``step 2 (tucker)`` — how errors and reports name this step."""
@@ -124,12 +139,19 @@ def step(
     select: LayerSelector | dict[str, Any] | str | None = None,
     finetune: FinetuneConfig | dict[str, Any] | None = None,
     label: str | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
     **config: Any,
 ) -> Step:
-    """Build a step: ``step("magnitude", select={"types": ["Linear"]}, sparsity=0.9)``."""
+    """Build a step: ``step("magnitude", select={"types": ["Linear"]}, sparsity=0.9)``;
+    ``overrides={"fc1": {"bits": 3}}`` sets config fields per layer (see :class:`Step`)."""
     try:
         return Step(
-            compressor=compressor, config=config, select=select, finetune=finetune, label=label
+            compressor=compressor,
+            config=config,
+            overrides=overrides or {},
+            select=select,
+            finetune=finetune,
+            label=label,
         )
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc, f"step ({compressor})")) from None

@@ -219,8 +219,8 @@ def build_report(
         row.details = details[name]
 
     example = None
-    if data is not None:
-        example = data.val.tensors[0][:1]
+    if data is not None and len(data.val):
+        example = data.batch("val", 1)[0]
     elif info.input_shape:
         example = torch.zeros((1, *info.input_shape))
     macs_before = macs_after = 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader
 
 from netshrink.config import NetshrinkConfig
@@ -82,6 +84,42 @@ def _optimizer(params, config: FinetuneConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+@dataclass
+class TrainState:
+    """Where a :func:`train` run is; every hook receives it."""
+
+    model: nn.Module
+    loader: DataLoader
+    """The training batches (hooks may draw from it, e.g. to recalibrate BatchNorm)."""
+    epoch: int = 0
+    """Epochs completed: ``n`` while epoch ``n + 1`` runs and when epoch ``n`` is validated."""
+    batch: int = 0
+    """Index of the current batch in its epoch."""
+    step: int = 0
+    """Optimizer steps taken so far (``after_step`` sees its own step counted)."""
+
+    @property
+    def progress(self) -> float:
+        """Epochs completed at the start of the current batch, fractional (for schedules)."""
+        return self.epoch + self.batch / max(len(self.loader), 1)
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Which weights :func:`train` ends with, and when it stops early."""
+
+    keep: Literal["best", "last"] = "best"
+    """``best``: restore the best validated weights; ``last``: keep the final ones."""
+    key: Callable[[Any, TrainState], Any] | None = None
+    """Ranks a validation result, higher is better; ``None``: not a candidate. Default: the
+    result itself. The incoming weights are validated (epoch 0) and ranked too, so that by
+    default training never ends worse on validation than it began."""
+    patience: int | None = None
+    """Stop after this many epochs without a new best (None: train all epochs)."""
+    warmup_epochs: int = 0
+    """Epochs up to this one never count towards ``patience`` (e.g. while a penalty ramps up)."""
+
+
 def train(
     model: nn.Module,
     data: DataSplits,
@@ -90,68 +128,105 @@ def train(
     seed: int = 0,
     teacher: nn.Module | None = None,
     device: str | torch.device = "cpu",
-    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-    after_step: Callable[[nn.Module], None] | None = None,
     desc: str = "train",
+    loss: Callable[[TrainState, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    extra_loss: Callable[[TrainState], torch.Tensor | float] | None = None,
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    before_epoch: Callable[[TrainState], None] | None = None,
+    after_step: Callable[[TrainState], None] | None = None,
+    validate: Callable[[TrainState], Any] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``data.train``; keeps the weights with the best validation accuracy
-    (the incoming weights included, so training never ends worse on validation than it began).
+    """Train ``model`` on ``data.train`` for ``config.epochs``, validating after every epoch:
+    the one training loop of netshrink and its plugins. By default it minimises cross-entropy
+    (distillation from ``teacher`` if ``config.distill``) with ``config``'s optimizer and a
+    cosine schedule, and keeps the weights with the best validation accuracy, incoming included.
 
-    ``extra_loss(model)`` adds a regulariser (e.g. an L1 penalty); ``after_step(model)`` runs
-    after every optimizer step (e.g. to re-apply masks). Returns the history.
+    Hooks (each gets the :class:`TrainState`): ``loss(state, x, y)`` replaces the default loss
+    and ``extra_loss(state)`` is added to it (e.g. an L1 penalty); ``optimizer(model)`` replaces
+    the optimizer and the schedule (parameter groups, tensors outside the model; step your own
+    scheduler in ``after_step``); ``before_epoch`` runs at the start of every epoch and
+    ``after_step`` after every optimizer step (re-apply masks, project, ...); ``validate(state)``
+    replaces the validation accuracy; ``checkpoint`` ranks the results and decides which weights
+    are kept and when to stop (default: ``CheckpointPolicy(patience=config.patience)``).
+
+    ``seed`` seeds torch and the shuffling. Returns the history: ``loss`` and ``val_acc`` (what
+    ``validate`` returned) per epoch, ``start_val_acc`` (the incoming weights'), and
+    ``best_val_acc`` and ``best_epoch`` of the weights kept (0: the incoming ones).
     """
     torch.manual_seed(seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     history: dict[str, Any] = {"val_acc": [], "loss": []}
-    if config.epochs == 0 or not params:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.epochs == 0 or not (params or optimizer):
         return history
-    opt = _optimizer(params, config)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs)
-    loader = data.loader("train", batch_size=config.batch_size, seed=seed)
+    opt = optimizer(model) if optimizer else _optimizer(params, config)
+    sched = None if optimizer else CosineAnnealingLR(opt, T_max=config.epochs)
+    policy = checkpoint or CheckpointPolicy(patience=config.patience)
+    state = TrainState(model, data.loader("train", batch_size=config.batch_size, seed=seed))
     val_loader = data.loader("val", batch_size=256)
-    # Start from the incoming weights: a short fine-tune must never end worse than it began.
-    best_acc, stale = evaluate(model, val_loader, device), 0
-    best_state = copy.deepcopy(model.state_dict())
-    history["start_val_acc"] = best_acc
+    validate = validate or (lambda state: evaluate(state.model, val_loader, device))
+    best: tuple[Any, Any, int] | None = None  # (rank, validation result, epoch)
+    best_state = None
+
+    def consider(result: Any) -> bool:
+        """Rank a validation result; True (and its weights kept) if it is a new best."""
+        nonlocal best, best_state
+        score = result if policy.key is None else policy.key(result, state)
+        if score is None or (best is not None and not score > best[0]):
+            return False
+        best = (score, result, state.epoch)
+        if policy.keep == "best":
+            best_state = copy.deepcopy(model.state_dict())
+        return True
+
+    history["start_val_acc"] = validate(state)
+    consider(history["start_val_acc"])
     if teacher is not None:
         teacher.eval()
-    bar = progress(range(config.epochs), desc=desc, total=config.epochs)
-    for _epoch in bar:
+    for epoch in progress(range(config.epochs), desc=desc, total=config.epochs):
+        state.epoch = epoch
         model.train()
+        if before_epoch is not None:
+            before_epoch(state)
         total_loss = 0.0
-        for x, y in loader:
+        for batch, (x, y) in enumerate(state.loader):
+            state.batch = batch
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            if teacher is not None and config.distill:
+            if loss is not None:
+                batch_loss = loss(state, x, y)
+            elif teacher is not None and config.distill:
+                logits = model(x)
                 with torch.no_grad():
                     soft = teacher(x)
-                loss = distillation_loss(
+                batch_loss = distillation_loss(
                     logits, y, soft, temperature=config.kd_temperature, alpha=config.kd_alpha
                 )
             else:
-                loss = F.cross_entropy(logits, y)
+                batch_loss = F.cross_entropy(model(x), y)
             if extra_loss is not None:
-                loss = loss + extra_loss(model)
+                batch_loss = batch_loss + extra_loss(state)
             opt.zero_grad()
-            loss.backward()
+            batch_loss.backward()
             opt.step()
+            state.step += 1
             if after_step is not None:
-                after_step(model)
-            total_loss += float(loss.detach()) * len(y)
-        sched.step()
-        acc = evaluate(model, val_loader, device)
-        history["val_acc"].append(acc)
-        history["loss"].append(total_loss / len(loader.dataset))
-        if acc > best_acc:
-            best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
-        else:
-            stale += 1
-            if config.patience is not None and stale >= config.patience:
-                break
-    if best_state is not None:
+                after_step(state)
+            total_loss += float(batch_loss.detach()) * len(y)
+        if sched is not None:
+            sched.step()
+        state.epoch, state.batch = epoch + 1, 0
+        result = validate(state)
+        history["val_acc"].append(result)
+        history["loss"].append(total_loss / max(len(state.loader.dataset), 1))
+        stale = state.epoch - max(best[2] if best else 0, policy.warmup_epochs)
+        if not consider(result) and policy.patience is not None and stale >= policy.patience:
+            break
+    if policy.keep == "last":
+        history["best_val_acc"], history["best_epoch"] = result, state.epoch
+    elif best is not None and best_state is not None:
         model.load_state_dict(best_state)
-    history["best_val_acc"] = best_acc
+        history["best_val_acc"], history["best_epoch"] = best[1], best[2]
     return history
 
 
@@ -182,8 +257,8 @@ def finetune(
         elif isinstance(enc, Sparse):
             masks[name] = enc.mask().to(tensor.device)
 
-    def keep_masks(m: nn.Module) -> None:
-        current = model_tensors(m)
+    def keep_masks(state: TrainState) -> None:
+        current = model_tensors(state.model)
         with torch.no_grad():
             for name, mask in masks.items():
                 current[name].mul_(mask)

@@ -32,7 +32,12 @@ def register_model_adapters(register: Callable[[Any], None]) -> None:
 
 @hookspec
 def register_datasets(register: Callable[..., None]) -> None:
-    """Register datasets: ``register("name", loader, description="...")`` (loader -> DataSplits)."""
+    """Register datasets: ``register("name", loader, description="...")`` (loader -> DataSplits).
+
+    A name ending in ``:`` claims a spec prefix: ``register("imagefolder:", loader)`` serves
+    every ``imagefolder:TARGET?key=value`` not registered by its full name, calling
+    ``loader(TARGET, key=value, ...)``.
+    """
 
 
 @hookspec

@@ -32,6 +32,8 @@ from netshrink.selector import LayerSelector
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "netshrink.plugins.digits",
+    "netshrink.plugins.shapes",
+    "netshrink.plugins.localdata",
     "netshrink.plugins.zoo",
     "netshrink.plugins.timm_adapter",
     "netshrink.plugins.torchvision_adapter",
@@ -50,6 +52,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+# A dataset name may end in ':' to claim a spec prefix (``imagefolder:`` serves any
+# ``imagefolder:PATH``), the way model adapters own ``zoo:``, ``timm:``, ...
+_DATASET_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*:?$")
 
 pm = pluggy.PluginManager("netshrink")
 pm.add_hookspecs(hookspecs)
@@ -169,7 +174,11 @@ def _dist_name(dist: Any) -> str | None:
     )
 
 
-def _collect(hook_name: str, make_register: Callable[[Callable[..., None]], Callable[..., None]]):
+def _collect(
+    hook_name: str,
+    make_register: Callable[[Callable[..., None]], Callable[..., None]],
+    name_re: re.Pattern[str] = _NAME_RE,
+):
     """Call every implementation of ``hook_name`` with its own register callback."""
     load_plugins()
     plugins = pm.get_plugins()
@@ -184,10 +193,12 @@ def _collect(hook_name: str, make_register: Callable[[Callable[..., None]], Call
         dist_name = _dist_name(dist)
 
         def add(name: str, obj: Any, description: str = "", _impl=impl, _dist=dist_name) -> None:
-            if not isinstance(name, str) or not _NAME_RE.match(name):
+            if not isinstance(name, str) or not name_re.match(name):
+                prefix_note = name_re is not _NAME_RE
+                suffix = " (and a trailing ':' for a spec prefix)" if prefix_note else ""
                 raise NetshrinkError(
                     f"plugin {_impl.plugin_name!r} registered an invalid name {name!r} "
-                    f"in {hook_name}: use lower-case letters, digits, '-' or '_'"
+                    f"in {hook_name}: use lower-case letters, digits, '-' or '_'{suffix}"
                 )
             if name in entries:
                 other = entries[name]
@@ -257,8 +268,8 @@ def model_adapters() -> dict[str, Entry]:
 
 
 def datasets() -> dict[str, Entry]:
-    """All registered datasets by name."""
-    return _collect("register_datasets", _register_dataset)
+    """All registered datasets by name; a name ending in ':' is a spec prefix."""
+    return _collect("register_datasets", _register_dataset, _DATASET_NAME_RE)
 
 
 def selector_presets() -> dict[str, Entry]:
@@ -283,8 +294,21 @@ def get_model_adapter(prefix: str) -> Any:
 
 
 def get_dataset(name: str) -> Any:
-    """The dataset loader registered as ``name``."""
+    """The dataset loader registered as exactly ``name`` (``digits28``, ``imagefolder:``)."""
     return _get("dataset", datasets(), name)
+
+
+def resolve_dataset(spec: str) -> tuple[Any, str | None]:
+    """The loader for a dataset spec and the target it is called with: ``(loader, None)`` for
+    a registered name (``digits28``); ``(loader, "PATH?k=v")`` for ``prefix:PATH?k=v`` when no
+    dataset has that full name and a plugin registered the prefix ``prefix:``."""
+    table = datasets()
+    if spec in table:
+        return table[spec].obj, None
+    prefix, sep, target = spec.partition(":")
+    if sep and f"{prefix}:" in table:
+        return table[f"{prefix}:"].obj, target
+    raise UnknownNameError("dataset", spec, table)
 
 
 def get_selector_preset(name: str) -> Any:

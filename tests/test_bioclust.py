@@ -11,7 +11,7 @@ from pydantic import ValidationError
 import netshrink as ns
 from netshrink import CompressionContext, LayerSelector, model_info
 from netshrink.encodings import Codebook, Dense, Encoding, Sparse
-from netshrink.errors import EncodingError, RecipeError
+from netshrink.errors import ConfigError, EncodingError, RecipeError
 from netshrink.plugins.bioclust import Bioclust, BioclustConfig, kmeans1d
 from netshrink.plugins.magnitude import Magnitude
 
@@ -26,7 +26,7 @@ def reference(data):
     return ns.reference_model("zoo:lenet300", data)
 
 
-def run(model, data, config, *, select=None, encodings=None, seed=0):
+def run(model, data, config, *, select=None, encodings=None, seed=0, overrides=None):
     """Run the compressor directly (as the pipeline does) and return (result, ctx, compressor)."""
     model = copy.deepcopy(model)
     info = model_info(model)
@@ -35,7 +35,7 @@ def run(model, data, config, *, select=None, encodings=None, seed=0):
         ctx.encodings = encodings
     layers = LayerSelector(**(select or {})).resolve(
         model, head=info.head, default_types=list(Bioclust.capabilities.handles))
-    comp = Bioclust(config)
+    comp = Bioclust(config, overrides=overrides)
     out = comp.compress(model, layers, ctx)
     ctx.encodings.reconcile(out.model)
     return out, ctx, comp
@@ -97,15 +97,20 @@ def test_bad_config_names_the_field(field, value):
 def test_bad_overrides_and_conflicts():
     with pytest.raises(ValidationError, match="either bits or k"):
         BioclustConfig(bits=3, k=5)
-    with pytest.raises(ValidationError) as exc:
-        BioclustConfig(overrides={"fc1": {"k": 1}})
-    assert exc.value.errors()[0]["loc"][:3] == ("overrides", "fc1", "k")
-    with pytest.raises(ValidationError, match="not a valid regex"):
-        BioclustConfig(overrides={"re:fc[": {"bits": 2}})
+    with pytest.raises(ConfigError, match=r"field 'overrides\.fc1\.k': .*greater than or equal"):
+        Bioclust(overrides={"fc1": {"k": 1}})
+    with pytest.raises(ConfigError, match=r"field 'overrides\.re:fc\[': .*not a valid regex"):
+        Bioclust(overrides={"re:fc[": {"bits": 2}})
+    with pytest.raises(ConfigError, match=r"overrides\.fc1\.population.*once for the whole step"):
+        Bioclust(overrides={"fc1": {"population": 2}})
     with pytest.raises(ValidationError, match="Extra inputs"):
         BioclustConfig(populaton=4)
-    cfg = BioclustConfig(k=5, overrides={"fc1": {"bits": 2}, "re:^fc": {"k": 3}})
-    assert (cfg.clusters_for("fc1"), cfg.clusters_for("fc2"), cfg.clusters_for("conv")) == (4, 3, 5)
+    # An override's bits or k replaces the step's bits and k (they are alternatives).
+    comp = Bioclust({"k": 5}, overrides={"fc1": {"bits": 2}, "re:^fc": {"k": 3}})
+    assert [comp.config_for(n).clusters for n in ("fc1", "fc2", "conv")] == [4, 3, 5]
+    comp = Bioclust({"bits": 3}, overrides={"fc1": {"k": 5}, "fc2": {"noise_scale": 0.0}})
+    assert [comp.config_for(n).clusters for n in ("fc1", "fc2", "conv")] == [5, 8, 8]
+    assert comp.config_for("fc2").noise_scale == 0.0 and comp.config_for("fc1").noise_scale == 0.5
 
 
 def test_pipeline_reports_bad_config_with_step_and_field():
@@ -216,8 +221,8 @@ def test_artifact_round_trip_and_honest_size(tmp_path):
 
 
 def test_overrides_set_per_layer_clusters(reference, data):
-    out, ctx, _ = run(reference, data, {"bits": 4, "noise_scale": 0.0,
-                                        "overrides": {"fc2": {"bits": 1}}})
+    out, ctx, _ = run(reference, data, {"bits": 4, "noise_scale": 0.0},
+                      overrides={"fc2": {"bits": 1}})
     details = {r.name: r.details for r in out.records}
     assert details["fc1"]["k"] == 16 and details["fc2"]["k"] == 2
     assert isinstance(ctx.encoding_of("fc2.weight"), Codebook)

@@ -7,17 +7,18 @@ import os
 import subprocess
 import sys
 import time
-from typing import Annotated, Any, ClassVar
+from typing import Annotated
 
 import pytest
 import torch
 from pydantic import Field, PlainSerializer
 
 import netshrink as ns
-from netshrink.encodings import Sparse
+from netshrink.encodings import Quantized, Sparse
 from netshrink.registry import DEFAULT_PLUGINS, compressors
 from netshrink.testing import (
     ALL_CHECKS,
+    BUILTIN_FAST_CONFIGS,
     ConformanceError,
     check_compressor,
     conformance_cases,
@@ -27,6 +28,7 @@ from netshrink.testing import (
 
 # Collected from the registry, so every compressor a built-in plugin (or, without the
 # conftest's NETSHRINK_PLUGINS="", an installed plugin) registers is covered automatically.
+# Built-ins whose defaults are slow run with their netshrink.testing.BUILTIN_FAST_CONFIGS entry.
 CASES = [case for _, entry in sorted(compressors().items())
          for case in conformance_cases(entry.obj)]
 # Linear and Conv2d (the layer types every method targets) run in the default suite; the other
@@ -52,7 +54,22 @@ def test_every_builtin_compressor_is_covered():
     for name in covered:
         checks = {case.check for case in CASES if case.compressor.name == name}
         assert {"class", "config-json", "config-invalid", "compress", "save-load", "size",
-                "deterministic"} <= checks, name
+                "layer-bytes", "encodes-values", "deterministic"} <= checks, name
+
+
+def test_fast_configs_live_on_the_test_side():
+    # A test setting is not part of the production class.
+    assert not hasattr(ns.Compressor, "conformance_config")
+    for name, entry in compressors().items():
+        assert "conformance_config" not in dir(entry.obj), name
+    for name, fast in BUILTIN_FAST_CONFIGS.items():
+        if name in compressors():
+            cls = compressors()[name].obj
+            assert conformance_cases(cls, checks=("class",))[0].config == fast
+            # config= overrides the built-in settings key by key.
+            key = next(iter(fast))
+            cases = conformance_cases(cls, config={key: fast[key]}, checks=("class",))
+            assert cases[0].config == fast
 
 
 # -- the suite can fail: compressors that break one rule each ---------------------------------
@@ -148,7 +165,6 @@ class _LossyConfig(_PruneHalf):
     """Serialises its config with a loss of precision."""
 
     name = "conftest-lossy"
-    conformance_config: ClassVar[dict[str, Any]] = {"fraction": 0.55}
 
     class Config(ns.CompressorConfig):
         """Configuration."""
@@ -168,22 +184,123 @@ class _Undocumented(_PruneHalf):
         fraction: float = Field(0.5, ge=0, lt=1)
 
 
+class _ValuesOnlySparse(Sparse):
+    """Counts the stored values but forgets the index bytes (the bitmask or relative indices)
+    that ``to_record`` still writes: the layer looks smaller than it is."""
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.values.payload_bytes
+
+
+class _UnderReported(_PruneHalf):
+    """Stores each layer sparse through an encoding whose payload_bytes under-counts it."""
+
+    name = "conftest-under-reported"
+
+    def compress(self, model, layers, ctx):
+        records = []
+        for lname, module in layers:
+            mask = torch.ones(module.weight.numel(), dtype=torch.bool)
+            mask[: module.weight.numel() // 2] = False
+            mask = mask.reshape(module.weight.shape)
+            ctx.encode(model, f"{lname}.weight",
+                       _ValuesOnlySparse.from_dense(module.weight * mask, mask=mask))
+            records.append(ns.LayerRecord(lname))
+        return ns.StepResult(model, records)
+
+
+class _Misattributed(_PruneHalf):
+    """Prunes every selected layer but records only the first: the others' sparse bytes are
+    reported under '(other tensors)'."""
+
+    name = "conftest-misattributed"
+
+    def compress(self, model, layers, ctx):
+        out = super().compress(model, layers, ctx)
+        return ns.StepResult(model, out.records[:1])
+
+
+class _FakeQuant(_PruneHalf):
+    """Declares encodes_values and rounds weights to a 4-bit grid, but records no encoding:
+    the rounded values are stored as full fp32."""
+
+    name = "conftest-fake-quant"
+    capabilities = ns.Capabilities(handles=("Linear", "Conv2d"), encodes_values=True)
+
+    def compress(self, model, layers, ctx):
+        with torch.no_grad():
+            for _, module in layers:
+                module.weight.copy_(Quantized.quantize(module.weight, 4).decode())
+        return ns.StepResult(model, [ns.LayerRecord(lname) for lname, _ in layers])
+
+
+class _UndeclaredQuant(_PruneHalf):
+    """Quantizes (recording it) without declaring encodes_values."""
+
+    name = "conftest-undeclared-quant"
+
+    def compress(self, model, layers, ctx):
+        for lname, module in layers:
+            ctx.encode(model, f"{lname}.weight", Quantized.quantize(module.weight, 4))
+        return ns.StepResult(model, [ns.LayerRecord(lname) for lname, _ in layers])
+
+
+class _Quant(_UndeclaredQuant):
+    """Quantizes to 4 bits and says so (a correct compressor)."""
+
+    name = "conftest-quant"
+    capabilities = ns.Capabilities(handles=("Linear", "Conv2d"), encodes_values=True)
+
+
 BROKEN = [
-    (_Hooked, ("save-load",), r"save-load\[Linear\].*outputs differ"),
-    (_Noisy, ("deterministic",), r"deterministic\[Linear\].*different artifacts"),
-    (_NoOp, ("compress",), r"compress\[Linear\].*did nothing"),
-    (_Stray, ("compress",), r"compress\[Linear\].*not selected: \['head'\]"),
-    (_LaxConfig, ("config-invalid",), r"fraction=0\.99.*was accepted"),
-    (_LossyConfig, ("config-json",), r"does not round-trip"),
-    (_Undocumented, ("class",), r"without a description: \['fraction'\]"),
+    (_Hooked, ("save-load",), r"save-load\[Linear\].*outputs differ", None),
+    (_Noisy, ("deterministic",), r"deterministic\[Linear\].*different artifacts", None),
+    (_NoOp, ("compress",), r"compress\[Linear\].*did nothing", None),
+    (_Stray, ("compress",), r"compress\[Linear\].*not selected: \['head'\]", None),
+    (_LaxConfig, ("config-invalid",), r"fraction=0\.99.*was accepted", None),
+    (_LossyConfig, ("config-json",), r"does not round-trip", {"fraction": 0.55}),
+    (_Undocumented, ("class",), r"without a description: \['fraction'\]", None),
+    (_UnderReported, ("layer-bytes",),
+     r"(?s)layer-bytes\[Linear\].*row 'fc1' reports \d+ bytes but the artifact stores \d+"
+     r".*row '\(header \+ manifest\)' reports", None),
+    (_Misattributed, ("layer-bytes",),
+     r"(?s)layer-bytes\[Linear\].*outside every recorded layer \['fc1'\].*fc2\.weight", None),
+    (_FakeQuant, ("encodes-values",),
+     r"(?s)encodes-values\[Linear\].*encodes_values=True.*layers \['fc1', 'fc2'\]", None),
+    (_UndeclaredQuant, ("encodes-values",),
+     r"(?s)encodes-values\[Linear\].*value-encoded tensors \['fc1\.weight'", None),
 ]
 
 
-@pytest.mark.parametrize(("cls", "checks", "message"),
+@pytest.mark.parametrize(("cls", "checks", "message", "config"),
                          [pytest.param(*b, id=b[0].name) for b in BROKEN])
-def test_the_suite_catches(cls, checks, message):
+def test_the_suite_catches(cls, checks, message, config):
     with pytest.raises(ConformanceError, match=message):
-        check_compressor(cls, checks=checks)
+        check_compressor(cls, checks=checks, config=config)
+
+
+@pytest.mark.parametrize("cls", [_UnderReported, _FakeQuant], ids=lambda c: c.name)
+def test_the_lies_pass_the_other_checks(cls):
+    # Total size, save/load and the rest hold: only the new checks catch these two.
+    checks = tuple(c for c in ALL_CHECKS if c not in ("layer-bytes", "encodes-values"))
+    check_compressor(cls, checks=checks)
+
+
+def test_a_correct_quantizer_passes():
+    check_compressor(_Quant, checks=("layer-bytes", "encodes-values", "save-load", "size"))
+
+
+class _OldStyle(_PruneHalf):
+    """Still sets the removed class attribute."""
+
+    name = "conftest-old-style"
+    conformance_config = {"fraction": 0.25}  # noqa: RUF012 (the removed attribute, on purpose)
+
+
+def test_the_old_class_attribute_is_refused():
+    with pytest.raises(ConformanceError, match="no longer reads"):
+        check_compressor(_OldStyle, checks=("class",))
 
 
 def test_invalid_values_come_from_the_schema():
@@ -225,10 +342,21 @@ def test_pytest_option_runs_the_suite(tmp_path):
     env = {**os.environ, "NETSHRINK_PLUGINS": "", "NETSHRINK_PROGRESS": "0"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--netshrink-conformance", "magnitude", "-k", "class or config"],
+         "--netshrink-conformance", "magnitude", "-k", "class or config",
+         "--netshrink-conformance-config", 'magnitude={"sparsity": 0.3}'],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "3 passed" in proc.stdout
+
+
+def test_pytest_config_option_values():
+    from netshrink.testing.pytest_plugin import _configs
+
+    assert _configs(['snip={"batch_size": 64}', "other={}"]) == {
+        "snip": {"batch_size": 64}, "other": {}}
+    for bad in ("snip=3", "snip", '={"a": 1}', "snip={oops"):
+        with pytest.raises(pytest.UsageError, match="netshrink-conformance-config"):
+            _configs([bad])
 
 
 class _DataPlugin:

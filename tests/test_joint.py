@@ -38,8 +38,6 @@ FAST = {"epochs": 1, "calib_batches": 2}
         ({"sparsities": []}, "sparsities"),
         ({"epochs": -1}, "epochs"),
         ({"lr": 0}, "lr"),
-        ({"overrides": {"fc*": {"bits": 9}}}, "bits"),
-        ({"overrides": {"re:(": {"bits": 4}}}, "overrides"),
         ({"margin": 0.7}, "margin"),
         ({"sparsty": 0.5}, "sparsty"),
     ],
@@ -58,10 +56,33 @@ def test_cross_field_rules_name_both_fields():
 
 
 def test_overrides_match_globs_and_regexes():
-    cfg = JointConfig(overrides={"features.*": {"bits": 4}, "re:^fc[0-9]$": {"sparsity": 0.9}})
-    assert cfg.override_for("features.3").bits == 4
-    assert cfg.override_for("fc1").sparsity == 0.9
-    assert cfg.override_for("classifier") is None
+    joint = Joint(
+        overrides={
+            "features.*": {"min_bits": 4, "max_bits": 4},
+            "re:^fc[0-9]$": {"sparsities": [0.9]},
+        }
+    )
+    assert joint.config_for("features.3").bit_choices() == [4]
+    assert joint.config_for("fc1").sparsities == [0.9]
+    assert joint.config_for("fc1").bit_choices() == list(range(2, 9))
+    assert joint.config_for("classifier") is joint.config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"fc*": {"max_bits": 9}}, "overrides.fc*.max_bits"),
+        ({"fc*": {"sparsities": [1.0]}}, "overrides.fc*.sparsities"),
+        ({"fc*": {"min_bits": 6, "max_bits": 4}}, "overrides.fc*"),
+        ({"fc*": {"bits": 4}}, "overrides.fc*.bits"),  # the old override field: not a config one
+        ({"fc*": {"epochs": 4}}, "overrides.fc*.epochs"),  # step-wide, not per layer
+        ({"re:(": {"max_bits": 4}}, "overrides.re:("),
+    ],
+)
+def test_bad_overrides_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        Joint(overrides=overrides)
+    assert f"field '{field}'" in str(info.value)
 
 
 def test_pipeline_refuses_bad_config_naming_step_and_field():
@@ -215,7 +236,7 @@ def test_target_bytes_and_overrides(lenet300):
         "joint",
         select={"protect_head": False},
         target_bytes=6000,
-        overrides={"fc3": {"sparsity": 0.5, "bits": 6}},
+        overrides={"fc3": {"sparsities": [0.5], "min_bits": 6, "max_bits": 6}},
         epochs=0,
         calib_batches=2,
     )
@@ -253,7 +274,7 @@ def test_keeps_an_earlier_steps_zeros(lenet300):
             select={"names": ["fc1"]},
             target_ratio=1.5,
             epochs=0,
-            overrides={"fc1": {"sparsity": 0.3}},
+            overrides={"fc1": {"sparsities": [0.3]}},
             calib_batches=2,
         ),
     ]

@@ -11,9 +11,9 @@ from torch import nn
 
 import netshrink as ns
 from netshrink import CompressionContext, LayerSelector, ModelInfo, NetshrinkError
+from netshrink.lowrank import rank_by_energy, rank_by_vbmf
 from netshrink.plugins.tucker import Tucker, TuckerConfig
 from netshrink.plugins.tucker.factorize import tucker2, tucker2_error
-from netshrink.plugins.tucker.ranks import rank_by_energy, rank_by_vbmf
 
 
 def _run(model: nn.Module, config: dict | None = None, select: dict | None = None):

@@ -138,7 +138,10 @@ class Encoding(ABC):
 
     @staticmethod
     def from_record(record: dict[str, Any], read: ArrayReader) -> Encoding:
-        """Inverse of :meth:`to_record`; raises :class:`ArtifactError` on malformed records."""
+        """Inverse of :meth:`to_record`; raises :class:`ArtifactError` on malformed records
+        (:mod:`netshrink.manifest` checks a file's records against the schema first)."""
+        if not isinstance(record, dict):
+            raise ArtifactError(f"malformed encoding record: a {type(record).__name__}")
         try:
             kind = record["k"]
             cls = _KINDS[kind]
@@ -153,6 +156,10 @@ class Encoding(ABC):
         except ArtifactError:
             raise
         except KeyError as exc:
-            raise ArtifactError(f"malformed encoding record: missing or unknown {exc}") from None
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"malformed encoding record {record.get('k')!r}: {exc}") from None
+            raise ArtifactError(
+                f"malformed encoding record: missing or unknown {str(exc)[:80]}"
+            ) from None
+        except (TypeError, ValueError, RuntimeError, IndexError, OverflowError) as exc:
+            raise ArtifactError(
+                f"malformed encoding record {str(record.get('k'))[:40]!r}: {str(exc)[:200]}"
+            ) from None

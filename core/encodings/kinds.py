@@ -18,7 +18,11 @@ def _u8(array: np.ndarray) -> torch.Tensor:
 
 
 class Dense(Encoding):
-    """A plain tensor stored in ``storage_dtype`` (e.g. fp16) and decoded to ``dtype``."""
+    """A plain tensor stored in ``storage_dtype`` (e.g. fp16) and decoded to ``dtype``.
+
+    Costs ``numel * storage_dtype.itemsize`` bytes. Example: ``Dense(w, torch.float16)`` stores
+    an fp32 weight in half the bytes and decodes it to fp32 again.
+    """
 
     kind = "dense"
 
@@ -28,6 +32,14 @@ class Dense(Encoding):
         storage_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """Store a copy of ``tensor`` (any shape; the decoded shape).
+
+        Args:
+            tensor: the values; copied, so training the parameter later does not change it.
+            storage_dtype: the dtype written to the artifact (default: ``tensor.dtype``); one of
+                :data:`netshrink.encodings.DTYPES` (F32, F16, BF16, F64, I64 ... BOOL).
+            dtype: the dtype :meth:`decode` returns (default: ``tensor.dtype``).
+        """
         super().__init__(tuple(tensor.shape))
         self.dtype = dtype or tensor.dtype
         storage_dtype = storage_dtype or tensor.dtype
@@ -63,6 +75,11 @@ class Quantized(Encoding):
     Scales and zero points are per tensor or per output channel (axis 0 of ``full_shape``). When
     nested in :class:`Sparse`, the decoded values are the non-zeros of a tensor of ``full_shape``
     and each value's channel is found from its position.
+
+    Costs ``ceil(numel * bits / 8)`` bytes of codes; per channel, plus 4 bytes of fp32 scale per
+    channel and 1 byte of zero point per channel when the zero points differ. A per-tensor scale
+    and zero point live in the manifest. Build one with :meth:`quantize` unless you already have
+    codes on your own grid.
     """
 
     kind = "quant"
@@ -77,6 +94,19 @@ class Quantized(Encoding):
         full_shape: tuple[int, ...] | None = None,
         shape: tuple[int, ...] | None = None,
     ) -> None:
+        """Wrap codes already on a grid (:meth:`quantize` computes them from floats).
+
+        Args:
+            codes: integer codes in ``[0, 2**bits - 1]``, any shape (stored flat).
+            bits: bits per code, 1 to 8.
+            scale: one float (per tensor) or one per output channel (``full_shape[0]`` of them).
+            zero_point: integer codes that decode to 0, as many as ``scale`` (each in
+                ``[0, 2**bits - 1]``).
+            full_shape: the shape of the whole tensor, whose axis 0 the per-channel scales
+                follow. Give it when these codes are the kept values of a :class:`Sparse`
+                tensor (``codes`` then has one code per kept value); default: ``shape``.
+            shape: the decoded shape (default: ``codes.shape``); ``(nnz,)`` inside a Sparse.
+        """
         super().__init__(shape or tuple(codes.shape))
         if not 1 <= bits <= 8:
             raise EncodingError(f"quantization bits must be in [1, 8], got {bits}")
@@ -109,6 +139,23 @@ class Quantized(Encoding):
         """Quantize ``values`` (a full tensor, or non-zeros at ``positions`` of ``full_shape``).
 
         Zero is always exactly representable, so pruned zeros stay zeros.
+
+        Args:
+            values: the floats to quantize: a whole tensor, or the flat kept values of a sparse
+                tensor (then also pass ``positions`` and ``full_shape``).
+            bits: bits per code, 1 to 8.
+            symmetric: a grid symmetric around 0 (``zero_point = 2**(bits-1)``, codes
+                ``-(2**(bits-1) - 1)..2**(bits-1) - 1`` around it); else an asymmetric grid from
+                each group's min and max, zero included. Symmetric 1-bit codes are ``{0, +max}``
+                (magnitudes only: negative values become 0); store signs with a two-entry
+                :class:`Codebook` instead.
+            per_channel: one scale (and zero point) per output channel (axis 0 of
+                ``full_shape``); ignored for 1-D tensors.
+            positions: flat indices of ``values`` in the full tensor (the ``positions`` a
+                ``value_encoder`` receives), so each value finds its channel.
+            full_shape: the whole tensor's shape (default: ``values.shape``).
+
+        The returned encoding's shape is ``values.shape``.
         """
         values = values.detach().float().cpu()
         full_shape = tuple(full_shape or values.shape)
@@ -167,6 +214,7 @@ class Quantized(Encoding):
             scale = arrays["scale"]
         else:
             scale = torch.tensor([np.float32(meta["sc"])], dtype=torch.float32)
+        _require_finite(scale, "scale")
         channels = scale.numel()
         if "zp" in arrays:
             zero_point = arrays["zp"].to(torch.int64)
@@ -182,6 +230,10 @@ class Codebook(Encoding):
     """Weight sharing: ``ceil(log2 k)``-bit indices into ``k`` centroids, plus an optional
     perturbation regenerated from a seed (so it costs no storage):
     ``value = centroid[i] + scale * spread[i] * noise(seed)``.
+
+    Costs ``ceil(numel * max(1, ceil(log2 k)) / 8)`` bytes of indices plus ``4 * k`` bytes of
+    fp32 centroids, and ``2 * k`` bytes of fp16 spreads when perturbed; the seed and the noise
+    scale live in the manifest. ``k`` is at most ``2**16``.
     """
 
     kind = "codebook"
@@ -198,6 +250,23 @@ class Codebook(Encoding):
         spreads: torch.Tensor | None = None,
         distribution: Literal["normal", "uniform"] = "normal",
     ) -> None:
+        """Index ``centroids`` with ``indices``.
+
+        Args:
+            indices: the centroid index of every element, integers in ``[0, k)``; any shape,
+                stored flat (e.g. k-means labels over ``w.reshape(-1)``).
+            centroids: the ``k`` shared values (stored as fp32).
+            shape: the decoded shape; needed when ``indices`` is flat and the tensor is not
+                (``shape=w.shape``). Default: ``indices.shape``. Inside a :class:`Sparse` or a
+                ``value_encoder``, leave it flat: ``(n_values,)``.
+            seed: with a non-zero ``noise_scale``, regenerate a perturbation from this seed:
+                ``value = centroids[i] + noise_scale * spreads[i] * noise``.
+            noise_scale: the perturbation's scale (0: none).
+            spreads: one per-cluster spread per centroid (stored as fp16; required when
+                perturbed), e.g. the within-cluster standard deviation.
+            distribution: the noise: ``"normal"`` (standard normal) or ``"uniform"`` (in
+                ``[-1, 1)``), drawn from ``torch.Generator().manual_seed(seed)``.
+        """
         super().__init__(shape or tuple(indices.shape))
         self.indices = indices.reshape(-1).to(torch.int64)
         self.centroids = centroids.reshape(-1).to(torch.float32)
@@ -262,6 +331,13 @@ class Codebook(Encoding):
     @classmethod
     def from_parts(cls, shape, meta, arrays, children):
         centroids = arrays["centroids"]
+        _require_finite(centroids, "centroids")
+        if "spreads" in arrays:
+            _require_finite(arrays["spreads"], "spreads")
+        seed = meta.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise EncodingError(f"codebook seed must be an integer, got {str(seed)[:40]!r}")
+        _require_finite(torch.tensor([float(np.float32(meta.get("ns", 0.0)))]), "noise scale")
         k = int(meta["n"])
         if centroids.numel() != k:
             raise EncodingError(f"codebook has {centroids.numel()} centroids, manifest says {k}")
@@ -280,6 +356,13 @@ class Codebook(Encoding):
 
     def describe(self) -> str:
         return f"codebook{self.centroids.numel()}{'+seed' if self.perturbed else ''}"
+
+
+def _require_finite(values: torch.Tensor, what: str) -> None:
+    """Refuse NaN or infinite stored values: they would load as a silently broken model."""
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise EncodingError(f"{what} not finite: {bad} of {values.numel()} values are NaN or inf")
 
 
 def _channel_of(
@@ -319,7 +402,12 @@ def _positions_from_relative(codes: np.ndarray, bits: int) -> np.ndarray:
 
 class Sparse(Encoding):
     """Zeros are not stored: a bitmask or relative indices (whichever is smaller) locate the
-    non-zeros, whose values are stored by a nested encoding (dense, quantized, codebook)."""
+    non-zeros, whose values are stored by a nested encoding (dense, quantized, codebook).
+
+    Costs the index, ``ceil(numel / 8)`` bytes as a bitmask or ``ceil(n_codes * b / 8)`` bytes
+    of ``b``-bit gaps (``n_codes``: one per kept value plus ``(gap - 1) // (2**b - 1)`` escape
+    codes per gap), plus the nested value encoding's bytes. Build one with :meth:`from_dense`.
+    """
 
     kind = "sparse"
 
@@ -330,6 +418,17 @@ class Sparse(Encoding):
         values: Encoding,
         index_bits: int | None = None,
     ) -> None:
+        """Assemble from parts (:meth:`from_dense` builds them from a tensor and a mask).
+
+        Args:
+            shape: the decoded (full) tensor's shape.
+            positions: flat indices of the kept values into ``shape``, unique and ascending.
+            values: the encoding of the kept values, with ``len(positions)`` elements in
+                ``positions`` order (e.g. ``Dense(kept)``, or a ``Quantized`` given
+                ``full_shape=shape``).
+            index_bits: 0 for a bitmask, 1 to 8 for relative indices of that width; default:
+                whichever stores the positions in the fewest bytes.
+        """
         super().__init__(shape)
         self.positions = positions.reshape(-1).to(torch.int64)
         if values.numel != self.positions.numel():
@@ -346,7 +445,12 @@ class Sparse(Encoding):
         """Sparse encoding of ``tensor`` keeping ``mask`` (default: its non-zeros).
 
         ``value_encoder(values, positions, full_shape) -> Encoding`` encodes the kept values
-        (default: dense in the tensor's dtype).
+        (default: dense in the tensor's dtype). It receives the kept values as a flat tensor,
+        their flat indices into ``tensor`` and ``tensor.shape``, and must return an encoding of
+        ``len(values)`` elements, e.g.
+        ``lambda v, p, s: Quantized.quantize(v, 4, positions=p, full_shape=s)``.
+
+        A kept position whose value is 0 is still stored (``mask`` decides, not the values).
         """
         flat = tensor.detach().cpu().reshape(-1)
         keep = (flat != 0) if mask is None else mask.detach().cpu().reshape(-1).bool()

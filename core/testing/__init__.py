@@ -14,11 +14,13 @@ or one pytest test per check::
     def test_conformance(case):
         case.run()
 
-A compressor whose defaults are slow declares fast settings for the suite as a class attribute
-``conformance_config: ClassVar[dict] = {"epochs": 1}``; ``config=`` overrides it.
+A compressor whose defaults are slow is given fast settings where the suite is called:
+``conformance_cases(MyCompressor, config={"epochs": 1})`` (the built-ins' are in
+:mod:`netshrink.testing.fast_configs`).
 """
 
 from netshrink.testing.configs import InvalidValue, check_invalid, check_roundtrip, invalid_values
+from netshrink.testing.fast_configs import BUILTIN_FAST_CONFIGS, builtin_fast_config
 from netshrink.testing.models import (
     TINY_MODELS,
     ConformanceAdapter,
@@ -38,11 +40,13 @@ from netshrink.testing.suite import (
 
 __all__ = [
     "ALL_CHECKS",
+    "BUILTIN_FAST_CONFIGS",
     "TINY_MODELS",
     "ConformanceAdapter",
     "ConformanceCase",
     "ConformanceError",
     "InvalidValue",
+    "builtin_fast_config",
     "check_compressor",
     "check_invalid",
     "check_roundtrip",

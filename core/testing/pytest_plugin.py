@@ -12,10 +12,15 @@ nothing heavy at import time. It provides:
 ``--netshrink-conformance NAME`` (option)
     Adds the conformance cases of registered compressor ``NAME`` (repeatable, or ``all``) to the
     run, e.g. ``pytest --netshrink-conformance my-method -p no:cacheprovider``.
+``--netshrink-conformance-config NAME=JSON`` (option)
+    The config the suite runs ``NAME`` with (repeatable, one per compressor), e.g.
+    ``--netshrink-conformance-config 'my-method={"epochs": 1}'``. Built-ins default to their
+    :data:`~netshrink.testing.fast_configs.BUILTIN_FAST_CONFIGS` entry.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,11 +28,33 @@ import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    """Add ``--netshrink-conformance``."""
+    """Add ``--netshrink-conformance`` and ``--netshrink-conformance-config``."""
     group = parser.getgroup("netshrink")
     group.addoption(
         "--netshrink-conformance", action="append", default=[], metavar="NAME",
         help="run netshrink's conformance suite on registered compressor NAME ('all': every one)")
+    group.addoption(
+        "--netshrink-conformance-config", action="append", default=[], metavar="NAME=JSON",
+        help="the config the conformance suite runs compressor NAME with, as a JSON object "
+        "(e.g. 'my-method={\"epochs\": 1}'; built-ins default to their fast settings)")
+
+
+def _configs(values: list[str]) -> dict[str, dict[str, Any]]:
+    """``NAME=JSON`` option values by compressor name."""
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        try:
+            config = json.loads(text) if sep else None
+        except json.JSONDecodeError as exc:
+            raise pytest.UsageError(
+                f"--netshrink-conformance-config {value!r}: invalid JSON ({exc})") from None
+        if not name.strip() or not isinstance(config, dict):
+            raise pytest.UsageError(
+                f"--netshrink-conformance-config expects NAME=JSON-object, got {value!r} "
+                "(e.g. 'my-method={\"epochs\": 1}')")
+        out[name.strip()] = config
+    return out
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -86,9 +113,11 @@ class _ConformanceItem(pytest.Item):
 class _ConformanceCollector(pytest.Collector):
     """Collects the conformance cases of the compressors named on the command line."""
 
-    def __init__(self, *, names: list[str], **kwargs: Any) -> None:
+    def __init__(self, *, names: list[str], configs: dict[str, dict[str, Any]],
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.names = names
+        self.configs = configs
 
     def collect(self) -> list[pytest.Item]:
         from netshrink.registry import compressors, get_compressor
@@ -97,7 +126,7 @@ class _ConformanceCollector(pytest.Collector):
         names = sorted(compressors()) if "all" in self.names else self.names
         items: list[pytest.Item] = []
         for name in names:
-            for case in conformance_cases(get_compressor(name)):
+            for case in conformance_cases(get_compressor(name), config=self.configs.get(name)):
                 items.append(_ConformanceItem.from_parent(self, name=case.id, case=case))
         return items
 
@@ -109,6 +138,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     names = config.getoption("--netshrink-conformance")
     if not names:
         return
+    configs = _configs(config.getoption("--netshrink-conformance-config"))
     collector = _ConformanceCollector.from_parent(session, name="netshrink-conformance",
-                                                  names=list(names))
+                                                  names=list(names), configs=configs)
     items.extend(collector.collect())

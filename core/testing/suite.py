@@ -4,7 +4,7 @@ Checks (one :class:`ConformanceCase` each, per declared layer type where it appl
 
 ``class``
     The class is a well-formed plugin: kebab-case name, a one-line docstring, declared layer
-    types, every config field described, ``conformance_config`` valid.
+    types, every config field described, the suite's config valid.
 ``config-json``
     ``Config.model_validate_json(cfg.model_dump_json()) == cfg`` (defaults and the suite's
     config), and the JSON schema serialises.
@@ -19,6 +19,14 @@ Checks (one :class:`ConformanceCase` each, per declared layer type where it appl
     ``result.save`` → ``netshrink.load`` gives a model with the same outputs.
 ``size[T]``
     The artifact file is ``report.storage_bytes`` long (within ``SIZE_TOLERANCE_BYTES``).
+``layer-bytes[T]``
+    Every report row's ``storage_bytes`` equals the bytes the saved artifact's manifest
+    references for that row's tensors (recomputed from the file, not from the encodings the
+    report summed), and no new or encoded tensor sits outside every recorded layer.
+``encodes-values[T]``
+    A compressor whose capabilities declare ``encodes_values`` stores a value encoding
+    (quantized, codebook, possibly inside sparse) in every layer it changed; one that does not
+    declare it stores none.
 ``deterministic[T]``
     A second run with the same seed gives identical artifact bytes and outputs.
 ``refuses-undeclared``
@@ -27,6 +35,10 @@ Checks (one :class:`ConformanceCase` each, per declared layer type where it appl
 
 Each compress run is shared by the checks of its layer type (cached per process), so a
 compressor costs two compressions per declared type.
+
+The suite runs a compressor with its defaults unless given ``config=``: fast settings are a
+test concern, passed where the suite is called (the built-ins' live in
+:mod:`netshrink.testing.fast_configs`).
 """
 
 from __future__ import annotations
@@ -48,12 +60,21 @@ from torch import nn
 from netshrink.compressor import Compressor
 from netshrink.errors import RecipeError, SelectionError
 from netshrink.selector import LAYER_TYPES
+from netshrink.testing.accounting import (
+    byte_mismatches,
+    decode_record,
+    owner,
+    read_artifact,
+    stored_tensors,
+    unattributed,
+)
 from netshrink.testing.configs import (
     check_invalid,
     check_roundtrip,
     invalid_values,
     undocumented_fields,
 )
+from netshrink.testing.fast_configs import builtin_fast_config
 from netshrink.testing.models import ensure_registered, model_for_type, tiny_model
 
 #: The artifact file may differ from ``report.storage_bytes`` by at most this many bytes. The
@@ -64,7 +85,8 @@ OUTPUT_ATOL = 1e-5
 DEFAULT_DATA = "digits"
 SEED = 0
 
-PER_TYPE_CHECKS = ("compress", "save-load", "size", "deterministic")
+PER_TYPE_CHECKS = ("compress", "save-load", "size", "layer-bytes", "encodes-values",
+                   "deterministic")
 CLASS_CHECKS = ("class", "config-json", "config-invalid")
 ALL_CHECKS = (*CLASS_CHECKS, *PER_TYPE_CHECKS, "refuses-undeclared")
 
@@ -102,9 +124,10 @@ class ConformanceCase:
 
 
 def effective_config(cls: type[Compressor], config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The config the suite uses: the class's ``conformance_config`` updated with ``config``."""
-    declared = getattr(cls, "conformance_config", None) or {}
-    return {**declared, **(config or {})}
+    """The config the suite uses: ``config`` (the class's defaults for the keys it omits); for
+    a built-in compressor, on top of its entry in
+    :data:`~netshrink.testing.fast_configs.BUILTIN_FAST_CONFIGS`."""
+    return {**builtin_fast_config(cls), **(config or {})}
 
 
 def _model_types(spec: str, data: str) -> list[str]:
@@ -120,8 +143,9 @@ def conformance_cases(cls: type[Compressor], *, config: dict[str, Any] | None = 
                       checks: tuple[str, ...] | None = None) -> list[ConformanceCase]:
     """Every conformance case for ``cls``, to parametrize a pytest test with.
 
-    ``config`` overrides the class's ``conformance_config`` (keep runs short: a few epochs or
-    candidates). ``model_spec`` replaces the tiny models by one model of yours (e.g.
+    ``config`` is the compressor config the suite runs with (keep runs short: a few epochs or
+    candidates; a built-in compressor's fast settings apply by default, key by key under
+    ``config``). ``model_spec`` replaces the tiny models by one model of yours (e.g.
     ``"zoo:lenet300"``, trained on ``data`` and cached): then the per-type checks cover the
     declared types that model has. ``checks`` restricts the checks run (names in
     :data:`ALL_CHECKS`).
@@ -180,8 +204,8 @@ class Run:
 
     @property
     def artifact(self) -> bytes:
-        """The artifact bytes the report counted."""
-        return self.result.report.artifact
+        """The artifact bytes the pipeline built (``result.save`` wrote them to ``path``)."""
+        return self.result.artifact
 
 
 _RUNS: dict[str, Run] = {}
@@ -293,9 +317,10 @@ def _check_class(case: ConformanceCase) -> None:
     if missing:
         problems.append(f"config fields without a description: {missing} "
                         "(use Field(..., description=...))")
-    declared = getattr(cls, "conformance_config", None)
-    if declared is not None and not isinstance(declared, dict):
-        problems.append(f"conformance_config must be a dict, got {type(declared).__name__}")
+    if "conformance_config" in dir(cls):
+        problems.append("the class sets conformance_config, which netshrink no longer reads: "
+                        "delete it and pass the fast settings to the suite "
+                        "(conformance_cases(cls, config={...}), see docs/plugins/testing.md)")
     try:
         cls.Config.model_validate(case.config)
     except ValidationError as exc:
@@ -364,7 +389,8 @@ def _check_compress(case: ConformanceCase) -> None:
     if not changed and not len(run.result.encodings):
         raise ConformanceError(
             "the step left every tensor unchanged and recorded no encoding: it did nothing "
-            f"with config {case.config} (give the class a conformance_config that compresses)")
+            f"with config {case.config} (pass the suite a config that compresses: "
+            "conformance_cases(cls, config={...}))")
 
 
 def _check_save_load(case: ConformanceCase) -> None:
@@ -392,6 +418,75 @@ def _check_size(case: ConformanceCase) -> None:
     if abs(on_disk - reported) > SIZE_TOLERANCE_BYTES:
         raise ConformanceError(f"report.storage_bytes is {reported} but the artifact file has "
                                f"{on_disk} bytes (allowed difference {SIZE_TOLERANCE_BYTES})")
+
+
+def _layers(run: Run) -> list[str]:
+    """The layers the step returned records for (each should have its own report row)."""
+    return list(dict.fromkeys(rec.name for rec in run.result.records))
+
+
+def _check_layer_bytes(case: ConformanceCase) -> None:
+    run = _run(case)
+    manifest, blob = read_artifact(run.path)
+    tensors = stored_tensors(manifest, len(blob))
+    layers = _layers(run)
+    reported = {row.name: row.storage_bytes for row in run.result.report.rows}
+    problems = byte_mismatches(reported, layers, tensors, run.path.stat().st_size)
+    if problems:
+        raise ConformanceError(
+            "the report's per-layer bytes are not what the artifact stores for those layers:\n"
+            "    " + "\n    ".join(problems) + "\n  The total can still be right: bytes a layer "
+            "under-reports end up in '(header + manifest)'. An Encoding's payload_bytes must "
+            "count every array its to_record writes (keep the inherited payload_bytes).")
+    stray = unattributed(layers, tensors, run.original.state_dict())
+    if stray:
+        raise ConformanceError(
+            f"tensors written by the step are outside every recorded layer {layers}: "
+            f"{stray[:6]}; their bytes are reported under '(other tensors)'. Return a "
+            "LayerRecord for the layer that owns each tensor you encode or add, and keep a "
+            "layer's new tensors under its module name.")
+
+
+def _changed_layers(run: Run, layers: list[str]) -> list[str]:
+    """Recorded layers with a tensor the step added, removed, reshaped or rewrote."""
+    before, after = run.original.state_dict(), run.result.model.state_dict()
+    changed = set()
+    for name in set(before) | set(after):
+        if (name not in before or name not in after or before[name].shape != after[name].shape
+                or not torch.equal(before[name], after[name])):
+            changed.add(owner(name, layers))
+    return [layer for layer in layers if layer in changed]
+
+
+def _check_encodes_values(case: ConformanceCase) -> None:
+    run = _run(case)
+    cls = case.compressor
+    declared = cls.capabilities_for(cls.Config.model_validate(case.config)).encodes_values
+    manifest, blob = read_artifact(run.path)
+    layers = _layers(run)
+    encoded: dict[str, list[str]] = {}  # layer -> its value-encoded tensors
+    for name, record in manifest["t"].items():
+        if decode_record(record, blob).is_value_encoded:
+            encoded.setdefault(owner(name, layers) or "(no recorded layer)", []).append(name)
+    if declared:
+        changed = _changed_layers(run, layers)
+        missing = [layer for layer in changed if layer not in encoded]
+        if missing or not encoded:
+            what = (f"layers {missing}, which the step changed, without a value encoding"
+                    if missing else "no value-encoded tensor")
+            raise ConformanceError(
+                f"capabilities declare encodes_values=True but the artifact stores {what} "
+                "(Quantized or Codebook, possibly as the values of Sparse): rounded values "
+                "stored as plain floats cost full size and later steps may rewrite them. Record "
+                "them with ctx.encode(model, name, Quantized.quantize(...)) or "
+                "netshrink.encode_values.")
+    elif encoded:
+        tensors = sorted(n for names in encoded.values() for n in names)
+        raise ConformanceError(
+            f"the artifact stores value-encoded tensors {tensors[:6]} (quantized or codebook) "
+            "but capabilities declare encodes_values=False: the pipeline cannot refuse a later "
+            "step that would rewrite those values. Set Capabilities(encodes_values=True) (or "
+            "return it from capabilities_for for the configs that quantize).")
 
 
 def _artifact_content(data: bytes) -> tuple[Any, bytes]:
@@ -464,6 +559,8 @@ _CHECKS: dict[str, Callable[[ConformanceCase], None]] = {
     "compress": _check_compress,
     "save-load": _check_save_load,
     "size": _check_size,
+    "layer-bytes": _check_layer_bytes,
+    "encodes-values": _check_encodes_values,
     "deterministic": _check_deterministic,
     "refuses-undeclared": _check_refuses_undeclared,
 }

@@ -19,28 +19,27 @@ from netshrink import (
     StepResult,
     hookimpl,
 )
-from netshrink.plugins.bioclust.config import BioclustConfig, LayerOverride
+from netshrink.plugins.bioclust.config import BioclustConfig
 from netshrink.plugins.bioclust.finetune import finetune_centroids
 from netshrink.plugins.bioclust.kmeans import Clustering, kmeans1d
 from netshrink.plugins.bioclust.search import (
     Candidate,
     SearchResult,
     Target,
-    apply,
     cluster_targets,
     population_search,
     stats,
 )
 
-PAPER = ("Zhu, Liu, Li: Bio-inspired matrix reduction and quantization method for deep neural "
-         "network, Journal of Computer Applications 40(10):2817-2821, 2020")
+PAPER = ('Zhu Qianqian, Liu Yuan, Li Fu, "Bio-inspired matrix reduction and quantization method '
+         'for deep neural network", Journal of Computer Applications (计算机应用) '
+         '40(10):2817-2821, 2020')
 
 __all__ = [
     "Bioclust",
     "BioclustConfig",
     "Candidate",
     "Clustering",
-    "LayerOverride",
     "SearchResult",
     "Target",
     "kmeans1d",
@@ -56,16 +55,19 @@ class Bioclust(Compressor):
         handles=("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d", "Embedding"),
         needs_data=True, encodes_values=True)
     paper = PAPER
+    # What cluster_targets reads per layer (a step's overrides, e.g. 8 bits for a stem conv).
+    layer_fields = ("bits", "k", "noise_scale", "init", "kmeans_iterations", "sample_size")
     config: BioclustConfig
 
-    def __init__(self, config: BioclustConfig | dict[str, Any] | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: BioclustConfig | dict[str, Any] | None = None, *,
+                 overrides: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__(config, overrides=overrides)
         self.last_search: SearchResult | None = None
         """The last run's clustering and candidates (for benchmarks and analysis)."""
 
     def compress(self, model, layers, ctx: CompressionContext) -> StepResult:
         cfg = self.config
-        targets = cluster_targets(model, layers, ctx, cfg)
+        targets = cluster_targets(model, layers, ctx, cfg, self.config_for)
         search = population_search(
             targets, ctx, cfg, lambda: ctx.evaluate(model, "val", limit=cfg.eval_limit))
         self.last_search = search
@@ -130,7 +132,3 @@ class Bioclust(Compressor):
 @hookimpl
 def register_compressors(register):
     register(Bioclust)
-
-
-# Re-exported for analysis code that rebuilds candidates (see benchmarks/bench_bioclust.py).
-apply_candidate = apply

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from netshrink import CompressorConfig, NetshrinkConfig, check_name_patterns, name_matches
-
-
-class LayerOverride(NetshrinkConfig):
-    """Per-layer settings that replace the global ones for layers matching a name pattern."""
-
-    bits: int | None = Field(
-        None, ge=1, le=8, description="Index bits for matching layers (k = 2**bits clusters).")
-    k: int | None = Field(
-        None, ge=2, le=256, description="Number of clusters for matching layers (wins over bits).")
-    noise_scale: float | None = Field(
-        None, ge=0.0, le=10.0, description="Perturbation scale for matching layers.")
+from netshrink import CompressorConfig
 
 
 class BioclustConfig(CompressorConfig):
@@ -30,10 +20,6 @@ class BioclustConfig(CompressorConfig):
         None, ge=2, le=256,
         description="Clusters per layer, when not a power of two (ceil(log2 k) index bits); "
         "give either bits or k.")
-    overrides: dict[str, LayerOverride] = Field(
-        default_factory=dict,
-        description="Per-layer bits / k / noise_scale by qualified-name glob or 're:' regex, "
-        "e.g. {'fc1': {'bits': 3}}; the first matching pattern wins.")
     init: Literal["linear", "quantile", "random"] = Field(
         "linear", description="k-means initialisation: 'linear' spaces centroids evenly between "
         "the smallest and largest weight (best in Deep Compression), 'quantile' by density, "
@@ -89,37 +75,22 @@ class BioclustConfig(CompressorConfig):
     centroid_lr: float = Field(1e-4, gt=0.0, le=1.0, description="Adam learning rate of the "
                                "centroid fine-tuning.")
 
-    @field_validator("overrides")
-    @classmethod
-    def _patterns_compile(cls, value: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
-        check_name_patterns(value)
-        return value
-
     @model_validator(mode="after")
     def _bits_or_k(self) -> BioclustConfig:
         if self.k is not None and "bits" in self.model_fields_set:
             raise ValueError(f"give either bits or k, not both (got bits={self.bits}, k={self.k})")
         return self
 
-    def override_for(self, name: str) -> LayerOverride | None:
-        """The first override whose pattern matches layer ``name``."""
-        for pattern, override in self.overrides.items():
-            if name_matches(pattern, name):
-                return override
-        return None
-
-    def clusters_for(self, name: str) -> int:
-        """Number of clusters for layer ``name`` (override, then k, then 2**bits)."""
-        override = self.override_for(name)
-        if override is not None and override.k is not None:
-            return override.k
-        if override is not None and override.bits is not None:
-            return 1 << override.bits
+    @property
+    def clusters(self) -> int:
+        """Clusters per layer: ``k`` when given, else ``2**bits``."""
         return self.k if self.k is not None else 1 << self.bits
 
-    def scale_for(self, name: str) -> float:
-        """Base perturbation scale for layer ``name``."""
-        override = self.override_for(name)
-        if override is not None and override.noise_scale is not None:
-            return override.noise_scale
-        return self.noise_scale
+    def merged(self, override: Mapping[str, Any]) -> BioclustConfig:
+        """A per-layer override's ``bits`` or ``k`` replaces the step's ``bits`` and ``k``
+        (they are alternatives), so ``{'fc1': {'bits': 3}}`` works under a step with ``k``."""
+        base = self.model_dump(exclude_unset=True)
+        if "bits" in override or "k" in override:
+            base.pop("bits", None)
+            base.pop("k", None)
+        return self.model_validate({**base, **override})

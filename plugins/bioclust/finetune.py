@@ -11,10 +11,40 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
-from netshrink import CompressionContext
+from netshrink import CompressionContext, FinetuneConfig, train
 from netshrink.plugins.bioclust.search import Candidate, Target
+
+
+class SharedWeights(nn.Module):
+    """``model`` with each target's weights computed from its centroids, so that autograd sums
+    the gradients of a cluster's weights into its centroid. ``model`` is no submodule: the
+    centroids are the only parameters, and its mode (eval: BatchNorm statistics and dropout stay
+    as they are) does not change while they train."""
+
+    def __init__(self, model: nn.Module, targets: list[Target], offsets: list[torch.Tensor]):
+        super().__init__()
+        self.net, self.targets = (model,), targets
+        self.centroids = nn.ParameterList(t.clustering.centroids.clone() for t in targets)
+        # Index tensors where the model runs (train() moves the centroids there too).
+        self.parts = [(t.clustering.indices.to(t.param.device), off.to(t.param.device),
+                       None if t.positions is None else t.positions.to(t.param.device))
+                      for t, off in zip(targets, offsets)]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Each target's tensor: centroid + perturbation (zeros where an earlier step pruned)."""
+        out = {}
+        for t, c, (index, offset, positions) in zip(self.targets, self.centroids, self.parts):
+            values = c.index_select(0, index) + offset
+            if positions is not None:
+                values = values.new_zeros(t.original.numel()).index_put((positions,), values)
+            out[t.tensor_name] = values.to(t.param.dtype).reshape(t.param.shape)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.net[0], self.weights(), (x,))
 
 
 def finetune_centroids(targets: list[Target], chosen: Candidate, model: torch.nn.Module,
@@ -26,8 +56,7 @@ def finetune_centroids(targets: list[Target], chosen: Candidate, model: torch.nn
     The model runs in eval mode so BatchNorm statistics and dropout stay as they are: only the
     centroids change.
     """
-    ctx.require_data()  # a clear error naming the step when no data was given
-    centroids = [t.clustering.centroids.clone().requires_grad_(True) for t in targets]
+    data = ctx.require_data()  # a clear error naming the step when no data was given
     # The chosen perturbation, fixed: (decoded - centroid[idx]) computed the way Codebook does.
     offsets = []
     for t, seed, scale in zip(targets, chosen.seeds, chosen.scales):
@@ -36,43 +65,19 @@ def finetune_centroids(targets: list[Target], chosen: Candidate, model: torch.nn
             offsets.append(np.float32(cb.noise_scale) * cb.spreads[cb.indices] * cb.noise())
         else:
             offsets.append(torch.zeros(cb.indices.numel()))
-    trainable = {id(t.param) for t in targets}
+    shared = SharedWeights(model, targets, offsets)
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p in model.parameters():  # gradients only where centroids need them
-        p.requires_grad_(id(p) in trainable)
-    opt = torch.optim.Adam(centroids, lr=lr)
-    history: dict[str, Any] = {"val_acc": []}
-
-    def write() -> None:
-        for t, c, off in zip(targets, centroids, offsets):
-            t.write(t.scatter(c.detach()[t.clustering.indices] + off))
-
-    def val() -> float:
-        return ctx.evaluate(model, "val", limit=eval_limit)
-
+    for p in model.parameters():  # the centroids get their gradients through `shared`
+        p.requires_grad_(False)
+    model.eval()
     try:
-        write()
-        best_acc, best = val(), [c.detach().clone() for c in centroids]
-        history["start_val_acc"] = best_acc
-        model.eval()
-        for _epoch in ctx.progress(range(epochs), desc="centroid fine-tune", total=epochs):
-            for x, y in ctx.loader("train", batch_size=64):
-                model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x.to(ctx.device)), y.to(ctx.device)).backward()
-                for t, c in zip(targets, centroids):
-                    grad = t.param.grad.detach().reshape(-1).cpu().float()
-                    if t.positions is not None:
-                        grad = grad[t.positions]
-                    c.grad = torch.zeros_like(c).index_add_(0, t.clustering.indices, grad)
-                opt.step()
-                write()
-            acc = val()
-            history["val_acc"].append(acc)
-            if acc > best_acc:
-                best_acc, best = acc, [c.detach().clone() for c in centroids]
-        history["best_val_acc"] = best_acc
+        history = train(
+            shared, data, FinetuneConfig(epochs=epochs, batch_size=64),
+            seed=ctx.seed, device=ctx.device,
+            desc=f"[{ctx.step_index}] {ctx.step_name}: centroid fine-tune",
+            optimizer=lambda m: torch.optim.Adam(m.parameters(), lr=lr),
+            validate=lambda state: ctx.evaluate(state.model, "val", limit=eval_limit))
     finally:
         for p, flag in saved_flags:
             p.requires_grad_(flag)
-        model.zero_grad(set_to_none=True)
-    return best, history
+    return [c.detach().cpu().clone() for c in shared.centroids], history

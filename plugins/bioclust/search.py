@@ -87,8 +87,10 @@ class Target:
 
 
 def cluster_targets(model: nn.Module, layers: list[tuple[str, nn.Module]],
-                    ctx: CompressionContext, cfg: BioclustConfig) -> list[Target]:
-    """Cluster the weight of every selected layer (the kept values only, if sparse)."""
+                    ctx: CompressionContext, cfg: BioclustConfig,
+                    config_for: Callable[[str], BioclustConfig] | None = None) -> list[Target]:
+    """Cluster the weight of every selected layer (the kept values only, if sparse), each with
+    its own config from ``config_for(layer)`` (a step's overrides; default: ``cfg``)."""
     targets = []
     gen = ctx.generator(offset=1)
     for lname, module in ctx.progress(layers, desc="k-means"):
@@ -107,11 +109,12 @@ def cluster_targets(model: nn.Module, layers: list[tuple[str, nn.Module]],
                 continue  # fully pruned: nothing to cluster
         values = original.reshape(-1).float()
         values = values if positions is None else values[positions]
-        k = cfg.clusters_for(lname)
-        clustering = kmeans1d(values, k, iterations=cfg.kmeans_iterations, init=cfg.init,
-                              sample_size=cfg.sample_size, generator=gen)
+        lcfg = cfg if config_for is None else config_for(lname)
+        k = lcfg.clusters
+        clustering = kmeans1d(values, k, iterations=lcfg.kmeans_iterations, init=lcfg.init,
+                              sample_size=lcfg.sample_size, generator=gen)
         targets.append(Target(lname, tname, weight, original, previous, positions, clustering,
-                              cfg.scale_for(lname), k))
+                              lcfg.noise_scale, k))
     return targets
 
 

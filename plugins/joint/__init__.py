@@ -1,6 +1,6 @@
 """``joint``: adaptive joint sparsity + bit-width compression (Yao, Peng, Yu, Liu, Peng,
 "Adaptive joint compression method for deep neural networks", Chinese Journal of Scientific
-Instrument 44(5):21-32, 2023; see ``shared/seeds/004``).
+Instrument 44(5):21-32, 2023).
 
 Each selected layer gets its own sparsity and weight bit-width (1-8), chosen under a global
 budget on the *artifact file* size; then masks (gradual magnitude pruning) and fake
@@ -11,7 +11,6 @@ packed low-bit sparse tensors. See ``docs/methods/joint.md``.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
 
 import torch
 
@@ -34,15 +33,16 @@ from netshrink.plugins.joint.allocate import (
     predicted_dloss,
 )
 from netshrink.plugins.joint.budget import dense_bytes, fixed_bytes
-from netshrink.plugins.joint.config import DEFAULT_RATIO, JointConfig, LayerOverride
+from netshrink.plugins.joint.config import DEFAULT_RATIO, JointConfig
 from netshrink.plugins.joint.quant import encode_bias, encode_weight
 from netshrink.plugins.joint.train import LayerPlan, attach, detach, joint_train
 
-__all__ = ["Joint", "JointConfig", "LayerOverride"]
+__all__ = ["Joint", "JointConfig"]
 
 PAPER = (
-    "Yao, Peng, Yu, Liu, Peng: Adaptive joint compression method for deep neural networks, "
-    "Chinese Journal of Scientific Instrument 44(5):21-32, 2023 (shared/seeds/004)"
+    'Yao Bowen, Peng Xiyuan, Yu Ximing, Liu Liansheng, Peng Yu, "Adaptive joint compression '
+    'method for deep neural networks", Chinese Journal of Scientific Instrument (仪器仪表学报) '
+    "44(5):21-32, 2023"
 )
 
 
@@ -55,11 +55,9 @@ class Joint(Compressor):
         handles=("Linear", "Conv1d", "Conv2d", "Conv3d"), needs_data=True, encodes_values=True
     )
     paper = PAPER
-    conformance_config: ClassVar[dict[str, Any]] = {
-        "epochs": 0,
-        "target_ratio": 1.05,
-        "calib_batches": 2,
-    }
+    # The allocator's choices per layer: a step's overrides fix them, e.g. {"conv1":
+    # {"min_bits": 8, "max_bits": 8}} or {"fc3": {"sparsities": [0.5]}}.
+    layer_fields = ("sparsities", "min_bits", "max_bits")
     config: JointConfig
 
     def compress(self, model, layers, ctx) -> StepResult:
@@ -94,14 +92,12 @@ class Joint(Compressor):
         calib = calibrate(model, dict(layers), loader, cfg.calib_batches, ctx.device, seed)
         options: dict[str, list[Candidate]] = {}
         for name, module in ctx.progress(layers, desc="sensitivity", total=len(layers)):
-            override = cfg.override_for(name) or LayerOverride()
-            sparsities = [override.sparsity] if override.sparsity is not None else cfg.sparsities
-            bits = [override.bits] if override.bits is not None else cfg.bit_choices()
+            lcfg = self.config_for(name)
             options[name] = candidates(
                 weights[name],
                 lambda d, m=module, c=calib[name]: predicted_dloss(m, c, d),
-                sparsities,
-                bits,
+                lcfg.sparsities,
+                lcfg.bit_choices(),
                 cfg.per_channel,
                 priors[name],
             )

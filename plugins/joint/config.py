@@ -6,21 +6,10 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from netshrink import CompressorConfig, NetshrinkConfig, check_name_patterns, name_matches
+from netshrink import CompressorConfig
 
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995)
 DEFAULT_RATIO = 50.0
-
-
-class LayerOverride(NetshrinkConfig):
-    """Fixes the sparsity and/or bit-width of the layers a name pattern matches."""
-
-    sparsity: float | None = Field(
-        None, ge=0.0, lt=1.0, description="Fixed sparsity for these layers (None: allocated)."
-    )
-    bits: int | None = Field(
-        None, ge=1, le=8, description="Fixed weight bit-width for these layers (None: allocated)."
-    )
 
 
 class JointConfig(CompressorConfig):
@@ -49,11 +38,6 @@ class JointConfig(CompressorConfig):
         "sensitivity of each layer's outputs and a knapsack under the byte budget; 'uniform': "
         "one sparsity and one bit-width for every layer (the fixed-pattern baseline), the best "
         "that fits.",
-    )
-    overrides: dict[str, LayerOverride] = Field(
-        default_factory=dict,
-        description="Per-layer overrides: {name pattern (glob or 're:regex'): {sparsity, bits}}; "
-        "the first matching pattern wins.",
     )
     epochs: int = Field(10, ge=0, le=1000, description="Joint training epochs (0: one-shot).")
     lr: float = Field(2e-3, gt=0.0, le=1.0, description="Adam learning rate of the joint training.")
@@ -113,12 +97,6 @@ class JointConfig(CompressorConfig):
             raise ValueError(f"sparsities must each be in [0, 1), got {bad}")
         return sorted(set(float(v) for v in value))
 
-    @field_validator("overrides")
-    @classmethod
-    def _check_patterns(cls, value: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
-        check_name_patterns(value)
-        return value
-
     @model_validator(mode="after")
     def _check_consistency(self) -> JointConfig:
         if self.target_ratio is not None and self.target_bytes is not None:
@@ -132,13 +110,6 @@ class JointConfig(CompressorConfig):
                 f"max_bits={self.max_bits}"
             )
         return self
-
-    def override_for(self, layer: str) -> LayerOverride | None:
-        """The first override whose pattern matches ``layer``."""
-        for pattern, override in self.overrides.items():
-            if name_matches(pattern, layer):
-                return override
-        return None
 
     def bit_choices(self) -> list[int]:
         """Candidate bit-widths, ``min_bits..max_bits``."""

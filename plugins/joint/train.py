@@ -4,16 +4,14 @@ rounded, instead of being pruned, fine-tuned, then quantized after the fact."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from netshrink import distillation_loss
+from netshrink import CheckpointPolicy, FinetuneConfig, TrainState, train
 from netshrink.plugins.joint.allocate import magnitude_mask
 from netshrink.plugins.joint.config import JointConfig
 from netshrink.plugins.joint.quant import bias_fake_quant, fake_quant, fit_scale
@@ -128,58 +126,41 @@ def joint_train(
 ) -> dict[str, Any]:
     """Train ``model`` with the parametrizations attached; keeps the best validation state once
     every layer has reached its target sparsity. Returns the history."""
-    history: dict[str, Any] = {"val_acc": [], "loss": []}
     if cfg.epochs == 0:
         set_masks(plans, 1.0)
-        history["best_val_acc"] = ctx.evaluate(model, "val")
-        return history
-    torch.manual_seed(seed)
+        return {"val_acc": [], "loss": [], "best_val_acc": ctx.evaluate(model, "val")}
     data = ctx.require_data()
-    loader = data.loader("train", batch_size=cfg.batch_size, seed=seed)
-    total = cfg.epochs * len(loader)
+    total = cfg.epochs * len(data.loader("train", batch_size=cfg.batch_size))
     ramp = max(1, round(cfg.prune_fraction * total))
     every = max(1, ramp // cfg.mask_updates)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    teacher = ctx.teacher if cfg.distill else None
-    if teacher is not None:
-        teacher.eval()
-    best_acc, best_state, step = -1.0, None, 0
-    for _epoch in ctx.progress(range(cfg.epochs), desc="joint training", total=cfg.epochs):
-        model.train()
-        if step >= ramp:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)  # stepped per batch
+
+    def refit(state: TrainState) -> None:
+        if state.step >= ramp:
             refit_scales(plans)
-        running = 0.0
-        for x, y in loader:
-            if step < ramp and step % every == 0:
-                set_masks(plans, step / ramp)
-            elif step == ramp:
-                set_masks(plans, 1.0)
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            logits = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    soft = teacher(x)
-                loss = distillation_loss(
-                    logits, y, soft, temperature=cfg.kd_temperature, alpha=cfg.kd_alpha
-                )
-            else:
-                loss = F.cross_entropy(logits, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            running += float(loss.detach()) * len(y)
-            step += 1
-        if step == ramp:
+
+    def ramp_masks(state: TrainState) -> None:
+        """The learning rate, then the masks and scales the next step trains with."""
+        sched.step()
+        if state.step < ramp and state.step % every == 0:
+            set_masks(plans, state.step / ramp)
+        elif state.step == ramp:
             set_masks(plans, 1.0)
-        acc = ctx.evaluate(model, "val")
-        history["val_acc"].append(acc)
-        history["loss"].append(running / max(len(loader.dataset), 1))
-        if step >= ramp and acc > best_acc:
-            best_acc, best_state = acc, copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    history["best_val_acc"] = best_acc
-    return history
+
+    set_masks(plans, 0.0)  # the first step's masks
+    shared = {"epochs", "batch_size", "distill", "kd_temperature", "kd_alpha"}
+    return train(
+        model,
+        data,
+        FinetuneConfig(**cfg.model_dump(include=shared)),
+        seed=seed,
+        teacher=ctx.teacher if cfg.distill else None,
+        device=ctx.device,
+        desc=f"[{ctx.step_index}] {ctx.step_name}: joint training",
+        optimizer=lambda _model: opt,
+        before_epoch=refit,
+        after_step=ramp_masks,
+        # Candidates only once every layer has its target sparsity (never the incoming weights).
+        checkpoint=CheckpointPolicy(key=lambda acc, state: acc if state.step >= ramp else None),
+    )

@@ -41,7 +41,8 @@ class Magnitude(Compressor):
     name = "magnitude"
     Config = MagnitudeConfig
     capabilities = Capabilities(handles=("Linear", "Conv1d", "Conv2d", "Conv3d"))
-    paper = "https://arxiv.org/abs/1506.02626"
+    paper = ('Han, Pool, Tran, Dally, "Learning both Weights and Connections for Efficient '
+             'Neural Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02626')
     config: MagnitudeConfig
 
     def compress(self, model, layers, ctx) -> StepResult:

@@ -1,18 +1,16 @@
-"""The L1 training loop: cross-entropy + lambda * sum(r), ``r >= 0`` and ``u`` on the unit sphere
-after every step, early stopping on the validation accuracy of the *pruned* model."""
+"""L1 training on ``netshrink.train``: cross-entropy + lambda * sum(r), ``r >= 0`` and ``u`` on the
+unit sphere after every step, early stopping on the validation accuracy of the *pruned* model."""
 
 from __future__ import annotations
 
-import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from netshrink import CompressionContext
+from netshrink import CheckpointPolicy, CompressionContext, FinetuneConfig, TrainState, train
 from netshrink.plugins.normsparse.config import NormSparseConfig
 from netshrink.plugins.normsparse.reparam import Reparam, dead_mask, project_
 
@@ -36,16 +34,15 @@ class Checkpoint:
     val_acc: float
     removed: float
     admissible: bool
+    l1: float = 0.0
+    """Lambda at the last step before this checkpoint."""
 
-    def better_than(self, other: Checkpoint | None) -> bool:
-        """Admissible beats inadmissible; then more removed; then higher accuracy."""
-        if other is None:
-            return True
-        if self.admissible != other.admissible:
-            return self.admissible
+    def rank(self) -> tuple[bool, float, float]:
+        """Higher is better: admissible beats inadmissible; then admissible ones by weights
+        removed, then accuracy; inadmissible ones by accuracy, then weights removed."""
         if self.admissible:
-            return (self.removed, self.val_acc) > (other.removed, other.val_acc)
-        return (self.val_acc, self.removed) > (other.val_acc, other.removed)
+            return (True, self.removed, self.val_acc)
+        return (False, self.val_acc, self.removed)
 
 
 def removed_fraction(reps: list[Reparam], cfg: NormSparseConfig) -> float:
@@ -117,84 +114,64 @@ def l1_train(
     The best checkpoint is the one removing most weights whose pruned model stays within
     ``val_tolerance`` of ``reference_acc`` on the validation split.
     """
-    data = ctx.require_data()
-    torch.manual_seed(ctx.seed * 1_000_003 + ctx.step_index)
-    loader = data.loader("train", batch_size=cfg.batch_size, seed=ctx.seed + ctx.step_index)
-    frozen = {id(p) for p in constraints.frozen}
-    magnitudes = {id(rep.r) for rep in reps}
-    params = [
-        p
-        for p in model.parameters()
-        if p.requires_grad and id(p) not in frozen and id(p) not in magnitudes
-    ]
+    skip = {id(p) for p in constraints.frozen} | {id(rep.r) for rep in reps}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
+    magnitudes = [rep.r for rep in reps]
     opt = torch.optim.Adam(
-        [
-            {"params": params, "lr": cfg.lr},
-            {"params": [rep.r for rep in reps], "lr": cfg.lr_magnitude},
-        ]
+        [{"params": others, "lr": cfg.lr}, {"params": magnitudes, "lr": cfg.lr_magnitude}]
     )
     penalised = [rep for rep in reps if rep.penalised]
-    history: dict[str, Any] = {"epoch": [], "val_acc": [], "removed": [], "l1": []}
+    lam = 0.0
 
-    def evaluate_checkpoint(epoch: int) -> Checkpoint:
+    def l1(state: TrainState) -> torch.Tensor | float:
+        nonlocal lam
+        lam = cfg.l1_at(state.progress)
+        # r >= 0 is kept by projection, so sum(r) is the L1 norm of the magnitudes.
+        return lam * sum(rep.r.sum() for rep in penalised) if lam > 0 and penalised else 0.0
+
+    def constrain(state: TrainState) -> None:
+        with torch.no_grad():
+            for p, mask in constraints.masks.values():
+                p.mul_(mask)
+            for rep in reps:
+                project_(rep, constraints.direction_masks.get(rep.name))
+
+    def validate(state: TrainState) -> Checkpoint:
         with pruned_view(reps, cfg):
             # The statistics of the pruned model are also the ones the kept checkpoint needs.
-            recalibrate_batchnorm(model, loader, ctx.device, cfg.bn_batches)
+            recalibrate_batchnorm(model, state.loader, ctx.device, cfg.bn_batches)
             acc = ctx.evaluate(model, "val")
-        removed = removed_fraction(reps, cfg)
         ok = acc >= reference_acc - cfg.val_tolerance - 1e-9
-        return Checkpoint(epoch, acc, removed, ok)
+        point = Checkpoint(state.epoch, acc, removed_fraction(reps, cfg), ok, lam)
+        if state.epoch:
+            ctx.logger.info(
+                "normsparse epoch %d: lambda %.2e, pruned val acc %.4f, %.1f%% of "
+                "penalised weights below threshold",
+                state.epoch,
+                lam,
+                acc,
+                100 * point.removed,
+            )
+        return point
 
-    best = evaluate_checkpoint(0)
-    best_state = copy.deepcopy(model.state_dict())
-    stale = 0
-    steps_per_epoch = max(len(loader), 1)
-    for epoch in ctx.progress(range(1, cfg.epochs + 1), desc="L1 training", total=cfg.epochs):
-        model.train()
-        lam = 0.0
-        for step, (x, y) in enumerate(loader):
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            lam = cfg.l1_at(epoch - 1 + step / steps_per_epoch)
-            loss = F.cross_entropy(model(x), y)
-            if lam > 0 and penalised:
-                # r >= 0 is kept by projection, so sum(r) is the L1 norm of the magnitudes.
-                loss = loss + lam * sum(rep.r.sum() for rep in penalised)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for p, mask in constraints.masks.values():
-                    p.mul_(mask)
-                for rep in reps:
-                    project_(rep, constraints.direction_masks.get(rep.name))
-        point = evaluate_checkpoint(epoch)
-        for key, value in (
-            ("epoch", epoch),
-            ("val_acc", point.val_acc),
-            ("removed", point.removed),
-            ("l1", lam),
-        ):
-            history[key].append(value)
-        ctx.logger.info(
-            "normsparse epoch %d: lambda %.2e, pruned val acc %.4f, %.1f%% of "
-            "penalised weights below threshold",
-            epoch,
-            lam,
-            point.val_acc,
-            100 * point.removed,
-        )
-        if point.better_than(best):
-            best, best_state, stale = point, copy.deepcopy(model.state_dict()), 0
-        elif epoch > (0 if cfg.schedule == "constant" else cfg.warmup_epochs):
-            stale += 1
-            if cfg.patience is not None and stale >= cfg.patience:
-                break
-    model.load_state_dict(best_state)
-    history.update(
-        best_epoch=best.epoch,
-        best_val_acc=best.val_acc,
-        best_removed=best.removed,
-        admissible=best.admissible,
-        epochs_run=len(history["epoch"]),
+    out = train(
+        model,
+        ctx.require_data(),
+        FinetuneConfig(epochs=cfg.epochs, batch_size=cfg.batch_size),
+        seed=ctx.seed + ctx.step_index,
+        device=ctx.device,
+        desc=f"[{ctx.step_index}] {ctx.step_name}: L1 training",
+        extra_loss=l1,
+        optimizer=lambda _model: opt,
+        after_step=constrain,
+        validate=validate,
+        checkpoint=CheckpointPolicy(
+            key=lambda point, _state: point.rank(),
+            patience=cfg.patience,
+            warmup_epochs=0 if cfg.schedule == "constant" else cfg.warmup_epochs,
+        ),
     )
-    return history
+    points, best = out["val_acc"], out["best_val_acc"]
+    history = {k: [getattr(p, k) for p in points] for k in ("val_acc", "removed", "l1")}
+    kept = {"best_epoch": best.epoch, "admissible": best.admissible, "epochs_run": len(points)}
+    return history | kept

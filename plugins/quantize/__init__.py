@@ -39,7 +39,9 @@ class Quantize(Compressor):
     capabilities = Capabilities(
         handles=("Linear", "Conv1d", "Conv2d", "Conv3d"), encodes_values=True
     )
-    paper = "https://arxiv.org/abs/1712.05877"
+    paper = ('Jacob, Kligys, Chen, Zhu, Tang, Howard, Adam, Kalenichenko, "Quantization and '
+             'Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference", '
+             'CVPR 2018, https://arxiv.org/abs/1712.05877')
     config: QuantizeConfig
 
     def compress(self, model, layers, ctx) -> StepResult:

@@ -1,8 +1,8 @@
 """``rlprune``: a DDPG agent searches each layer's pruning ratio under a global sparsity target.
 
-Paper: "Combined pruning of deep neural networks: reinforcement learning weight pruning of the
-convolutional layers and a 3σ threshold rule for the fully connected layers" (paper 003 of the
-netshrink seeds, ``shared/seeds/003_d7ba1b3ccab3290b.txt``). The agent follows AMC (He et al.
+Paper: a 2023 Chinese journal paper (title and authors not recorded) on combined pruning:
+reinforcement-learning weight pruning of the convolutional layers and a 3σ threshold rule for
+the fully connected layers. The agent follows AMC (He et al.
 2018, https://arxiv.org/abs/1802.03494): a layer-by-layer episode, a continuous action per
 layer, actions clipped so the global target is met, reward from validation accuracy, the best
 episode's ratios applied. The paper prunes weights (unstructured); channel pruning through
@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -134,10 +134,12 @@ class RLPrune(Compressor):
     Config = RLPruneConfig
     capabilities = Capabilities(handles=("Conv2d", "Linear"), needs_data=True,
                                 changes_structure=True, needs_finetune=True)
-    paper = "shared/seeds/003_d7ba1b3ccab3290b.txt; agent after https://arxiv.org/abs/1802.03494"
+    paper = ("A 2023 Chinese journal paper (title and authors not given in the available text) "
+             "combining DDPG reinforcement-learning weight pruning of the convolutional layers "
+             "with a 3σ threshold rule for the fully connected layers; agent after He, Lin, "
+             'Liu, Wang, Li, Han, "AMC: AutoML for Model Compression and Acceleration on Mobile '
+             'Devices", ECCV 2018, https://arxiv.org/abs/1802.03494')
     config: RLPruneConfig
-    conformance_config: ClassVar[dict[str, Any]] = {
-        "episodes": 4, "warmup": 2, "hidden": 16, "batch_size": 8}
 
     @classmethod
     def capabilities_for(cls, config: RLPruneConfig) -> Capabilities:
@@ -198,7 +200,7 @@ class RLPrune(Compressor):
         try:
             state = run_search(static_features(infos), budget, agent, ctx.generator(offset=17),
                                settings, score, path=path, key=key, resume=cfg.resume,
-                               desc=f"[{ctx.step_index}] {ctx.step_name or self.name}: search",
+                               desc="search", progress=ctx.progress,
                                on_episode=self.on_episode, log=ctx.logger.info)
         finally:
             if pruner is not None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from netshrink import enabled as progress_enabled
 from netshrink.plugins.rlprune import checkpoint
 from netshrink.plugins.rlprune.ddpg import DDPG, truncated_normal
 from netshrink.plugins.rlprune.env import BudgetModel
@@ -129,6 +127,7 @@ def clone_policy(agent: DDPG, static: torch.Tensor, budget: BudgetModel, prior: 
 def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator: torch.Generator,
                settings: SearchSettings, score: Callable[[list[float]], tuple[float, float]],
                *, path: Path | None, key: str, resume: bool, desc: str,
+               progress: Callable[[Iterable[int], str, int], Iterable[int]],
                on_episode: EpisodeCallback | None = None,
                log: Callable[[str], None] | None = None) -> SearchState:
     """Search the per-layer ratios. ``score(ratios)`` returns ``(accuracy, loss)`` on the
@@ -149,42 +148,36 @@ def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator
     if settings.prior is not None and state.episode == 0:
         with one_thread():
             clone_policy(agent, static, budget, settings.prior)
-    bar = tqdm(total=settings.episodes, initial=state.episode, desc=desc, leave=False,
-               disable=None if progress_enabled() is None else not progress_enabled())
-    try:
-        for episode in range(state.episode, settings.episodes):
-            warm = episode < settings.warmup
-            sigma = settings.noise * settings.noise_decay ** max(episode - settings.warmup, 0)
-            if settings.prior is not None and episode == 0:
-                sigma = 0.0  # the prior itself is the first candidate
-            with one_thread():
-                ratios, states, actions = rollout(static, budget, agent, generator, warm, sigma,
-                                                  settings.prior)
-            acc, loss = score(ratios)
-            reward = acc if settings.reward == "accuracy" else -loss
-            # AMC: every step of the episode gets the episode's reward; the last one is terminal.
-            with one_thread():
-                for t, (s, a) in enumerate(zip(states, actions)):
-                    last = t == len(states) - 1
-                    agent.buffer.add(s, a, reward, s if last else states[t + 1], last)
-                    if not warm:
-                        agent.update(generator)
-            # Ties on a small reward subset are common; the lower loss breaks them.
-            if (reward, -loss) > (state.best_reward, -state.best_loss):
-                state.best_reward, state.best_loss, state.best_accuracy = reward, loss, acc
-                state.best_ratios, state.best_episode = ratios, episode
-            state.history.append({"episode": episode, "reward": reward, "accuracy": acc,
-                                  "loss": loss, "sigma": 0.0 if warm else sigma,
-                                  "ratios": [round(r, 6) for r in ratios]})
-            state.episode = episode + 1
-            state.search_time_s = time.perf_counter() - started
-            if path is not None:
-                saved = {"search": asdict(state) | {"resumed_from": None}, "agent": agent.scalars()}
-                checkpoint.save(path, key, agent.tensors() | {"rng": generator.get_state()}, saved)
-            bar.update(1)
-            bar.set_postfix(reward=f"{reward:.4f}", best=f"{state.best_reward:.4f}")
-            if on_episode is not None:
-                on_episode(episode, reward, state.best_reward)
-    finally:
-        bar.close()
+    episodes = range(state.episode, settings.episodes)
+    for episode in progress(episodes, desc, len(episodes)):
+        warm = episode < settings.warmup
+        sigma = settings.noise * settings.noise_decay ** max(episode - settings.warmup, 0)
+        if settings.prior is not None and episode == 0:
+            sigma = 0.0  # the prior itself is the first candidate
+        with one_thread():
+            ratios, states, actions = rollout(static, budget, agent, generator, warm, sigma,
+                                              settings.prior)
+        acc, loss = score(ratios)
+        reward = acc if settings.reward == "accuracy" else -loss
+        # AMC: every step of the episode gets the episode's reward; the last one is terminal.
+        with one_thread():
+            for t, (s, a) in enumerate(zip(states, actions)):
+                last = t == len(states) - 1
+                agent.buffer.add(s, a, reward, s if last else states[t + 1], last)
+                if not warm:
+                    agent.update(generator)
+        # Ties on a small reward subset are common; the lower loss breaks them.
+        if (reward, -loss) > (state.best_reward, -state.best_loss):
+            state.best_reward, state.best_loss, state.best_accuracy = reward, loss, acc
+            state.best_ratios, state.best_episode = ratios, episode
+        state.history.append({"episode": episode, "reward": reward, "accuracy": acc,
+                              "loss": loss, "sigma": 0.0 if warm else sigma,
+                              "ratios": [round(r, 6) for r in ratios]})
+        state.episode = episode + 1
+        state.search_time_s = time.perf_counter() - started
+        if path is not None:
+            saved = {"search": asdict(state) | {"resumed_from": None}, "agent": agent.scalars()}
+            checkpoint.save(path, key, agent.tensors() | {"rng": generator.get_state()}, saved)
+        if on_episode is not None:
+            on_episode(episode, reward, state.best_reward)
     return state

@@ -1,8 +1,8 @@
 """``sigmaprune``: prune each layer's weights below a threshold set from the layer's own mean and
 standard deviation (the "3σ rule").
 
-Paper: the combined-pruning paper 003 of the netshrink seeds
-(``shared/seeds/003_d7ba1b3ccab3290b.txt``): trained fully connected weights are roughly
+Paper: a 2023 Chinese journal paper on combined pruning (title and authors not recorded):
+trained fully connected weights are roughly
 normal, so a per-layer statistical threshold μ + kσ separates the few large, useful weights
 from the many redundant ones; the paper uses it on the FC layers (k = 1, 2, 3 compared) after a
 DDPG agent has pruned the convolutions (see ``rlprune``).
@@ -65,7 +65,9 @@ class SigmaPrune(Compressor):
     capabilities = Capabilities(handles=("Linear", "Conv1d", "Conv2d", "Conv3d"),
                                 default_types=("Linear",),
                                 needs_finetune=True)
-    paper = "shared/seeds/003_d7ba1b3ccab3290b.txt"
+    paper = ("A 2023 Chinese journal paper (title and authors not given in the available text) "
+             "combining DDPG reinforcement-learning weight pruning of the convolutional layers "
+             "with a 3σ threshold rule for the fully connected layers")
     config: SigmaPruneConfig
 
     def compress(self, model, layers, ctx) -> StepResult:

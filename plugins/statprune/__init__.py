@@ -38,7 +38,9 @@ from netshrink.plugins.statprune.stats import (
     weak_channels,
 )
 
-PAPER = "https://doi.org/10.11772/j.issn.1001-9081.2020030362"
+PAPER = ('Gong Kaiqiang, Zhang Chunmei, Zeng Guanghua, "Convolution neural network model '
+         'compression method based on pruning and tensor decomposition", Journal of Computer '
+         'Applications (计算机应用) 40(11):3146-3151, 2020')
 
 
 class StatPruneConfig(CompressorConfig):

@@ -4,14 +4,23 @@ https://arxiv.org/abs/1404.0736). Rank from a ratio of the full rank or an energ
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from netshrink import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult, hookimpl
+from netshrink import (
+    Capabilities,
+    Compressor,
+    CompressorConfig,
+    LayerRecord,
+    StepResult,
+    hookimpl,
+    rank_by_energy,
+    rank_by_ratio,
+    truncated_svd,
+)
 
 
 class SVDConfig(CompressorConfig):
@@ -31,17 +40,9 @@ class SVDConfig(CompressorConfig):
 
 def choose_rank(singular: torch.Tensor, cfg: SVDConfig) -> int:
     """The rank the config asks for, given the singular values."""
-    full = singular.numel()
     if cfg.rank_by == "ratio":
-        return max(1, min(full, math.ceil(cfg.ratio * full)))
-    energy = torch.cumsum(singular.double() ** 2, 0)
-    energy = energy / energy[-1]
-    return max(
-        1,
-        min(
-            full, int(torch.searchsorted(energy, torch.tensor(cfg.energy, dtype=energy.dtype))) + 1
-        ),
-    )
+        return rank_by_ratio(singular.numel(), cfg.ratio)
+    return rank_by_energy(singular, cfg.energy)
 
 
 class SVD(Compressor):
@@ -50,16 +51,17 @@ class SVD(Compressor):
     name = "svd"
     Config = SVDConfig
     capabilities = Capabilities(handles=("Linear",), changes_structure=True, needs_finetune=True)
-    paper = "https://arxiv.org/abs/1404.0736"
+    paper = ('Denton, Zaremba, Bruna, LeCun, Fergus, "Exploiting Linear Structure Within '
+             'Convolutional Networks for Efficient Evaluation", NeurIPS 2014, '
+             'https://arxiv.org/abs/1404.0736')
     config: SVDConfig
 
     def compress(self, model, layers, ctx) -> StepResult:
         records = []
         for lname, module in ctx.progress(layers, desc="factorise"):
-            weight = module.weight.detach().double()
-            u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-            rank = choose_rank(s, self.config)
-            out_f, in_f = weight.shape
+            factors = truncated_svd(module.weight, lambda s: choose_rank(s, self.config))
+            s, rank = factors.singular_values, factors.rank
+            out_f, in_f = module.weight.shape
             before = out_f * in_f
             after = rank * (in_f + out_f)
             details = {
@@ -71,19 +73,16 @@ class SVD(Compressor):
                 details["skipped"] = "factorised form is not smaller"
                 records.append(LayerRecord(lname, details))
                 continue
-            root = s[:rank].sqrt()
             first = nn.Linear(in_f, rank, bias=False)
             second = nn.Linear(rank, out_f, bias=module.bias is not None)
             with torch.no_grad():
-                first.weight.copy_((root[:, None] * vh[:rank]).float())
-                second.weight.copy_((u[:, :rank] * root[None, :]).float())
+                first.weight.copy_(factors.right.float())
+                second.weight.copy_(factors.left.float())
                 if module.bias is not None:
                     second.bias.copy_(module.bias.detach())
             parent_name, _, child = lname.rpartition(".")
             setattr(model.get_submodule(parent_name), child, nn.Sequential(first, second))
-            records.append(
-                LayerRecord(lname, details)
-            )
+            records.append(LayerRecord(lname, details))
         return StepResult(model, records)
 
 

@@ -26,11 +26,13 @@ from netshrink import (
     NetshrinkError,
     StepResult,
     hookimpl,
+    rank_by_energy,
+    rank_by_ratio,
+    rank_by_vbmf,
+    singular_values,
+    truncated_svd,
 )
 from netshrink.plugins.tucker.factorize import (
-    singular_values,
-    svd_error,
-    svd_factors,
     svd_linear,
     svd_params,
     svd_pointwise,
@@ -39,9 +41,10 @@ from netshrink.plugins.tucker.factorize import (
     tucker2_error,
     tucker2_params,
 )
-from netshrink.plugins.tucker.ranks import rank_by_energy, rank_by_ratio, rank_by_vbmf
 
-PAPER = "https://doi.org/10.11772/j.issn.1001-9081.2020030362"
+PAPER = ('Gong Kaiqiang, Zhang Chunmei, Zeng Guanghua, "Convolution neural network model '
+         'compression method based on pruning and tensor decomposition", Journal of Computer '
+         'Applications (计算机应用) 40(11):3146-3151, 2020')
 
 
 class TuckerConfig(CompressorConfig):
@@ -159,8 +162,8 @@ class Tucker(Compressor):
         if after > (1 - self.config.min_saving) * before or after >= before:
             return {**details, "skipped": f"no parameter saving at rank {rank}: {after} vs "
                     f"{before} parameters"}, None
-        a, b = svd_factors(matrix, rank)
-        details["rel_error"] = round(svd_error(matrix, a, b), 6)
+        a, b, s = truncated_svd(matrix, rank)  # ||W - A B|| = ||s[rank:]||
+        details["rel_error"] = round(float(s[rank:].norm() / max(float(s.norm()), 1e-12)), 6)
         return details, build(a, b)
 
     def _rank(self, unfolding, size: int) -> int:
@@ -168,12 +171,10 @@ class Tucker(Compressor):
         cfg = self.config
         if cfg.method == "ratio":
             rank = rank_by_ratio(size, cfg.rank)
+        elif cfg.method == "energy":
+            rank = rank_by_energy(singular_values(unfolding), cfg.energy)
         else:
-            array = unfolding.detach().cpu().double().numpy()
-            if cfg.method == "energy":
-                rank = rank_by_energy(singular_values(array), cfg.energy)
-            else:
-                rank = rank_by_vbmf(array)
+            rank = rank_by_vbmf(unfolding)
         rank = max(rank, cfg.min_rank)
         if cfg.round_to > 1:
             rank = -(-rank // cfg.round_to) * cfg.round_to

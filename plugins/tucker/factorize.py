@@ -1,5 +1,6 @@
-"""Building the factorised replacements: Tucker-2 for Conv2d, truncated SVD for Linear and 1x1
-convs. Every replacement is an ``nn.Sequential`` of plain ``nn.Conv2d``/``nn.Linear`` modules."""
+"""Building the factorised replacements: Tucker-2 for Conv2d, two factors of a truncated SVD
+(``netshrink.truncated_svd``) for Linear and 1x1 convs. Every replacement is an
+``nn.Sequential`` of plain ``nn.Conv2d``/``nn.Linear`` modules."""
 
 from __future__ import annotations
 
@@ -62,13 +63,6 @@ def _leading(matrix: torch.Tensor, rank: int) -> torch.Tensor:
     return vectors.flip(1)[:, :rank].to(matrix.dtype).contiguous()
 
 
-def singular_values(matrix: np.ndarray) -> np.ndarray:
-    """Singular values (descending) from the Gram matrix of the shorter side."""
-    m = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
-    values = np.linalg.eigvalsh(m @ m.T)[::-1]
-    return np.sqrt(np.clip(values, 0.0, None))
-
-
 def tucker2_conv(conv: nn.Conv2d, core: np.ndarray, u_out: np.ndarray,
                  u_in: np.ndarray) -> nn.Sequential:
     """``Conv 1x1 reduce -> Conv kxk core (original stride/padding/dilation) -> Conv 1x1 restore
@@ -88,16 +82,8 @@ def tucker2_conv(conv: nn.Conv2d, core: np.ndarray, u_out: np.ndarray,
     return nn.Sequential(reduce, middle, restore)
 
 
-def svd_factors(matrix: torch.Tensor, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """``matrix (out, in) ~ A @ B`` with ``A (out, r)``, ``B (r, in)``, singular values split
-    evenly (sqrt) between the two factors so both have similar scale for fine-tuning."""
-    u, s, vt = np.linalg.svd(matrix.detach().cpu().double().numpy(), full_matrices=False)
-    root = np.sqrt(s[:rank])
-    return u[:, :rank] * root, root[:, None] * vt[:rank]
-
-
-def svd_linear(linear: nn.Linear, a: np.ndarray, b: np.ndarray) -> nn.Sequential:
-    """``Linear(in, r, bias=False) -> Linear(r, out)`` (original bias)."""
+def svd_linear(linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> nn.Sequential:
+    """``Linear(in, r, bias=False) -> Linear(r, out)`` (original bias), from ``W ~ a @ b``."""
     like = {"device": linear.weight.device, "dtype": linear.weight.dtype}
     rank = b.shape[0]
     first = nn.Linear(linear.in_features, rank, bias=False, **like)
@@ -110,7 +96,7 @@ def svd_linear(linear: nn.Linear, a: np.ndarray, b: np.ndarray) -> nn.Sequential
     return nn.Sequential(first, second)
 
 
-def svd_pointwise(conv: nn.Conv2d, a: np.ndarray, b: np.ndarray) -> nn.Sequential:
+def svd_pointwise(conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> nn.Sequential:
     """A 1x1 conv as two 1x1 convs: ``in -> r`` (original stride/padding) then ``r -> out``."""
     like = {"device": conv.weight.device, "dtype": conv.weight.dtype}
     rank = b.shape[0]
@@ -146,11 +132,6 @@ def tucker2_error(weight: torch.Tensor, core: np.ndarray, u_out: np.ndarray,
     return float((w.flatten(2) - approx).norm() / max(float(w.norm()), 1e-12))
 
 
-def svd_error(matrix: torch.Tensor, a: np.ndarray, b: np.ndarray) -> float:
-    """Relative weight-space error ``||W - A B|| / ||W||``."""
-    w = matrix.detach().cpu().double().numpy()
-    return float(np.linalg.norm(w - a @ b) / max(np.linalg.norm(w), 1e-12))
-
-
-def _tensor(array: np.ndarray, like: dict) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(array), dtype=like["dtype"], device=like["device"])
+def _tensor(array: np.ndarray | torch.Tensor, like: dict) -> torch.Tensor:
+    array = np.ascontiguousarray(array) if isinstance(array, np.ndarray) else array
+    return torch.as_tensor(array, **like)

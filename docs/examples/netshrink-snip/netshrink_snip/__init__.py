@@ -12,7 +12,7 @@ This distribution is the worked example of docs/plugins/tutorial.md.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,7 @@ from pydantic import Field
 from torch import nn
 
 import netshrink
-from netshrink import Capabilities, Compressor, CompressorConfig, LayerRecord, StepResult
-from netshrink.encodings import Sparse
+from netshrink import Capabilities, Compressor, CompressorConfig, LayerRecord, Sparse, StepResult
 
 __version__ = "0.1.0"
 
@@ -86,9 +85,10 @@ class Snip(Compressor):
     name = "snip"
     Config = SnipConfig
     capabilities = Capabilities(handles=("Linear", "Conv2d"), needs_data=True, needs_finetune=True)
-    paper = "https://arxiv.org/abs/1810.02340"
-    # Fast settings for the conformance suite (one small batch).
-    conformance_config: ClassVar[dict[str, Any]] = {"sparsity": 0.5, "batch_size": 64}
+    paper = (
+        'Lee, Ajanthan, Torr, "SNIP: Single-shot Network Pruning based on Connection '
+        'Sensitivity", ICLR 2019, https://arxiv.org/abs/1810.02340'
+    )
     config: SnipConfig
 
     def compress(self, model, layers, ctx) -> StepResult:
@@ -108,10 +108,8 @@ class Snip(Compressor):
         else:
             masks = {name: _keep_mask(s, cfg.sparsity) for name, s in scores.items()}
         records = []
-        for name, module in ctx.progress(layers, desc="prune"):
-            mask = masks[name]
-            weight = module.weight.detach().cpu()
-            ctx.encode(model, f"{name}.weight", Sparse.from_dense(weight * mask, mask=mask))
+        for name, _ in ctx.progress(layers, desc="prune"):
+            mask = ctx.prune(model, f"{name}.weight", masks[name])  # stored sparse, zeros kept
             records.append(LayerRecord(
                 name, {"sparsity": round(1 - float(mask.float().mean()), 6)}))
         kept = sum(int(m.sum()) for m in masks.values())

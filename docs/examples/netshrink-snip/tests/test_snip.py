@@ -29,7 +29,11 @@ def _zeros(model, names=("fc1", "fc2")) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-@pytest.mark.parametrize("case", conformance_cases(Snip), ids=str)
+# Fast settings for the conformance suite (one small batch): a test setting, kept with the tests.
+CONFORMANCE_CONFIG = {"sparsity": 0.5, "batch_size": 64}
+
+
+@pytest.mark.parametrize("case", conformance_cases(Snip, config=CONFORMANCE_CONFIG), ids=str)
 def test_conformance(case):
     case.run()
 

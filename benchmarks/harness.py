@@ -1,0 +1,291 @@
+"""What every benchmark page shares: models and data, runs over seeds, intervals, latency,
+tables, plots, fresh-process isolation. Pages use the public ``netshrink`` API only."""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+import torch.utils.benchmark as tbench
+from torch import nn
+
+import netshrink as ns
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+#: name -> (model spec, dataset, reference-training options); one reference per model for
+#: every page (timm's resnet18 trains 8 epochs on digits32; the zoo models use their defaults).
+MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "lenet300": ("zoo:lenet300", "digits28", {}),
+    "lenet5": ("zoo:lenet5", "digits28", {}),
+    "vgg_small": ("zoo:vgg_small", "digits32", {}),
+    "resnet_small": ("zoo:resnet_small", "digits32", {}),
+    "resnet18": ("timm:resnet18", "digits32", {"epochs": 8}),
+}
+EVERYTHING = {"types": ["Conv2d", "Linear"], "protect_head": False}
+
+
+@functools.cache
+def reference(model: str) -> tuple[nn.Module, ns.DataSplits]:
+    """The cached reference model of ``model`` (a key of :data:`MODELS`) and its data."""
+    spec, data_name, options = MODELS[model]
+    data = ns.datasets.load(data_name)
+    return ns.reference_model(spec, data, **options), data
+
+
+def recipe_steps(name: str, **finetune: Any) -> list[dict[str, Any]]:
+    """The steps of ``recipes/<name>``, its recipe-level fine-tune folded into the last step
+    (``finetune`` overrides fields of it, e.g. fewer epochs in quick mode)."""
+    recipe = ns.Recipe.from_file(RECIPES / name)
+    steps = [s.model_dump(exclude_unset=True) for s in recipe.steps]
+    if recipe.finetune is not None:
+        steps[-1]["finetune"] = {**recipe.finetune.model_dump(exclude_unset=True), **finetune}
+    return steps
+
+
+def fresh_cache(path: Path) -> Any:
+    """A context pointing ``NETSHRINK_CACHE`` at ``path``, so no search checkpoint of an
+    earlier run is resumed (load the reference models before it)."""
+    return mock.patch.dict(os.environ, NETSHRINK_CACHE=str(path))
+
+
+# -- runs over seeds ---------------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    """One configuration compressed once per seed (0, 1, ...): results, wall times, test n."""
+
+    results: list[ns.CompressionResult]
+    walls: list[float]
+    n: int
+
+    @property
+    def first(self) -> ns.CompressionResult:
+        """The seed-0 result (the one timed and plotted)."""
+        return self.results[0]
+
+    @property
+    def accs(self) -> list[float]:
+        """Test accuracy per seed."""
+        return [r.report.accuracy_after for r in self.results]
+
+    def acc(self) -> str:
+        """Test accuracy: mean ± std over seeds and the 95% interval with its n."""
+        return acc_cell(self.accs, self.n)
+
+    @property
+    def wall(self) -> float:
+        """Mean wall time per seed (s)."""
+        return statistics.fmean(self.walls)
+
+    def delta(self) -> str:
+        """Mean accuracy change against the uncompressed model, in points."""
+        return f"{100 * (statistics.fmean(self.accs) - self.first.report.accuracy_before):+.2f}"
+
+    def mean(self, figure: Callable[[ns.CompressionResult], float]) -> float:
+        """Mean over seeds of ``figure(result)``."""
+        return statistics.fmean(figure(r) for r in self.results)
+
+
+def compress(model: nn.Module, steps: Any, data: ns.DataSplits, seeds: int = 1) -> Runs:
+    """``ns.compress`` once per seed (no latency: pages time models with :func:`speedups`)."""
+    results, walls = [], []
+    for seed in range(seeds):
+        t0 = time.perf_counter()
+        results.append(ns.compress(model, steps, data=data, seed=seed, latency=False))
+        walls.append(time.perf_counter() - t0)
+        assert len(results[-1].artifact) == results[-1].report.storage_bytes
+    return Runs(results, walls, len(data.test))
+
+
+# -- statistics --------------------------------------------------------------------------------
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` examples."""
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` (one value: the value alone)."""
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def acc_cell(accs: Sequence[float], n: int) -> str:
+    """Accuracy in %: mean ± std over seeds, and the 95% Wilson interval of the mean on the
+    ``n`` test examples (every seed sees the same ones, so n does not grow with seeds)."""
+    lo, hi = wilson(statistics.fmean(accs), n)
+    return f"{mean_std(accs, 100)}% [{100 * lo:.1f}, {100 * hi:.1f}] n={n}"
+
+
+def acc_compare(a: Sequence[float], b: Sequence[float], n: int) -> str:
+    """'higher' / 'lower' when the 95% intervals of ``a`` and ``b`` do not overlap, else
+    'indistinguishable' (no verdict the interval cannot support)."""
+    (alo, ahi), (blo, bhi) = (wilson(statistics.fmean(x), n) for x in (a, b))
+    return "higher" if alo > bhi else "lower" if ahi < blo else "indistinguishable"
+
+
+def at_least(accs: Sequence[float], n: int, threshold: float) -> str:
+    """Whether accuracy ≥ ``threshold``: **met** / **missed** when the interval decides it,
+    else 'undecided at n=...'."""
+    lo, hi = wilson(statistics.fmean(accs), n)
+    return "**met**" if lo >= threshold else "**missed**" if hi < threshold else (
+        f"undecided at n={n}")
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage."""
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def params(model: nn.Module) -> int:
+    """Parameter count."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def zero_share(model: nn.Module, kind: type[nn.Module] = nn.Conv2d) -> float:
+    """Fraction of zero weights over every ``kind`` layer of ``model``."""
+    weights = [m.weight for m in model.modules() if isinstance(m, kind)]
+    return sum(int((w == 0).sum()) for w in weights) / max(sum(w.numel() for w in weights), 1)
+
+
+# -- latency: the one timing helper ------------------------------------------------------------
+
+
+@dataclass
+class Spread:
+    """A latency ratio: the median over interleaved rounds, and the lowest and highest round."""
+
+    median: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.median:.2f}x ({self.low:.2f}–{self.high:.2f})"
+
+
+@torch.inference_mode()
+def speedups(
+    dense: nn.Module,
+    models: dict[str, nn.Module],
+    example: torch.Tensor,
+    batches: Sequence[int] = (1, 64),
+    rounds: int = 5,
+    min_time: float = 0.05,
+) -> dict[str, dict[int, Spread]]:
+    """Dense latency / model latency per batch size, each a :class:`Spread` over ``rounds``
+    rounds; every round times the dense model and each model in turn
+    (``torch.utils.benchmark.Timer.blocked_autorange``), so background load hits all alike."""
+    every = {"(dense)": dense, **models}
+    for m in every.values():
+        m.eval()
+    out: dict[str, dict[int, Spread]] = {name: {} for name in models}
+    for batch in batches:
+        x = example[:1].expand(batch, *example.shape[1:]).contiguous()
+        ms: dict[str, list[float]] = {name: [] for name in every}
+        for _ in range(rounds):
+            for name, m in every.items():
+                timer = tbench.Timer("m(x)", globals={"m": m, "x": x},
+                                     num_threads=torch.get_num_threads())
+                ms[name].append(timer.blocked_autorange(min_run_time=min_time).median)
+        for name in models:
+            ratios = sorted(d / c for d, c in zip(ms["(dense)"], ms[name]))
+            out[name][batch] = Spread(statistics.median(ratios), ratios[0], ratios[-1])
+    return out
+
+
+# -- markdown, plots ---------------------------------------------------------------------------
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A markdown table (cells are str()-ed; '|' inside a cell becomes '/')."""
+    def line(cells: Sequence[Any]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(r) for r in rows), ""]
+
+
+def save_plot(draw: Callable[[Any], None], path: Path, size: tuple[float, float] = (8, 5),
+              nrows: int = 1) -> Path:
+    """Draw with ``draw(ax)`` (``nrows`` > 1: an array of Axes sharing x) and save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(nrows, 1, figsize=size, sharex=True)
+    draw(ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@dataclass
+class Bench:
+    """What a page's ``run`` receives: the mode, the seeds, where its page and plots go."""
+
+    quick: bool
+    seeds: int
+    page: Path
+    tmp: Path
+
+    def plot(self, name: str) -> tuple[Path, str]:
+        """Path for a plot next to the page, and the link to it from the page."""
+        path = self.page.parent / ("benchmarks" if self.page.name == "benchmarks.md" else "") / name
+        return path, path.relative_to(self.page.parent).as_posix()
+
+
+# -- a fresh interpreter per measurement -------------------------------------------------------
+
+
+def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
+    if os.environ.get("NETSHRINK_THREADS"):
+        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
+    try:
+        out = fn(*args)
+    except Exception as exc:  # a failing measurement is a row of the page, not a crash
+        out = {"error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    conn.send(out)
+
+
+def isolated(fn: Callable[..., dict[str, Any]], *args: Any, timeout: float) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh interpreter, so its peak memory is its own; an exception or a
+    timeout comes back as ``{"error": ...}``."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(timeout):
+            return parent.recv()
+        return {"error": f"timed out after {timeout:.0f} s"}
+    except EOFError:
+        return {"error": f"the worker died (exit code {proc.exitcode})"}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()

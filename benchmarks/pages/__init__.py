@@ -1,0 +1,23 @@
+"""The pages: each module is a short spec with ``TITLE``, ``OUT`` (path under docs/), ``ABOUT``
+(lines under the header), optionally ``SEEDS``, ``cases(quick)`` (label -> (model, steps):
+every compression it runs, validated by the tests) and ``run(bench)`` (the page body)."""
+
+from benchmarks.pages import (
+    bioclust,
+    defaults,
+    joint,
+    normsparse,
+    overview,
+    rlprune,
+    statprune_tucker,
+)
+
+PAGES = {
+    "all": overview,
+    "bioclust": bioclust,
+    "defaults": defaults,
+    "joint": joint,
+    "normsparse": normsparse,
+    "rlprune": rlprune,
+    "statprune_tucker": statprune_tucker,
+}

@@ -1,0 +1,30 @@
+"""Fast settings for the conformance suite, kept with the tests rather than on the classes.
+
+A compressor class describes the method; how briefly a test may run it is a test setting. Pass
+it where the suite is called (``conformance_cases(cls, config={...})``,
+``check_compressor(cls, config={...})``, ``pytest --netshrink-conformance-config
+NAME='{...}'``, ``netshrink plugin check NAME --config '{...}'``). The built-in compressors
+whose defaults train or search for too long get theirs from :data:`BUILTIN_FAST_CONFIGS`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Built-in compressor name → config overrides that keep one tiny-model run to seconds.
+BUILTIN_FAST_CONFIGS: dict[str, dict[str, Any]] = {
+    # Two epochs of a strong constant penalty are enough to remove units.
+    "normsparse": {"epochs": 2, "l1": 0.05, "schedule": "constant", "lr_magnitude": 0.05},
+    "joint": {"epochs": 0, "target_ratio": 1.05, "calib_batches": 2},
+    "rlprune": {"episodes": 4, "warmup": 2, "hidden": 16, "batch_size": 8},
+}
+
+_BUILTIN_PACKAGE = "netshrink.plugins."
+
+
+def builtin_fast_config(cls: type) -> dict[str, Any]:
+    """The fast config netshrink ships for built-in compressor ``cls`` (``{}`` for any other
+    class, a third-party one of the same name included)."""
+    if not cls.__module__.startswith(_BUILTIN_PACKAGE):
+        return {}
+    return dict(BUILTIN_FAST_CONFIGS.get(getattr(cls, "name", ""), {}))

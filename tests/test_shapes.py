@@ -1,0 +1,116 @@
+"""The generated shapes datasets: deterministic, the promised sizes and classes, a verified cache
+(tests use a small image size so they stay fast)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import netshrink as ns
+from netshrink.plugins.shapes import CLASSES, shapes
+from netshrink.plugins.shapes.generator import generate
+from netshrink.plugins.shapes.store import cache_path, load_or_build, read
+
+SMALL = {"size": 16, "seed": 0, "version": 0, "n_train": 60, "n_val": 20, "n_test": 20}
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh cache folder, and no in-process copies of earlier builds."""
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path))
+    shapes.cache_clear()
+    yield tmp_path
+    shapes.cache_clear()
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes():
+    x1, y1 = generate(16, 50, seed=0, split="train")
+    x2, y2 = generate(16, 50, seed=0, split="train")
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    x3, _ = generate(16, 50, seed=1, split="train")
+    x4, _ = generate(16, 50, seed=0, split="test")
+    assert not torch.equal(x1, x3) and not torch.equal(x1, x4)
+
+
+def test_generated_images_and_labels():
+    x, y = generate(16, 100, seed=0, split="val")
+    assert x.dtype == torch.uint8 and x.shape == (100, 3, 16, 16)
+    assert torch.bincount(y, minlength=len(CLASSES)).tolist() == [10] * len(CLASSES)
+    assert len(CLASSES) >= 10
+    assert x.float().std() > 20  # not blank
+
+
+def test_sizes_render_the_same_scenes():
+    """The label sequence is independent of the image size (same scenes, other resolution)."""
+    _, y16 = generate(16, 30, seed=3, split="train")
+    _, y24 = generate(24, 30, seed=3, split="train")
+    assert torch.equal(y16, y24)
+
+
+def test_splits_sizes_classes_and_grayscale(cache):
+    rgb = shapes(16, n_train=60, n_val=20, n_test=20)
+    assert (len(rgb.train), len(rgb.val), len(rgb.test)) == (60, 20, 20)
+    assert rgb.num_classes == len(CLASSES) == 10
+    assert rgb.input_shape == (3, 16, 16)
+    assert rgb.model_options() == {"num_classes": 10, "in_chans": 3, "input_size": 16}
+    x, y = rgb.batch("train", 60)
+    assert x.dtype == torch.float32 and abs(float(x.mean())) < 0.2
+    assert set(y.tolist()) == set(range(10))
+    gray = shapes(16, gray=True, n_train=60, n_val=20, n_test=20)
+    assert gray.input_shape == (1, 16, 16)
+    assert torch.equal(gray.train.targets, rgb.train.targets)
+    # Luminance of the same pixels.
+    lum = (rgb.train.inputs[:4].float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(
+        1, keepdim=True
+    )
+    assert (lum - gray.train.inputs[:4].float()).abs().max() <= 1
+
+
+def test_cache_is_written_and_reused(cache):
+    params = {**SMALL, "version": ns.plugins.shapes.GENERATOR_VERSION}
+    first = load_or_build(params)
+    path = cache_path(params)
+    assert path.is_file() and str(path).startswith(str(cache))
+    again = read(path, params)
+    assert again is not None
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+@pytest.mark.parametrize("damage", ["pixels", "metadata", "garbage", "truncated"])
+def test_tampered_cache_is_rebuilt(cache, damage, caplog):
+    params = {**SMALL, "version": ns.plugins.shapes.GENERATOR_VERSION}
+    original = load_or_build(params)
+    path = cache_path(params)
+    blob = bytearray(path.read_bytes())
+    if damage == "pixels":
+        blob[-100] ^= 0xFF  # the tail holds tensor bytes
+    elif damage == "metadata":
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len])
+        header["__metadata__"]["params"] = json.dumps({**params, "seed": 1}, sort_keys=True)
+        text = json.dumps(header).encode()
+        blob = bytearray(len(text).to_bytes(8, "little") + text + blob[8 + header_len :])
+    elif damage == "garbage":
+        blob = bytearray(b"\x00" * 64)
+    else:
+        blob = blob[: len(blob) // 2]
+    path.write_bytes(bytes(blob))
+    assert read(path, params) is None
+    assert "rebuilding" in caplog.text
+    rebuilt = load_or_build(params)
+    assert all(torch.equal(original[k], rebuilt[k]) for k in original)
+    assert read(path, params) is not None  # the rebuilt file was written back
+
+
+def test_shapes_are_registered():
+    names = ns.datasets.available()
+    assert {"shapes32", "shapes64", "shapes32-gray", "shapes64-gray"} <= set(names)
+
+
+def test_shapes_refuses_bad_parameters(cache):
+    with pytest.raises(ns.DataError, match="size"):
+        shapes(4)
+    with pytest.raises(ns.DataError, match="at least one image"):
+        shapes(16, n_train=0)
