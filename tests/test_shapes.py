@@ -10,7 +10,7 @@ import torch
 
 import netshrink as ns
 from netshrink.plugins.shapes import CLASSES, shapes
-from netshrink.plugins.shapes.generator import generate
+from netshrink.plugins.shapes.generator import SCENE_CHUNK, generate
 from netshrink.plugins.shapes.store import cache_path, load_or_build, read
 
 SMALL = {"size": 16, "seed": 0, "version": 0, "n_train": 60, "n_val": 20, "n_test": 20}
@@ -43,10 +43,29 @@ def test_generated_images_and_labels():
 
 
 def test_sizes_render_the_same_scenes():
-    """The label sequence is independent of the image size (same scenes, other resolution)."""
-    _, y16 = generate(16, 30, seed=3, split="train")
-    _, y24 = generate(24, 30, seed=3, split="train")
-    assert torch.equal(y16, y24)
+    """Scenes do not depend on the image size: the same labels in the same order, and the
+    larger images, averaged down, look like the smaller ones."""
+    n = 2 * SCENE_CHUNK + 7
+    x8, y8 = generate(8, n, seed=3, split="train")
+    x16, y16 = generate(16, n, seed=3, split="train")
+    assert torch.equal(y8, y16)
+    down = torch.nn.functional.avg_pool2d(x16.float(), 2)
+    same = (down - x8.float()).abs().mean()
+    other = (down - x8.float().roll(1, 0)).abs().mean()
+    assert same < other / 2
+
+
+def test_output_does_not_depend_on_the_thread_count():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = generate(8, SCENE_CHUNK + 5, seed=0, split="val")
+        torch.set_num_threads(2)
+        two = generate(8, SCENE_CHUNK + 5, seed=0, split="val")
+        assert torch.get_num_threads() == 2  # restored after rendering
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 def test_splits_sizes_classes_and_grayscale(cache):

@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 
 from netshrink import ArrayDataset, DataError, DataSplits, hookimpl
-from netshrink.plugins.shapes.generator import CLASSES, GENERATOR_VERSION, KNOBS
+from netshrink.plugins.shapes.generator import CLASSES, GENERATOR_VERSION, KNOBS, SCENE_CHUNK
 from netshrink.plugins.shapes.store import SPLITS, load_or_build
 
 __all__ = ["CLASSES", "GENERATOR_VERSION", "shapes"]
@@ -62,7 +62,13 @@ def shapes(
     if min(counts.values()) < 1:
         raise DataError(f"shapes: every split needs at least one image, got {counts}")
     # Everything that determines the pixels, so a change of any of it misses the cache.
-    params = {"size": size, "seed": seed, "version": GENERATOR_VERSION, "knobs": _knobs()}
+    params = {
+        "size": size,
+        "seed": seed,
+        "version": GENERATOR_VERSION,
+        "knobs": _knobs(),
+        "scene_chunk": SCENE_CHUNK,
+    }
     params.update({f"n_{split}": int(n) for split, n in counts.items()})
     tensors = load_or_build(params)
     images = {s: tensors[f"x_{s}"] for s in SPLITS}

@@ -4,22 +4,26 @@ Every image is one labelled shape on a textured background, drawn as an anti-ali
 function (an approximate signed distance in pixels, turned into coverage) over a whole batch at
 once. What makes it hard: random pose (rotation, scale, aspect ratio, position), random colours
 with a random luminance contrast (sometimes faint), textured fills and backgrounds, clutter
-(small blobs and strokes behind and in front of the shape), an occluding bar, and pixel noise.
-The class is the outline alone: colour and texture carry no information about it.
+(small blobs and strokes behind and in front of the shape), an occluding bar, pixel noise, and
+a share of camouflaged shapes that barely differ from their background (these keep every model
+below 100%). The class is the outline alone: colour and texture carry no information about it.
 
 Scene parameters are drawn independently of the image size, so ``size=64`` renders the same
-scenes as ``size=32`` at twice the resolution. Each chunk of images has its own seed, derived from
-the dataset seed, the split and the chunk index.
+scenes as ``size=32`` at twice the resolution. Each chunk of :data:`SCENE_CHUNK` images has its
+own seed, derived from the dataset seed, the split and the chunk index, so the output does not
+depend on how many threads render it.
 
 Speed: coordinates are separable (per-image row and column vectors, summed into a full plane in
 one pass), plane waves use ``sin(a + b) = sin a cos b + cos a sin b`` on those vectors, shapes
-are rendered per class on contiguous slices, and pixel noise comes from a small per-chunk bank
-(``torch.randn`` over every pixel would cost more than all the drawing).
+are rendered per class on contiguous slices, pixel noise comes from a bank of noise fields per
+split (``torch.randn`` over every pixel would cost more than all the drawing), and chunks are
+rendered in parallel threads.
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -42,9 +46,13 @@ CLASSES: tuple[str, ...] = (
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
-_NOISE_BANK = 256
+_NOISE_BANK = 1024  # noise fields per split, each image adds one of them, scaled
+#: Images per random stream. Fixed (not tied to the image size) so that every size renders the
+#: same scenes; small enough that a chunk's planes stay in the CPU caches.
+SCENE_CHUNK = 128
 _CLUTTER = 3
-#: Difficulty settings (part of the generator version: change them, bump the version).
+#: Difficulty settings, calibrated so small CNNs land between 85% and 95% (docs/datasets.md).
+#: They are part of the cache key; bump GENERATOR_VERSION too when changing them.
 KNOBS = {
     "clutter": 0.35,  # chance of each of the clutter items
     "clutter_front": 0.15,  # chance a clutter item is drawn over the shape
@@ -167,9 +175,10 @@ def _distance(cls: int, u: torch.Tensor, v: torch.Tensor, p: torch.Tensor) -> to
     return (rho - _star_radius(phi, sides, apothem)) * apothem
 
 
-def render(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+def render(labels: torch.Tensor, size: int, seed: int, bank: torch.Tensor) -> torch.Tensor:
     """Render one image per label as ``uint8`` ``(n, 3, size, size)``; ``labels`` must be sorted
-    (the shapes are drawn per class on contiguous slices)."""
+    (the shapes are drawn per class on contiguous slices). ``bank`` holds noise fields
+    ``(m, 3, size, size)``; each image adds one, scaled."""
     n = len(labels)
     draw = _Draw(n, seed)
     grid = _Grid(size)
@@ -267,9 +276,8 @@ def render(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     occ = ex.square_().add_(ey.square_()).sqrt_().sub_(occ_w[:, None, None])
     img.lerp_(occ_col[:, :, None, None], grid.coverage(occ).mul_(occ_on[:, None, None])[:, None])
 
-    # Pixel noise: a per-chunk bank of noise fields, one picked and scaled per image.
-    bank = torch.randn(_NOISE_BANK, 3, size, size, generator=draw.gen)
-    pick = torch.randint(0, _NOISE_BANK, (n,), generator=draw.gen)
+    # Pixel noise: one field of the bank per image, scaled.
+    pick = torch.randint(0, len(bank), (n,), generator=draw.gen)
     sigma = torch.where(
         camo, draw.uniform(*KNOBS["camouflage_noise"]), draw.uniform(0.0, KNOBS["noise"])
     )
@@ -277,19 +285,33 @@ def render(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return img.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
-def generate(
-    size: int, n: int, seed: int, split: str, chunk_size: int = 2048
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` images (uint8, ``(n, 3, size, size)``) with labels for one split, classes balanced."""
+def generate(size: int, n: int, seed: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images (uint8, ``(n, 3, size, size)``) with labels for one split, classes balanced.
+
+    Chunks are rendered in parallel by Python threads (torch releases the GIL in its kernels),
+    each op single-threaded: with many small ops, torch's own intra-op threads spend more time
+    in fork/join barriers than computing, and stall badly when another process holds a core.
+    """
     images = torch.empty((n, 3, size, size), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.int64)
-    for chunk, start in enumerate(range(0, n, chunk_size)):
-        stop = min(start + chunk_size, n)
-        s = chunk_seed(seed, split, chunk)
+    noise_gen = torch.Generator().manual_seed(chunk_seed(seed, split, 1 << 30))
+    bank = torch.randn(min(_NOISE_BANK, n), 3, size, size, generator=noise_gen)
+
+    def chunk(index: int) -> None:
+        start, stop = index * SCENE_CHUNK, min((index + 1) * SCENE_CHUNK, n)
+        s = chunk_seed(seed, split, index)
         # Balanced: each class (almost) equally often in every chunk. Rendered sorted by class,
         # then shuffled with the chunk's own permutation.
-        lab = torch.sort((torch.arange(start, stop)) % len(CLASSES)).values
+        lab = torch.sort(torch.arange(start, stop) % len(CLASSES)).values
         order = torch.randperm(stop - start, generator=torch.Generator().manual_seed(s ^ 1))
-        images[start:stop] = render(lab, size, s)[order]
+        images[start:stop] = render(lab, size, s, bank)[order]
         labels[start:stop] = lab[order]
+
+    workers = max(1, torch.get_num_threads())
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(chunk, range((n + SCENE_CHUNK - 1) // SCENE_CHUNK)))
+    finally:
+        torch.set_num_threads(workers)
     return images, labels
