@@ -107,6 +107,16 @@ def test_imagefolder_uses_train_val_test_folders(tmp_path):
         _image_tree(tmp_path / split, per_class=n)
     data = ns.datasets.load(f"imagefolder:{tmp_path}")
     assert (len(data.train), len(data.val), len(data.test)) == (18, 6, 9)
+    # A test folder may lack a class (labels still follow the training classes) ...
+    _image_tree(tmp_path / "t2" / "train", per_class=4)
+    _image_tree(tmp_path / "t2" / "test", classes=("dog", "owl"), per_class=2)
+    data = ns.datasets.load(f"imagefolder:{tmp_path / 't2'}")
+    assert sorted(set(data.test.targets)) == [1, 2]
+    # ... but not hold classes the training folder lacks, nor no images at all.
+    _image_tree(tmp_path / "t3" / "train", classes=("cat",), per_class=4)
+    _image_tree(tmp_path / "t3" / "val", classes=("cat", "eel"), per_class=1)
+    with pytest.raises(DataError, match=r"class folders \['eel'\]"):
+        ns.datasets.load(f"imagefolder:{tmp_path / 't3'}")
 
 
 def test_imagefolder_grayscale_images_give_one_channel(tmp_path):

@@ -157,10 +157,16 @@ def load_imagefolder(target: str, **options: Any) -> DataSplits:
     folder_cls = _image_folder_class()
 
     def make(split: str, transform: Any) -> Any:
+        # Every training class needs images; val/test folders may lack a class, not all images.
         try:
-            return folder_cls(str(roots[split]), classes, transform=transform)
+            folder = folder_cls(
+                str(roots[split]), classes, transform=transform, allow_empty=split != "train"
+            )
         except FileNotFoundError as exc:  # torchvision: no class folder, or no image in one
             raise DataError(f"imagefolder: {exc}; {_LAYOUT}") from None
+        if len(folder) == 0:
+            raise DataError(f"imagefolder: {roots[split]} holds no images; {_LAYOUT}")
+        return folder
 
     raw = make("train", None)
     from PIL import Image
