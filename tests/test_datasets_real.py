@@ -283,3 +283,26 @@ def test_dataset_specs_resolve_by_prefix():
         ns.datasets.load("imagefolder")
     with pytest.raises(UnknownNameError, match="Unknown dataset 'nope:x'"):
         ns.datasets.load("nope:x")
+
+
+def test_a_plugin_can_claim_a_dataset_prefix():
+    from netshrink.registry import register_plugin, unregister_plugin
+
+    calls = []
+
+    class EchoPlugin:
+        @ns.hookimpl
+        def register_datasets(self, register):
+            def load(target, **options):
+                calls.append((target, options))
+                return DataSplits(f"echo:{target}", _Squares(), _Squares(), _Squares(), 3)
+
+            register("echo:", load, description="echo:TARGET")
+
+    name = register_plugin(EchoPlugin(), name="echo-test")
+    try:
+        data = ns.datasets.load("echo:some/where?n=3&tag=x", extra=True)
+        assert data.name == "echo:some/where"
+        assert calls == [("some/where", {"n": 3, "tag": "x", "extra": True})]
+    finally:
+        unregister_plugin(name)

@@ -10,9 +10,15 @@ import torch
 
 import netshrink as ns
 from netshrink.plugins.shapes import CLASSES, shapes
-from netshrink.plugins.shapes.generator import SCENE_CHUNK, generate
+from netshrink.plugins.shapes.generator import (
+    GENERATOR_VERSION,
+    SCENE_CHUNK,
+    fingerprint,
+    generate,
+)
 from netshrink.plugins.shapes.store import cache_path, load_or_build, read
 
+PINNED = "f67ca245c108caac56456e3723b9924378fffaf216fe51646731ced1fb229af4"  # version 2
 SMALL = {"size": 16, "seed": 0, "version": 0, "n_train": 60, "n_val": 20, "n_test": 20}
 
 
@@ -72,6 +78,7 @@ def test_splits_sizes_classes_and_grayscale(cache):
     rgb = shapes(16, n_train=60, n_val=20, n_test=20)
     assert (len(rgb.train), len(rgb.val), len(rgb.test)) == (60, 20, 20)
     assert rgb.num_classes == len(CLASSES) == 10
+    assert rgb.name == f"shapes16@v{GENERATOR_VERSION}-s0-60-20-20"  # reference-model cache key
     assert rgb.input_shape == (3, 16, 16)
     assert rgb.model_options() == {"num_classes": 10, "in_chans": 3, "input_size": 16}
     x, y = rgb.batch("train", 60)
@@ -121,6 +128,13 @@ def test_tampered_cache_is_rebuilt(cache, damage, caplog):
     rebuilt = load_or_build(params)
     assert all(torch.equal(original[k], rebuilt[k]) for k in original)
     assert read(path, params) is not None  # the rebuilt file was written back
+
+
+def test_settings_are_pinned_to_the_generator_version():
+    """Changing what the generator draws must bump GENERATOR_VERSION (it names the dataset, and
+    reference models are cached by that name): update both lines together."""
+    assert GENERATOR_VERSION == 2
+    assert fingerprint() == PINNED
 
 
 def test_shapes_are_registered():

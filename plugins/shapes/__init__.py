@@ -15,13 +15,12 @@ images) only when a batch is fetched. Memory: about 215 MB for ``shapes32``, 860
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 
 import torch
 
 from netshrink import ArrayDataset, DataError, DataSplits, hookimpl
-from netshrink.plugins.shapes.generator import CLASSES, GENERATOR_VERSION, KNOBS, SCENE_CHUNK
+from netshrink.plugins.shapes.generator import CLASSES, GENERATOR_VERSION, fingerprint
 from netshrink.plugins.shapes.store import SPLITS, load_or_build
 
 __all__ = ["CLASSES", "GENERATOR_VERSION", "shapes"]
@@ -29,10 +28,6 @@ __all__ = ["CLASSES", "GENERATOR_VERSION", "shapes"]
 SIZES = (32, 64)
 DEFAULT_COUNTS = {"train": 50_000, "val": 10_000, "test": 10_000}
 _STATS_SAMPLES = 10_000
-
-
-def _knobs() -> dict[str, object]:
-    return json.loads(json.dumps(KNOBS))  # tuples as lists, as they come back from the cache
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
@@ -66,8 +61,7 @@ def shapes(
         "size": size,
         "seed": seed,
         "version": GENERATOR_VERSION,
-        "knobs": _knobs(),
-        "scene_chunk": SCENE_CHUNK,
+        "settings": fingerprint(),
     }
     params.update({f"n_{split}": int(n) for split, n in counts.items()})
     tensors = load_or_build(params)
@@ -77,7 +71,8 @@ def shapes(
     mean, std = ArrayDataset.channel_stats(images["train"][:_STATS_SAMPLES])
     splits = {s: ArrayDataset(images[s], tensors[f"y_{s}"], mean=mean, std=std) for s in SPLITS}
     default = seed == 0 and counts == DEFAULT_COUNTS
-    name = f"shapes{size}" + ("-gray" if gray else "")
+    # The version is in the name: reference models are cached by dataset name.
+    name = f"shapes{size}" + ("-gray" if gray else "") + f"@v{GENERATOR_VERSION}"
     if not default:
         name += f"-s{seed}-{n_train}-{n_val}-{n_test}"
     return DataSplits(
