@@ -4,7 +4,6 @@ tables, plots, fresh-process isolation. Pages use the public ``netshrink`` API o
 from __future__ import annotations
 
 import functools
-import math
 import multiprocessing
 import os
 import resource
@@ -115,12 +114,9 @@ def compress(model: nn.Module, steps: Any, data: ns.DataSplits, seeds: int = 1) 
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``p`` measured on ``n`` examples."""
-    if n <= 0:
-        return (0.0, 1.0)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` examples (the one
+    netshrink's report uses)."""
+    return ns.wilson_interval(p, n, z)
 
 
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:

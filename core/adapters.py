@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
 
+import torch
 from torch import nn
 
 from netshrink.errors import ModelSpecError
@@ -31,6 +32,23 @@ class ModelInfo:
     """Qualified name of the classifier module, protected from compression by default."""
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    input_dtype: str | None = None
+    """torch dtype name of the input when it is not float32, e.g. ``"int64"`` for token ids."""
+
+    def example_input(
+        self, batch: int = 1, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Zeros of ``(batch, *input_shape)`` in the input's dtype (token id 0 for integer
+        inputs), for tools that need an input without data (MACs, latency, export)."""
+        if self.input_shape is None:
+            raise ModelSpecError(f"{self.spec or 'the model'}: no known input shape")
+        dtype = getattr(torch, self.input_dtype or "float32", None)
+        if not isinstance(dtype, torch.dtype):
+            raise ModelSpecError(
+                f"{self.spec or 'the model'}: input_dtype {self.input_dtype!r} is not a torch "
+                "dtype name (e.g. 'float32', 'int64')"
+            )
+        return torch.zeros((batch, *self.input_shape), dtype=dtype, device=device)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""

@@ -31,9 +31,10 @@ from netshrink import manifest as schema
 from netshrink import modules as arch
 from netshrink.adapters import ModelInfo, model_info, set_model_info
 from netshrink.encodings import DTYPE_NAMES, DTYPES, Encoding, EncodingTable, model_tensors
-from netshrink.errors import ArtifactError, NetshrinkError
+from netshrink.errors import ArtifactError, ConfigError, NetshrinkError
 from netshrink.fileio import atomic_write
 from netshrink.models import load_model
+from netshrink.runtime import RUNTIMES, is_packable, pack_tensor
 from netshrink.version import __version__
 
 FORMAT = "netshrink"
@@ -371,8 +372,15 @@ def _check_tensors(model: nn.Module, plan: schema.Plan) -> None:
             )
 
 
-def load(path: str | Path, *, max_decoded_bytes: int | None = None) -> nn.Module:
+def load(
+    path: str | Path, *, max_decoded_bytes: int | None = None, runtime: str = "dense"
+) -> nn.Module:
     """Rebuild a runnable model from an artifact alone (no pickle, no code from the file).
+
+    ``runtime="dense"`` (the default) decodes every tensor to an ordinary dense module, for
+    fine-tuning and inspection. ``runtime="packed"`` keeps each encoded tensor in its stored
+    form (int8 / int4 kernels, CSR, or on-the-fly decoding: see :mod:`netshrink.runtime`), so
+    the loaded model takes about as much memory as the file; it is for inference.
 
     Nothing in the file is trusted: the manifest is checked against a schema, and the model and
     its decoded tensors must fit a budget the file's size justifies (``max(64 MiB, 1000 x file
@@ -380,6 +388,8 @@ def load(path: str | Path, *, max_decoded_bytes: int | None = None) -> nn.Module
     ``max_decoded_bytes`` or set ``NETSHRINK_MAX_DECODED_BYTES``. Raises
     :class:`~netshrink.ArtifactError` naming the offending field.
     """
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"load: field 'runtime': {runtime!r} is not one of {list(RUNTIMES)}")
     path = Path(path)
     raw, blob_bytes = _read_header(path)
     try:
@@ -387,28 +397,43 @@ def load(path: str | Path, *, max_decoded_bytes: int | None = None) -> nn.Module
         manifest = _parse(raw)
         plan = schema.validate(manifest, blob_bytes)
         schema.check_budget(plan, budget, path.stat().st_size)
-        model = _load_checked(path, manifest, plan, budget)
+        model = _load_checked(path, manifest, plan, budget, packed=runtime == "packed")
     except ArtifactError as exc:
         raise ArtifactError(f"{path}: {exc}") from None
     return model
 
 
+def _all_stored(model: nn.Module, stored: dict[str, Any]) -> bool:
+    """True when every parameter and buffer of ``model`` (non-persistent ones included) has a
+    record in the file, so nothing is left on the meta device once the records are set."""
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    names += [name for name, _ in model.named_buffers(remove_duplicate=False)]
+    return all(name in stored for name in names)
+
+
 def _load_checked(
-    path: Path, manifest: dict[str, Any], plan: schema.Plan, budget: int
+    path: Path, manifest: dict[str, Any], plan: schema.Plan, budget: int, packed: bool = False
 ) -> nn.Module:
+    meta_model: nn.Module | None = None
     try:  # count on the meta device first: a model too big for the budget is never allocated
-        _check_tensors(_guarded_build(manifest, budget, meta=True), plan)
-        checked = True
+        meta_model = _guarded_build(manifest, budget, meta=True)
+        _check_tensors(meta_model, plan)
     except _NoMetaBuild:
-        checked = False  # built for real below, still capped by the guard
-    model = _guarded_build(manifest, budget, meta=False)
-    if not checked:
-        _check_tensors(model, plan)
+        pass  # built for real below, still capped by the guard
+    if packed and meta_model is not None and _all_stored(meta_model, manifest["t"]):
+        # Every tensor comes from the file: fill the meta model in place, so the dense weights
+        # of packed layers are never allocated (peak memory stays near the packed size).
+        model = meta_model
+    else:
+        model = _guarded_build(manifest, budget, meta=False)
+        if meta_model is None:
+            _check_tensors(model, plan)
     read = _reader(_read_blob(path))
     for name, record in manifest["t"].items():
         where = f"t[{schema.show(name)}]"
         try:
-            value = Encoding.from_record(record, read).decode()
+            encoding = Encoding.from_record(record, read)
+            value = encoding.decode()
         except NetshrinkError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
         except Exception as exc:  # a decoder's own error on a record that passed the schema
@@ -426,7 +451,14 @@ def _load_checked(
                 f"{where}: decodes to {bad} non-finite values (NaN or infinity); netshrink "
                 "refuses non-finite weights"
             )
-        arch.set_tensor(model, name, value.clone())
+        if packed and is_packable(encoding):
+            del value  # checked; the packed form keeps the stored arrays instead
+            pack_tensor(model, name, record, read, encoding)
+        else:
+            arch.set_tensor(model, name, value.clone())
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # _all_stored said every tensor had a record: a module re-created one
+        raise ArtifactError(f"tensors {left[:4]} were not filled from the file")
     model.eval()
     info = model_info(model) or ModelInfo(spec="")
     stored = manifest.get("info") or {}

@@ -77,6 +77,32 @@ class LayerRecord:
     """Parameters of the layer before the step (filled by the pipeline)."""
 
 
+@dataclass(frozen=True)
+class LayerOption:
+    """One setting a compressor offers for one layer, for :func:`netshrink.search`:
+    ``LayerOption("magnitude", {"sparsity": 0.9}, bytes=26_712)``.
+
+    ``config`` holds config fields for that layer only (a step's per-layer override when they
+    are all in the compressor's :attr:`~Compressor.layer_fields`, else the config of a step that
+    selects just that layer); ``bytes`` are the exact stored bytes of the layer's tensors with
+    this option alone, from the encodings (weight and bias, new tensors of a factorised layer)."""
+
+    compressor: str
+    """The compressor's registered name."""
+    config: dict[str, Any]
+    """Config fields for this layer (JSON-able values)."""
+    bytes: int
+    """Exact stored bytes of the layer's tensors with this option applied alone."""
+    macs: int | None = None
+    """Multiply-accumulates per sample of the layer with this option (None: as dense)."""
+
+    @property
+    def label(self) -> str:
+        """A short label, e.g. ``magnitude(sparsity=0.9)``."""
+        fields = ",".join(f"{k}={v}" for k, v in sorted(self.config.items()))
+        return f"{self.compressor}({fields})"
+
+
 @dataclass
 class StepResult:
     """A compressor's output: the compressed model, per-layer records, step-level figures."""
@@ -204,6 +230,33 @@ class Compressor(ABC):
         self, model: nn.Module, layers: list[tuple[str, nn.Module]], ctx: CompressionContext
     ) -> StepResult:
         """Compress ``layers`` of ``model`` (in place or a new module) and return the result."""
+
+    @classmethod
+    def layer_options(cls, module: nn.Module, name: str) -> list[LayerOption]:
+        """The settings this compressor offers for layer ``name`` (``module``) in a search,
+        each with its exact stored bytes computed from the encodings without data (build the
+        encoding of the weight and take its ``payload_bytes``). Default: none (the compressor
+        takes no part in :func:`netshrink.search`).
+
+        A compressor that implements it joins the search with no change to the core; options
+        from compressors that do not change structure combine on one layer (prune, then
+        quantize), in the order structural, then pruning, then value-encoding."""
+        return []
+
+    @classmethod
+    def option(
+        cls, config: Mapping[str, Any], *, bytes: int, macs: int | None = None
+    ) -> LayerOption:
+        """A :class:`LayerOption` of this compressor (for :meth:`layer_options`): ``config``
+        is validated against :attr:`Config` now, so a bad option fails where it is declared."""
+        try:
+            cls.Config.model_validate(dict(config))
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{cls.name!r} declares an invalid layer option {dict(config)!r}: "
+                f"{format_validation_error(exc)}"
+            ) from None
+        return LayerOption(cls.name, dict(config), int(bytes), macs)
 
     @classmethod
     def capabilities_for(cls, config: CompressorConfig) -> Capabilities:

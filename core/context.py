@@ -69,7 +69,7 @@ class CompressionContext:
         shape = self.info.input_shape if self.info and self.info.input_shape else None
         if shape is None:
             raise DataError("no data and no known input shape: pass data=... to compress")
-        return torch.zeros((batch, *shape), device=self.device)
+        return self.info.example_input(batch, self.device)
 
     # -- randomness, progress ---------------------------------------------------------------
 

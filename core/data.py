@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from netshrink.errors import DataError
+from netshrink.errors import DataError, first_line
 
 Split = Literal["train", "val", "test"]
 
@@ -147,6 +148,55 @@ class DataSplits:
     def __post_init__(self) -> None:
         for split in ("train", "val", "test"):
             _check_split(split, getattr(self, split))
+        # Nothing can train on an empty train split (a DataLoader would fail deep inside).
+        self.check_nonempty("train")
+
+    def check_nonempty(self, *splits: Split) -> None:
+        """Raise :class:`DataError` naming the dataset and the split if any of ``splits``
+        (default: all three) holds no samples."""
+        for split in splits or ("train", "val", "test"):
+            if len(self.split(split)) == 0:
+                raise DataError(
+                    f"dataset {self.name!r}: the {split!r} split is empty; every split needs "
+                    "at least one sample (check the files, or the split fractions)"
+                )
+
+    def check_model(self, model: nn.Module, model_name: str, split: Split = "train") -> None:
+        """Push two samples of ``split`` through ``model`` (eval mode, no gradients; its mode
+        is restored) and raise :class:`DataError` if that fails, naming the data's input shape,
+        ``model_name`` and the error, or if the model's output width is not ``num_classes``."""
+        try:
+            x, _ = self.batch(split, 2)
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"dataset {self.name!r}: cannot read the {split!r} split: {first_line(exc)}"
+            ) from exc
+        shape = tuple(x.shape[1:])
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                device = next((p.device for p in model.parameters()), torch.device("cpu"))
+                out = model(x.to(device))
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # not a mismatch: the machine ran out of memory
+        except Exception as exc:
+            raise DataError(
+                f"dataset {self.name!r} (inputs of shape {shape}) does not fit model "
+                f"{model_name}: one batch through it raised {first_line(exc)}; pick data "
+                "or model options that match (in_chans, input_size)"
+            ) from exc
+        finally:
+            for module, training in modes:
+                module.training = training
+        if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != self.num_classes:
+            raise DataError(
+                f"dataset {self.name!r} has {self.num_classes} classes but model {model_name} "
+                f"has {out.shape[1]} outputs; build the model with num_classes="
+                f"{self.num_classes}"
+            )
 
     @property
     def input_shape(self) -> tuple[int, ...]:

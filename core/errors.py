@@ -55,3 +55,26 @@ class ArtifactError(NetshrinkError, ValueError):
 
 class EncodingError(NetshrinkError, ValueError):
     """A tensor cannot be represented by the requested encoding."""
+
+
+class WriteError(NetshrinkError, OSError):
+    """A file could not be written (read-only folder, a folder in the way, disk full); the
+    message names the path and the reason, and no temp file is left behind."""
+
+
+class StepError(NetshrinkError, RuntimeError):
+    """A step failed inside its compressor or its fine-tuning (e.g. the model's own forward
+    raised); the message names the step, the compressor and the model, and the original
+    exception is chained as ``__cause__``."""
+
+
+class ExportError(NetshrinkError, ValueError):
+    """An artifact could not be exported (``netshrink export``): the message names the format,
+    the tensor and its encoding where one is at fault, and what to do instead."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: how an error names the exception it wraps (torch's
+    messages can run for pages; the whole one stays in the chained traceback)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -53,6 +53,7 @@ MAX_NDIM = 16
 MAX_DIM = 2**62
 MAX_ELEMENTS = 2**63 - 1  # int64: what torch can index
 MAX_OFFSET = 2**62
+MAX_GROUP_SIZE = 2**20  # input columns per quantization scale (Quantized.group_size)
 MAX_INPUT_ELEMENTS = 2**24  # one input sample (info.input_shape); 3 x 2048 x 2048 fits
 MIN_DECODED_BYTES = 64 * 1024 * 1024
 DECODED_BYTES_PER_FILE_BYTE = 1000
@@ -69,6 +70,7 @@ FIELD_NAMES = {
     "sc": "scale",
     "zp": "zero_point",
     "fs": "full_shape",
+    "g": "group_size",
     "n": "centroids",
     "seed": "seed",
     "ns": "noise_scale",
@@ -325,7 +327,8 @@ class ArchSpec(_Strict):
     @field_validator("spec")
     @classmethod
     def _no_files(cls, value: str) -> str:
-        if value.split(":", 1)[0] == "file":
+        prefix, _, name = value.partition(":")
+        if prefix == "file" or (prefix == "hf" and ("/" in name or "\\" in name)):
             raise ValueError(
                 f"an artifact's base model cannot be another file ({show(value)}); a model "
                 "spec such as 'zoo:lenet5' or a module tree is expected"
@@ -419,6 +422,7 @@ class QuantRecord(_Record):
     sc: F32 | None = None
     zp: Annotated[StrictInt, Field(ge=0, le=255)] | None = None
     fs: Shape | None = None
+    g: Annotated[StrictInt, Field(ge=1, le=MAX_GROUP_SIZE)] | None = None
     a: _QuantArrays
 
 
@@ -641,7 +645,9 @@ class _Checker:
                 f"(expected {packed_nbytes(numel, m.b)})",
             )
         channels = 1
-        if m.a.scale is not None:
+        if m.g is not None:
+            channels = self._quant_groups(m, loc, full, parent)
+        elif m.a.scale is not None:
             channels = self.ref(f"{loc}.arrays['scale']", m.a.scale, ("F32",))
             if channels not in (1, full[0] if full else 1):
                 raise _fail(
@@ -666,6 +672,33 @@ class _Checker:
         elif m.zp >= 1 << m.b:
             raise _fail(f"{loc}.zero_point", f"{m.zp} is not a {m.b}-bit code")
         return 4
+
+    def _quant_groups(self, m: QuantRecord, loc, full: tuple[int, ...], parent) -> int:
+        """Check a grouped record's scales: one per row and group of ``g`` columns."""
+        if parent is not None and full != parent:
+            raise _fail(
+                f"{loc}.full_shape",
+                "grouped values of a sparse tensor need full_shape, the sparse tensor's shape",
+            )
+        if len(full) < 2:
+            raise _fail(
+                f"{loc}.group_size",
+                f"needs a tensor of at least 2 dimensions, the shape is {list(full)}",
+            )
+        if m.a.scale is None:
+            raise _fail(f"{loc}.arrays['scale']", "required with a group_size")
+        if m.sc is not None:
+            raise _fail(f"{loc}.scale", "a grouped record stores its scales in an array only")
+        columns = math.prod(full[1:])
+        want = full[0] * -(-columns // m.g)
+        count = self.ref(f"{loc}.arrays['scale']", m.a.scale, ("F32",))
+        if count != want:
+            raise _fail(
+                f"{loc}.arrays['scale']",
+                f"{count} scales for shape {list(full)} with group_size {m.g} (expected "
+                f"{full[0]} rows x ceil({columns} / {m.g}) groups = {want})",
+            )
+        return count
 
     def _codebook(self, m: CodebookRecord, loc, shape, numel, parent) -> int:
         bits = max(1, (m.n - 1).bit_length())

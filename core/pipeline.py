@@ -6,6 +6,8 @@ import copy
 import logging
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,16 @@ from netshrink.context import CompressionContext
 from netshrink.data import DataSplits
 from netshrink.datasets import load as load_data
 from netshrink.encodings import EncodingTable
-from netshrink.errors import ConfigError, NetshrinkError, RecipeError, SelectionError
-from netshrink.fileio import atomic_write
+from netshrink.errors import (
+    ConfigError,
+    ModelSpecError,
+    NetshrinkError,
+    RecipeError,
+    SelectionError,
+    StepError,
+    first_line,
+)
+from netshrink.fileio import FileGroup, locked
 from netshrink.models import load_model, reference_model
 from netshrink.recipe import Recipe, Step, as_recipe
 from netshrink.registry import get_compressor, get_selector_preset
@@ -34,6 +44,8 @@ from netshrink.training import FinetuneConfig, evaluate
 from netshrink.training import finetune as run_finetune
 
 log = logging.getLogger("netshrink")
+
+_FINETUNE_HINT = "lower the learning rate (finetune.lr) or check the data for NaN"
 
 
 @dataclass
@@ -68,25 +80,41 @@ class CompressionResult:
     records: list[LayerRecord] = field(default_factory=list)
 
     def save(self, path: str | Path, *, report: bool = True) -> Path:
-        """Write the artifact atomically (its size equals ``report.storage_bytes``); with
-        ``report=True`` also ``<stem>.report.json`` and ``<stem>.report.png`` next to it."""
-        path = atomic_write(path, self.artifact)
-        if report:
-            self.report.save_json(path.with_suffix(".report.json"))
-            try:
-                self.report.plot(path.with_suffix(".report.png"))
-            except Exception as exc:  # a missing font or backend must not lose the artifact
-                log.warning("could not draw the report plot: %s", exc)
+        """Write the artifact (its size equals ``report.storage_bytes``); with ``report=True``
+        also ``<stem>.report.json`` and ``<stem>.report.png`` next to it.
+
+        Nothing is lost or mixed: every file is written under a temp name first, then all are
+        renamed into place while holding :func:`~netshrink.fileio.locked` on ``path`` (a
+        second save to the same path waits, and a reader that takes the lock sees no mix), the
+        report first and the artifact last: once the artifact is in place its report is too,
+        and a report that does not match the artifact on disk means a save is under way (or
+        was killed between its renames; the next save mends it). A
+        failure raises :class:`~netshrink.errors.WriteError` naming the file and leaves the old
+        files as they were.
+        """
+        path = Path(path)
+        with FileGroup(lock=path) as group:
+            if report:
+                group.write_with(path.with_suffix(".report.json"), self.report.save_json)
+                png = path.with_suffix(".report.png")
+                try:
+                    group.write_with(png, self.report.plot)
+                except Exception as exc:  # a missing font or backend must not lose the artifact
+                    log.warning("could not draw the report plot: %s", exc)
+                    group.remove(png)  # an old plot must not sit beside the new report
+            group.write(path, self.artifact)
         return path
 
 
 def save(obj: CompressionResult | nn.Module, path: str | Path, *, report: bool = True) -> Path:
     """Save a :class:`CompressionResult` (see :meth:`CompressionResult.save`), or a model
-    built from a spec (every tensor stored dense), as one artifact file, atomically."""
+    built from a spec (every tensor stored dense), as one artifact file, atomically and under
+    the same lock; a failure raises :class:`~netshrink.errors.WriteError`."""
     if isinstance(obj, CompressionResult):
         return obj.save(path, report=report)
     if isinstance(obj, nn.Module):
-        return save_model(obj, path)
+        with locked(path):  # not mid-way through another save's group
+            return save_model(obj, path)
     raise TypeError(f"save() takes a CompressionResult or an nn.Module, got {type(obj).__name__}")
 
 
@@ -106,11 +134,17 @@ def plan(
 ) -> list[PlannedStep]:
     """Validate every step against ``model`` and ``data`` before any work is done.
 
-    Checks: the compressor exists (with did-you-mean), its config validates (errors name the
-    step and field), so does each per-layer override merged into it (``overrides.<pattern>``),
-    the selector selects something the compressor handles, data is given when needed, and no
-    step rewrites values that an earlier step quantized or clustered.
+    Checks: the model's parameters and buffers are finite; with data, no split is empty, two
+    samples go through the model (eval mode, no gradients) and its output width is the number
+    of classes; the compressor exists (with did-you-mean), its config validates (errors name
+    the step and field), so does each per-layer override merged into it
+    (``overrides.<pattern>``), the selector selects something the compressor handles, data is
+    given when needed, and no step rewrites values that an earlier step quantized or clustered.
     """
+    _check_finite_model(model, info)
+    if data is not None:
+        data.check_nonempty()
+        data.check_model(model, _model_name(model, info))
     if recipe.finetune and data is None:
         raise RecipeError("recipe field 'finetune': fine-tuning needs data; pass data=...")
     planned: list[PlannedStep] = []
@@ -207,8 +241,22 @@ def _resolve_model(model: nn.Module | str, data: DataSplits | None, seed: int) -
     if isinstance(model, nn.Module):
         return model
     if data is not None:
+        # The architecture reference training would build, checked first: training must not
+        # start on NaN weights (a file: spec) or on data the model cannot take.
+        bare = load_model(model, **data.model_options())
+        _check_finite_model(bare, model_info(bare))
+        data.check_model(bare, _model_name(bare, model_info(bare)))
         return reference_model(model, data, seed=seed)
     return load_model(model)
+
+
+def _settled(model: nn.Module) -> nn.Module:
+    """``model`` in the state a run starts from: eval mode, no gradients held. A reference
+    model just trained and the same one loaded from the cache must start the run identically
+    (a method that reads ``.grad`` or runs a forward must not see what training left)."""
+    for tensor in model.parameters():
+        tensor.grad = None
+    return model.eval()
 
 
 def _info_for(model: nn.Module, data: DataSplits | None) -> ModelInfo:
@@ -224,6 +272,70 @@ def _info_for(model: nn.Module, data: DataSplits | None) -> ModelInfo:
         num_classes=data.num_classes if data else None,
         head=last_linear(model),
     )
+
+
+def _model_name(model: nn.Module, info: ModelInfo | None) -> str:
+    """How errors name the model: its spec and options, else its class."""
+    if info is None or not info.spec:
+        return f"{type(model).__name__} (a module without a spec)"
+    options = ", ".join(f"{k}={v}" for k, v in sorted(info.options.items()))
+    return f"{info.spec}" + (f" ({options})" if options else "")
+
+
+def _nonfinite(model: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding a NaN or an infinity."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [
+        name
+        for name, t in tensors
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t.detach()).all())
+    ]
+
+
+def _tensor_list(names: list[str], shown: int = 4) -> str:
+    count = f"{len(names)} tensor{'s' if len(names) != 1 else ''}"
+    return f"{count}: {', '.join(names[:shown])}" + (", ..." if len(names) > shown else "")
+
+
+def _check_finite_model(model: nn.Module, info: ModelInfo | None) -> None:
+    """Refuse a model whose weights hold NaN or inf (compressing it would only hide that)."""
+    bad = _nonfinite(model)
+    if bad:
+        raise ModelSpecError(
+            f"model {_model_name(model, info)} has non-finite values (NaN or inf) in "
+            f"{_tensor_list(bad)}; netshrink compresses only finite weights: check the "
+            "checkpoint or the training that produced it"
+        )
+
+
+def _check_finite_after(model: nn.Module, where: str, hint: str) -> None:
+    """Raise :class:`StepError` if ``where`` (a step, or its fine-tuning) left non-finite
+    values in ``model``."""
+    bad = _nonfinite(model)
+    if bad:
+        raise StepError(
+            f"{where} left non-finite values (NaN or inf) in {_tensor_list(bad)}; {hint}"
+        )
+
+
+@contextmanager
+def _step_errors(title: str, what: str, model_name: str) -> Iterator[None]:
+    """Name the step in errors raised inside it: a netshrink error keeps its type (and extra
+    attributes) with ``title`` prefixed; any other exception (a plugin's bug, the model's own
+    forward) becomes a :class:`StepError` chained to it. Running out of memory and
+    interrupts pass through untouched."""
+    try:
+        yield
+    except NetshrinkError as exc:
+        exc.args = (f"{title}: {exc}", *exc.args[1:])
+        raise
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise StepError(
+            f"{title}: {what} failed on model {model_name}: {first_line(exc)} "
+            "(the full traceback is chained above)"
+        ) from exc
 
 
 def compress(
@@ -242,24 +354,31 @@ def compress(
     ``model`` is an ``nn.Module`` (left untouched: a copy is compressed), a spec string (with
     ``data``, the cached reference model trained on it), or None to use the recipe's ``model``.
     ``steps`` is a list of :func:`netshrink.step` results, a :class:`Recipe`, or a recipe file.
-    Everything is validated before any work; the run is deterministic given ``seed``.
+    Everything is validated before any work (:func:`plan`: finite weights, data that fits the
+    model, every step). Each stage starts from a seeded state, so the artifact's bytes depend
+    only on the inputs and ``seed``, not on whether a reference model was just trained or
+    loaded from the cache. A failure inside a step raises an error naming the step.
     """
     recipe = as_recipe(steps, seed=seed, latency=latency, finetune=finetune)
     data_name = data if isinstance(data, str) else recipe.data
     splits = load_data(data if data is not None else data_name) if (data or data_name) else None
+    if splits is not None:
+        splits.check_nonempty()  # before a reference model trains on it
     source = model if model is not None else recipe.model
     if source is None:
         raise RecipeError("no model: pass a model or a spec, or set 'model' in the recipe")
     original = _resolve_model(source, splits, recipe.seed)
     info = _info_for(original, splits)
-    work = copy.deepcopy(original)
+    work = _settled(copy.deepcopy(original))
     set_model_info(work, info)
+    _seed_everything(recipe.seed)
     planned = plan(recipe, work, info, splits)
+    model_name = _model_name(work, info)
 
     started = time.perf_counter()
     dev = torch.device(device)
     work.to(dev)
-    teacher = copy.deepcopy(original).to(dev).eval()
+    teacher = _settled(copy.deepcopy(original)).to(dev)
     for p in teacher.parameters():
         p.requires_grad_(False)
     table = EncodingTable()
@@ -295,16 +414,16 @@ def compress(
             for name, module in work.named_modules()
         }
         t0 = time.perf_counter()
-        try:
+        method = f"'{item.compressor.name}'"
+        with _step_errors(item.title, f"compressor {method}", model_name):
             # Overrides only when the step has some: a compressor that takes none may define
             # __init__(config) without the keyword.
             extra = {"overrides": item.step.overrides} if item.step.overrides else {}
             out = item.compressor(item.config, **extra).compress(work, layers, ctx)
-        except NetshrinkError as exc:
-            # Name the step, keeping the exception's type (and its extra attributes).
-            exc.args = (f"{item.title}: {exc}", *exc.args[1:])
-            raise
         work = out.model
+        _check_finite_after(
+            work, f"{item.title}: compressor {method}", "the method produced them (a bug to report)"
+        )
         set_model_info(work, info)
         table.reconcile(work)
         summary: dict[str, Any] = {
@@ -314,16 +433,19 @@ def compress(
             **out.summary,
         }
         if item.step.finetune is not None and item.step.finetune.epochs > 0:
-            hist = run_finetune(
-                work,
-                splits,
-                table,
-                item.step.finetune,
-                teacher=teacher,
-                seed=recipe.seed,
-                device=dev,
-                desc=f"[{item.index}] fine-tune",
-            )
+            where = f"fine-tuning after compressor {method}"
+            with _step_errors(item.title, where, model_name):
+                hist = run_finetune(
+                    work,
+                    splits,
+                    table,
+                    item.step.finetune,
+                    teacher=teacher,
+                    seed=recipe.seed,
+                    device=dev,
+                    desc=f"[{item.index}] fine-tune",
+                )
+            _check_finite_after(work, f"{item.title}: {where}", _FINETUNE_HINT)
             summary["finetune_best_val_acc"] = hist.get("best_val_acc")
         summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
         for rec in out.records:
@@ -333,20 +455,25 @@ def compress(
         records.extend(out.records)
         step_summaries.append(summary)
     if recipe.finetune is not None and recipe.finetune.epochs > 0:
-        run_finetune(
-            work,
-            splits,
-            table,
-            recipe.finetune,
-            teacher=teacher,
-            seed=recipe.seed,
-            device=dev,
-            desc="fine-tune",
-        )
+        _seed_everything(recipe.seed + len(planned))
+        last = "fine-tuning after the last step"
+        with _step_errors("recipe field 'finetune'", last, model_name):
+            run_finetune(
+                work,
+                splits,
+                table,
+                recipe.finetune,
+                teacher=teacher,
+                seed=recipe.seed,
+                device=dev,
+                desc="fine-tune",
+            )
+        _check_finite_after(work, "recipe field 'finetune': fine-tuning", _FINETUNE_HINT)
     wall = time.perf_counter() - started
     work.eval()
     work.to("cpu")
     artifact = artifact_bytes(work, table, info, stored_recipe)
+    _seed_everything(recipe.seed)
     report = build_report(
         original=original.cpu(),
         model=work,

@@ -13,7 +13,10 @@ from rich.text import Text
 from netshrink.fileio import atomic_write
 
 if TYPE_CHECKING:
-    from netshrink.report import Report
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from netshrink.report import LayerRow, Report
 
 
 def human_bytes(n: float) -> str:
@@ -89,20 +92,61 @@ def render(report: Report) -> Group:
         f"artifact: {human_bytes(report.storage_bytes)} ({report.storage_bytes:,} B), "
         f"ratio {report.compression_ratio:.2f}x"
     ]
-    if report.accuracy_before is not None:
-        delta = report.accuracy_delta or 0.0
+    lines.extend(accuracy_lines(report))
+    lines.extend(latency_lines(report))
+    if report.resident_bytes_dense is not None and report.resident_bytes_packed is not None:
+        dense, packed = report.resident_bytes_dense, report.resident_bytes_packed
         lines.append(
-            f"test accuracy: {_pct(report.accuracy_before)} -> {_pct(report.accuracy_after)} "
-            f"({100 * delta:+.2f} pp)"
+            f"in memory once loaded: dense decode {human_bytes(dense)}, packed runtime "
+            f"{human_bytes(packed)} (netshrink.load(path, runtime='packed'))"
         )
-    if report.latency:
-        parts = [
-            f"{k}: {v['dense_ms']:.3f} -> {v['compressed_ms']:.3f} ms ({v['speedup']:.2f}x)"
-            for k, v in report.latency.items()
-        ]
-        lines.append("latency (median, dense -> compressed): " + "; ".join(parts))
     lines.append(f"compression wall time: {report.wall_time_s:.1f} s")
     return Group(table, Text("\n".join(lines)))
+
+
+def _interval(bounds: tuple[float, float] | None) -> str:
+    return "?" if bounds is None else f"{bounds[0]:.3f}-{bounds[1]:.3f}"
+
+
+def accuracy_lines(report: Report) -> list[str]:
+    """Test accuracy before -> after with ``n`` and 95% Wilson intervals, and the paired
+    verdict (McNemar) with the discordant counts it rests on."""
+    if report.accuracy_before is None or report.accuracy_after is None:
+        return []
+    head = f"test accuracy: {report.accuracy_before:.4f} -> {report.accuracy_after:.4f}"
+    if not report.n_test:
+        delta = report.accuracy_delta or 0.0
+        return [f"{head} ({100 * delta:+.2f} pp; n not recorded: no interval)"]
+    lines = [
+        f"{head} (n={report.n_test:,}; 95% CI {_interval(report.accuracy_interval('before'))}"
+        f" -> {_interval(report.accuracy_interval('after'))})"
+    ]
+    verdict, p = report.accuracy_verdict, report.accuracy_p_value
+    if verdict is not None and p is not None:
+        lines.append(
+            f"after vs before: {verdict} (paired McNemar mid-p = {p:.3g}; "
+            f"{report.only_before_correct:,} test images right only before, "
+            f"{report.only_after_correct:,} right only after)"
+        )
+    return lines
+
+
+def latency_lines(report: Report) -> list[str]:
+    """Per batch size: dense -> compressed median (IQR) and what the ratio's spread supports."""
+    if not report.latency:
+        return []
+    verdicts = report.latency_verdicts()
+    lines = ["latency (median, dense -> compressed; speedup = dense / compressed):"]
+    for key, fig in report.latency.items():
+        times = f"{fig.get('dense_ms', float('nan')):.3f} -> "
+        times += f"{fig.get('compressed_ms', float('nan')):.3f} ms"
+        if "dense_iqr_ms" in fig and "compressed_iqr_ms" in fig:
+            times = (
+                f"{fig['dense_ms']:.3f} (IQR {fig['dense_iqr_ms']:.3f}) -> "
+                f"{fig['compressed_ms']:.3f} (IQR {fig['compressed_iqr_ms']:.3f}) ms"
+            )
+        lines.append(f"  {key}: {times}: {verdicts[key]}")
+    return lines
 
 
 def to_text(report: Report, width: int = 160) -> str:
@@ -112,62 +156,79 @@ def to_text(report: Report, width: int = 160) -> str:
     return console.export_text()
 
 
-def plot(report: Report, path: Path) -> Path:
-    """Per-layer sparsity and stored bits per weight; size vs accuracy (dense vs compressed)."""
+def figure(report: Report) -> Figure:
+    """The report's matplotlib figure: per-layer sparsity and stored bits per weight (left);
+    size vs test accuracy, or size alone without data (right). Legends only label what is
+    drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report.rows if not r.name.startswith("(")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    ax = axes[0]
-    names = [r.name for r in rows] or ["(none)"]
-    xs = range(len(names))
-    ax.bar(
-        [x - 0.2 for x in xs],
-        [100 * r.sparsity for r in rows] or [0],
-        width=0.4,
-        label="sparsity (%)",
-        color="tab:blue",
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]}
     )
+    _per_layer(left, [r for r in report.rows if not r.name.startswith("(")])
+    _size_panel(right, report)
+    fig.tight_layout()
+    return fig
+
+
+def _per_layer(ax: Axes, rows: list[LayerRow]) -> None:
+    ax.set_title("per layer")
+    if not rows:
+        ax.text(0.5, 0.5, "no compressed layers", ha="center", va="center",
+                transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [100 * r.sparsity for r in rows], width=0.4,
+           label="sparsity (%)", color="tab:blue")
     ax.set_ylabel("sparsity (% of original params not stored)")
     ax.set_ylim(0, 100)
-    ax2 = ax.twinx()
-    ax2.bar(
-        [x + 0.2 for x in xs],
-        [r.bits_per_weight for r in rows] or [0],
-        width=0.4,
-        label="bits per original weight",
-        color="tab:orange",
-    )
-    ax2.set_ylabel("stored bits per original weight")
-    ax.set_xticks(list(xs), names, rotation=45, ha="right", fontsize=8)
-    ax.set_title("per layer")
-    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.set_xlabel("compressed layer")
+    ax.set_xticks(list(xs), [r.name for r in rows], rotation=45, ha="right", fontsize=8)
+    twin = ax.twinx()
+    twin.bar([x + 0.2 for x in xs], [r.bits_per_weight for r in rows], width=0.4,
+             label="stored bits per original weight", color="tab:orange")
+    twin.set_ylabel("stored bits per original weight")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles, [h.get_label() for h in handles], loc="upper center",
-              bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8)
-    ax = axes[1]
-    if report.accuracy_before is not None:
-        ax.scatter(
-            [report.dense_bytes / 1024], [100 * report.accuracy_before], label="dense fp32", s=60
-        )
-        ax.scatter(
-            [report.storage_bytes / 1024],
-            [100 * report.accuracy_after],
-            label="compressed",
-            s=60,
-            marker="*",
-        )
-        ax.set_ylabel("test accuracy (%)")
-    else:
-        ax.bar(["dense", "compressed"], [report.dense_bytes / 1024, report.storage_bytes / 1024])
-    ax.set_xscale("log") if report.accuracy_before is not None else None
-    ax.set_xlabel("size (KiB, log)")
+              bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8)
+
+
+def _size_panel(ax: Axes, report: Report) -> None:
+    dense_kib, stored_kib = report.dense_bytes / 1024, report.storage_bytes / 1024
+    if report.accuracy_before is None or report.accuracy_after is None:
+        ax.bar(["dense fp32", "artifact"], [dense_kib, stored_kib], color=["tab:gray", "tab:green"])
+        ax.set_ylabel("size (KiB)")
+        ax.set_title(f"size ({report.compression_ratio:.1f}x smaller; no test data)")
+        return
+    for kib, acc, which, label, marker in (
+        (dense_kib, report.accuracy_before, "before", "dense fp32", "o"),
+        (stored_kib, report.accuracy_after, "after", "compressed", "*"),
+    ):
+        bounds = report.accuracy_interval(which)
+        yerr = None if bounds is None else [[100 * (acc - bounds[0])], [100 * (bounds[1] - acc)]]
+        ax.errorbar([kib], [100 * acc], yerr=yerr, fmt=marker, markersize=8, capsize=4,
+                    label=label + ("" if bounds is None else " (95% CI)"))
+    ax.set_xscale("log")
+    ax.margins(x=0.25)  # keep both points (and their intervals) off the frame
+    ax.set_xlabel("size (KiB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"size vs accuracy ({report.compression_ratio:.1f}x)")
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+
+
+def plot(report: Report, path: Path) -> Path:
+    """Draw :func:`figure` to a PNG at ``path`` (atomically)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report)
+    try:
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return atomic_write(path, buffer.getvalue())

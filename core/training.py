@@ -1,10 +1,16 @@
-"""Training, evaluation, and fine-tuning that respects encodings."""
+"""Training, evaluation, and fine-tuning that respects encodings; resumable training
+checkpoints, kept in checksummed safetensors files (:mod:`netshrink.checkedfile`)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -14,10 +20,17 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 from torch.utils.data import DataLoader
 
+from netshrink.checkedfile import check_like, read_checked, write_checked
 from netshrink.config import NetshrinkConfig
 from netshrink.data import DataSplits
 from netshrink.encodings import EncodingTable, Sparse, model_tensors
+from netshrink.errors import ArtifactError, ConfigError
+from netshrink.progress import enabled as progress_enabled
 from netshrink.progress import progress
+
+log = logging.getLogger("netshrink")
+
+CHECKPOINT_FORMAT = "netshrink-train-checkpoint/1"
 
 
 class FinetuneConfig(NetshrinkConfig):
@@ -118,6 +131,161 @@ class CheckpointPolicy:
     """Stop after this many epochs without a new best (None: train all epochs)."""
     warmup_epochs: int = 0
     """Epochs up to this one never count towards ``patience`` (e.g. while a penalty ramps up)."""
+    path: str | Path | None = None
+    """Resumable checkpoint file. After every epoch but the last, the run's state (weights,
+    optimizer, built-in schedule, RNG and shuffling state, history, best weights) is written
+    here atomically, as safetensors with JSON metadata (no pickle); a later call with the same
+    settings continues after the last finished epoch and ends with the same weights as an
+    uninterrupted run (on the CPU; GPU kernels need not be deterministic). The file is deleted
+    when training ends. State kept by hooks is not saved, and validation results and ranks
+    must be JSON-able (numbers, strings, lists)."""
+    run_key: str = ""
+    """Identifies the run for ``path`` (e.g. the settings as JSON): a checkpoint written under
+    another key or other training settings, or a corrupt one, is ignored with a warning."""
+
+
+def _bar_hidden() -> bool:
+    """True when progress is on but no bar is drawn (stderr is not a terminal)."""
+    return progress_enabled() is None and not sys.stderr.isatty()
+
+
+def _epoch_line(desc: str, epoch: int, total: int, loss: float, result: Any, secs: float) -> str:
+    acc = f"{result:.2%}" if isinstance(result, float) else str(result)
+    return f"{desc}: epoch {epoch}/{total}, train loss {loss:.4f}, val acc {acc}, {secs:.1f} s"
+
+
+def _fingerprint(policy: CheckpointPolicy, config: FinetuneConfig, seed: int, custom: bool) -> str:
+    """What a checkpoint must have been written under to be resumed."""
+    return json.dumps(
+        {
+            "run": policy.run_key,
+            "config": config.model_dump(mode="json"),
+            "seed": seed,
+            "policy": [policy.keep, policy.patience, policy.warmup_epochs],
+            "custom_optimizer": custom,
+        },
+        sort_keys=True,
+    )
+
+
+def _state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@dataclass
+class _Progress:
+    """What a resumable run carries from one epoch to the next, besides model and optimizer."""
+
+    history: dict[str, Any]
+    best: tuple[Any, Any, int] | None = None  # (rank, validation result, epoch)
+    best_state: dict[str, torch.Tensor] | None = None
+
+
+def _save_checkpoint(
+    path: Path,
+    fingerprint: str,
+    state: TrainState,
+    opt: torch.optim.Optimizer,
+    sched: CosineAnnealingLR | None,
+    run: _Progress,
+) -> None:
+    tensors = {f"model.{k}": v.clone() for k, v in state.model.state_dict().items()}
+    best_is_current = run.best is not None and run.best[2] == state.epoch
+    if run.best_state is not None and not best_is_current:
+        tensors.update({f"best.{k}": v for k, v in run.best_state.items()})
+    opt_state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if state.loader.generator is not None:
+        tensors["rng.loader"] = state.loader.generator.get_state()
+    record = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": run.history,
+        "best": list(run.best) if run.best is not None else None,
+        "best_is_current": best_is_current,
+        "opt_groups": opt_state["param_groups"],
+        "opt_scalars": scalars,
+        "sched": sched.state_dict() if sched is not None else None,
+    }
+    try:
+        text = json.dumps(record)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"checkpoint {path}: cannot save the training state as JSON ({exc}); a resumable "
+            "checkpoint needs validation results and ranks made of numbers, strings and lists"
+        ) from None
+    write_checked(path, tensors, fmt=CHECKPOINT_FORMAT, key=fingerprint, meta={"run": text})
+
+
+def _as_rank(value: Any) -> Any:
+    """JSON turned tuples into lists; ranks compare as tuples again."""
+    return tuple(_as_rank(v) for v in value) if isinstance(value, list) else value
+
+
+def _load_checkpoint(
+    path: Path,
+    fingerprint: str,
+    state: TrainState,
+    opt: torch.optim.Optimizer,
+    sched: CosineAnnealingLR | None,
+) -> _Progress | None:
+    """Restore the model, optimizer, schedule, RNGs and ``state`` from ``path``; the run's
+    progress, or None (with a warning if a file was there but unusable)."""
+    if not path.is_file():
+        return None
+    model = state.model
+    limit = 8 * _state_bytes(model) + (64 << 20)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    try:
+        tensors, meta = read_checked(path, fmt=CHECKPOINT_FORMAT, key=fingerprint,
+                                     max_bytes=limit)
+        record = json.loads(meta["run"])
+        weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        best_weights = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+        check_like(path, weights, saved[0])
+        if best_weights:
+            check_like(path, best_weights, saved[0])
+        opt_state: dict[int, dict[str, Any]] = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                pid, field = name[4:].split(".", 1)
+                opt_state.setdefault(int(pid), {})[field] = value
+        for pid, entry in record["opt_scalars"].items():
+            opt_state.setdefault(int(pid), {}).update(entry)
+        groups = [
+            {k: tuple(v) if isinstance(fresh.get(k), tuple) else v for k, v in group.items()}
+            for group, fresh in zip(record["opt_groups"], saved[1]["param_groups"], strict=True)
+        ]
+        opt.load_state_dict({"state": opt_state, "param_groups": groups})
+        model.load_state_dict(weights)
+        if sched is not None:
+            sched.load_state_dict(record["sched"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if state.loader.generator is not None:
+            state.loader.generator.set_state(tensors["rng.loader"])
+    except Exception as exc:  # any unusable checkpoint: warn, start afresh, never fail the run
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        reason = str(exc) if isinstance(exc, ArtifactError) else f"{path}: {exc!r}"
+        log.warning("ignoring training checkpoint: %s; training from the start", reason)
+        return None
+    state.epoch, state.step = int(record["epoch"]), int(record["step"])
+    run = _Progress(history=record["history"])
+    if record["best"] is not None:
+        score, result, epoch = record["best"]
+        run.best = (_as_rank(score), result, int(epoch))
+        if best_weights:
+            run.best_state = best_weights
+        elif record["best_is_current"]:
+            run.best_state = copy.deepcopy(model.state_dict())
+    return run
 
 
 def train(
@@ -136,6 +304,7 @@ def train(
     after_step: Callable[[TrainState], None] | None = None,
     validate: Callable[[TrainState], Any] | None = None,
     checkpoint: CheckpointPolicy | None = None,
+    epoch_lines: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` on ``data.train`` for ``config.epochs``, validating after every epoch:
     the one training loop of netshrink and its plugins. By default it minimises cross-entropy
@@ -147,8 +316,13 @@ def train(
     the optimizer and the schedule (parameter groups, tensors outside the model; step your own
     scheduler in ``after_step``); ``before_epoch`` runs at the start of every epoch and
     ``after_step`` after every optimizer step (re-apply masks, project, ...); ``validate(state)``
-    replaces the validation accuracy; ``checkpoint`` ranks the results and decides which weights
-    are kept and when to stop (default: ``CheckpointPolicy(patience=config.patience)``).
+    replaces the validation accuracy; ``checkpoint`` ranks the results, decides which weights
+    are kept and when to stop, and where a resumable checkpoint goes (default:
+    ``CheckpointPolicy(patience=config.patience)``).
+
+    Progress is a bar on a terminal; with ``epoch_lines``, output that is not a terminal (a CI
+    log, a file) gets one line per epoch on stderr instead: epoch, train loss, validation
+    result, seconds. ``NETSHRINK_PROGRESS=0`` silences both.
 
     ``seed`` seeds torch and the shuffling. Returns the history: ``loss`` and ``val_acc`` (what
     ``validate`` returned) per epoch, ``start_val_acc`` (the incoming weights'), and
@@ -156,35 +330,48 @@ def train(
     """
     torch.manual_seed(seed)
     model.to(device)
-    history: dict[str, Any] = {"val_acc": [], "loss": []}
     params = [p for p in model.parameters() if p.requires_grad]
     if config.epochs == 0 or not (params or optimizer):
-        return history
+        return {"val_acc": [], "loss": []}
     opt = optimizer(model) if optimizer else _optimizer(params, config)
     sched = None if optimizer else CosineAnnealingLR(opt, T_max=config.epochs)
     policy = checkpoint or CheckpointPolicy(patience=config.patience)
     state = TrainState(model, data.loader("train", batch_size=config.batch_size, seed=seed))
     val_loader = data.loader("val", batch_size=256)
     validate = validate or (lambda state: evaluate(state.model, val_loader, device))
-    best: tuple[Any, Any, int] | None = None  # (rank, validation result, epoch)
-    best_state = None
+    path = Path(policy.path) if policy.path is not None else None
+    fingerprint = _fingerprint(policy, config, seed, optimizer is not None)
+    run = _load_checkpoint(path, fingerprint, state, opt, sched) if path else None
+    lines = epoch_lines and _bar_hidden()
+    if run is not None:
+        if policy.keep != "best":
+            run.best_state = None
+        note = f"{desc}: resuming from {path} after epoch {state.epoch}/{config.epochs}"
+        log.info("%s", note)
+        if lines:
+            print(note, file=sys.stderr, flush=True)
+    history = run.history if run is not None else {"val_acc": [], "loss": []}
+    run = run or _Progress(history)
 
     def consider(result: Any) -> bool:
         """Rank a validation result; True (and its weights kept) if it is a new best."""
-        nonlocal best, best_state
         score = result if policy.key is None else policy.key(result, state)
-        if score is None or (best is not None and not score > best[0]):
+        if score is None or (run.best is not None and not score > run.best[0]):
             return False
-        best = (score, result, state.epoch)
+        run.best = (score, result, state.epoch)
         if policy.keep == "best":
-            best_state = copy.deepcopy(model.state_dict())
+            run.best_state = copy.deepcopy(model.state_dict())
         return True
 
-    history["start_val_acc"] = validate(state)
-    consider(history["start_val_acc"])
+    if "start_val_acc" not in history:
+        history["start_val_acc"] = validate(state)
+        consider(history["start_val_acc"])
     if teacher is not None:
         teacher.eval()
-    for epoch in progress(range(config.epochs), desc=desc, total=config.epochs):
+    first = state.epoch
+    for epoch in progress(range(first, config.epochs), desc=desc, total=config.epochs,
+                          initial=first):
+        started = time.perf_counter()
         state.epoch = epoch
         model.train()
         if before_epoch is not None:
@@ -219,14 +406,22 @@ def train(
         result = validate(state)
         history["val_acc"].append(result)
         history["loss"].append(total_loss / max(len(state.loader.dataset), 1))
-        stale = state.epoch - max(best[2] if best else 0, policy.warmup_epochs)
-        if not consider(result) and policy.patience is not None and stale >= policy.patience:
+        stale = state.epoch - max(run.best[2] if run.best else 0, policy.warmup_epochs)
+        stop = not consider(result) and policy.patience is not None and stale >= policy.patience
+        if lines:
+            print(_epoch_line(desc, state.epoch, config.epochs, history["loss"][-1], result,
+                              time.perf_counter() - started), file=sys.stderr, flush=True)
+        if stop:
             break
+        if path is not None and state.epoch < config.epochs:
+            _save_checkpoint(path, fingerprint, state, opt, sched, run)
     if policy.keep == "last":
-        history["best_val_acc"], history["best_epoch"] = result, state.epoch
-    elif best is not None and best_state is not None:
-        model.load_state_dict(best_state)
-        history["best_val_acc"], history["best_epoch"] = best[1], best[2]
+        history["best_val_acc"], history["best_epoch"] = history["val_acc"][-1], state.epoch
+    elif run.best is not None and run.best_state is not None:
+        model.load_state_dict(run.best_state)
+        history["best_val_acc"], history["best_epoch"] = run.best[1], run.best[2]
+    if path is not None:
+        path.unlink(missing_ok=True)
     return history
 
 
@@ -242,7 +437,8 @@ def finetune(
     desc: str = "fine-tune",
 ) -> dict[str, Any]:
     """Fine-tune while keeping every encoding valid: zeros of sparse tensors stay zero,
-    quantized/clustered tensors are frozen; then the encodings are refitted."""
+    quantized/clustered tensors are frozen; then the encodings are refitted. Shows a bar on a
+    terminal and one line per epoch otherwise (``NETSHRINK_PROGRESS=0`` silences both)."""
     tensors = model_tensors(model)
     frozen: list[nn.Parameter] = []
     masks: dict[str, torch.Tensor] = {}
@@ -273,6 +469,7 @@ def finetune(
             device=device,
             after_step=keep_masks if masks else None,
             desc=desc,
+            epoch_lines=True,  # a line per epoch when stderr is not a terminal (CI logs)
         )
     finally:
         for p in frozen:

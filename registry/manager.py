@@ -38,6 +38,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "netshrink.plugins.timm_adapter",
     "netshrink.plugins.torchvision_adapter",
     "netshrink.plugins.file_adapter",
+    "netshrink.plugins.transformers_adapter",
+    "netshrink.plugins.sequences",
     "netshrink.plugins.selectors",
     "netshrink.plugins.magnitude",
     "netshrink.plugins.quantize",

@@ -22,17 +22,17 @@ PACKAGES = {"netshrink": ROOT / "core", "netshrink.registry": ROOT / "registry",
 LAYERS: list[set[str]] = [
     {"cli", "docgen", "scaffold", "testing"},  # tools
     {"__root__"},  # the public surface, netshrink/__init__.py
-    {"pipeline"},  # the run
-    {"report", "report_render"},  # reads what the pipeline built
+    {"pipeline", "layer_search"},  # the run; the search runs it
+    {"report", "report_render", "export"},  # reads what the pipeline built; exports it
     {"context"},  # what a compressor receives (it can size the artifact)
     {"artifact", "manifest"},  # builds and reads the artifact; the manifest's schema
-    {"models", "datasets"},  # specs resolved through the registry
+    {"models", "datasets", "recipe"},  # specs and steps resolved through the registry
     {"registry"},
-    {"recipe"},
     {"training", "lowrank"},
     {"compressor"},
+    {"runtime"},  # the packed run-time form of encodings
     {"selector", "adapters", "data", "encodings", "modules", "metrics"},  # contracts
-    {"config", "errors", "fileio", "progress", "version"},  # foundations
+    {"checkedfile", "config", "errors", "executors", "fileio", "progress", "version"},
 ]
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

@@ -4,11 +4,13 @@ public API, the statistics are right, and the runner writes a page with command 
 from __future__ import annotations
 
 import ast
+import io
 import subprocess
 import types
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -129,3 +131,126 @@ def test_runner_writes_page_with_command_commit_and_intervals(bench, tmp_path, m
     assert " ± " in row and "n=360" in row  # two seeds: mean ± std, interval on the test n
     assert "x (" in row  # the speedup with its spread
     assert (tmp_path / "benchmarks" / "tiny.png").stat().st_size > 5_000
+
+
+# -- the peers page: every peer as a curve of points ---------------------------------------------
+
+
+class _Tiny(torch.nn.Module):
+    """A conv + two Linear layers every peer accepts (torchao's int4 CPU layout needs
+    in % 32 == 0 and out % 16 == 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(256, 32)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc(torch.relu(self.conv(x)).flatten(1))))
+
+
+@pytest.fixture
+def tiny():
+    """A tiny model and random 8x8 data (64 samples per split)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split():
+        return torch.utils.data.TensorDataset(torch.randn(64, 1, 8, 8, generator=gen),
+                                              torch.randint(0, 10, (64,), generator=gen))
+
+    torch.manual_seed(0)
+    data = ns.DataSplits("tiny", split(), split(), split(), num_classes=10)
+    return _Tiny().eval(), data
+
+
+PEER_NAMES = ["torchao weight-only", "NNCF compress_weights", "NNCF int8 PTQ", "AIMET QuantSim",
+              "AIMET AdaRound", "Torch-Pruning", "torch.nn.utils.prune", "PyTorch dynamic int8"]
+# Their libraries alone import in 10-100 s on the shared 2 cores (AIMET the longest), and NNCF's
+# PTQ builds a C++ extension on first use; the torch-only peers stay in the default run.
+SLOW_PEERS = {"torchao weight-only", "NNCF compress_weights", "NNCF int8 PTQ", "AIMET QuantSim",
+              "AIMET AdaRound", "Torch-Pruning"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_PEERS
+                                  else n for n in PEER_NAMES])
+def test_each_peer_runs_as_a_curve_of_points(bench, tiny, name):
+    """Every peer runs on a tiny model and returns one measured point per quick knob value:
+    label, bytes of a real file, an accuracy in [0, 1], reload notes."""
+    from benchmarks import peers
+
+    assert set(PEER_NAMES) == set(peers.PEERS)  # a new peer gets a case here
+    peer = peers.PEERS[name]
+    pytest.importorskip(peer.library)
+    model, data = tiny
+    points = peers.curve(name, model, data, epochs=1, quick=True)
+    assert [pt.label for pt in points] == [peers.label(name, k) for k in peer.quick_values]
+    for pt in points:
+        assert isinstance(pt, peers.Point) and pt.ok, pt.notes
+        assert pt.bytes > 1_000 and 0.0 <= pt.accuracy <= 1.0 and "reload" in pt.notes
+        assert pt.model is None or isinstance(pt.model, torch.nn.Module)
+    if name.startswith("AIMET"):
+        assert "theoretical" in points[0].notes
+
+
+def test_peer_failures_and_missing_libraries_are_points(bench, tiny, monkeypatch):
+    from benchmarks import peers
+
+    model, data = tiny
+
+    def broken(*args):
+        raise ValueError("unsupported layer: Conv3d\nsecond line")
+
+    monkeypatch.setitem(peers.PEERS, "broken", peers.Peer("torch", "k", (1, 2), (1,), broken))
+    monkeypatch.setitem(peers.PEERS, "absent", peers.Peer("no_such_lib_xyz", "k", (1,), (1,),
+                                                          broken))
+    pts = peers.curve("broken", model, data, epochs=0)
+    assert [pt.notes for pt in pts] == ["failed: ValueError: unsupported layer: Conv3d"] * 2
+    assert not any(pt.ok for pt in pts) and all(pt.bytes == 0 for pt in pts)
+    (absent,) = peers.curve("absent", model, data, epochs=0)
+    assert absent.notes == "no_such_lib_xyz not installed (pip install netshrink[peers])"
+    with pytest.raises(RuntimeError, match="failed: ValueError"):
+        monkeypatch.setitem(peers.OVERVIEW, "b", ("broken", 1))
+        peers.single("b", model, data, epochs=0)
+
+
+def test_sparse_state_is_compact_and_reloads(bench, tiny):
+    """torch.nn.utils.prune's compact save: CSR weights with int32 indices when smaller,
+    reloadable with weights_only and equal to the dense weights."""
+    from benchmarks import peers
+
+    model, _ = tiny
+    with torch.no_grad():
+        model.fc.weight[:, 8:] = 0  # 97% zeros: CSR wins; conv stays dense
+    state = peers.sparse_state(model)
+    assert state["fc.weight"].layout == torch.sparse_csr
+    assert state["fc.weight"].col_indices().dtype == torch.int32
+    assert state["conv.weight"].layout == torch.strided
+    assert peers.file_bytes(state) < peers.file_bytes(model.state_dict())
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    back = torch.load(buffer, weights_only=True)
+    assert torch.equal(back["fc.weight"].to_dense().view_as(model.fc.weight), model.fc.weight)
+
+
+def test_peers_page_verdicts_are_computed(bench):
+    """A peer point is dominated only by a smaller netshrink point whose accuracy is not below
+    it; every undominated point is named."""
+    from benchmarks.pages import peers as page
+
+    def row(curve, method, size, acc):
+        return {"curve": curve, "method": method, "knob": method, "bytes": size, "accs": [acc]}
+
+    ours = [row("netshrink", "ns small", 1_000, 0.95), row("netshrink", "ns big", 5_000, 0.99)]
+    names = list(page.p.PEERS)
+    rows = [*ours, row(names[0], "a1", 2_000, 0.95), row(names[0], "a2", 9_000, 0.99),
+            row(names[1], "b1", 800, 0.95), row(names[1], "b2", 6_000, 0.80),
+            {"curve": names[2], "method": "c", "knob": "c", "error": "failed: X: y"}]
+    text = page.verdicts(rows, n=360)
+    assert text[0].startswith(f"- **{names[0]}**: **dominated**") and "a2 by ns big" in text[0]
+    assert text[1].startswith(f"- **{names[1]}**: **not dominated**")
+    assert "b1 (800 B, 95.00%)" in text[1] and "b2 by ns small" in text[1]
+    assert text[2] == f"- **{names[2]}**: no point measured (failed: X: y)."
+    # A smaller netshrink point that is clearly less accurate does not dominate:
+    assert page.dominators(row(names[0], "z", 2_000, 0.99), ours[:1], 360) == []

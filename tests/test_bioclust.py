@@ -115,7 +115,8 @@ def test_bad_overrides_and_conflicts():
 
 def test_pipeline_reports_bad_config_with_step_and_field():
     with pytest.raises(RecipeError, match=r"step 0 \(bioclust\).*population"):
-        ns.compress("zoo:lenet300", [ns.step("bioclust", population=0)], data="digits",
+        ns.compress("zoo:lenet300", [ns.Step(compressor="bioclust", config={"population": 0})],
+                    data="digits",
                     latency=False)
 
 

@@ -298,13 +298,16 @@ def test_bad_config_values(field, value, needle):
 
 def test_bad_config_through_pipeline_names_step_and_field(mlp, digits):
     with pytest.raises(RecipeError, match=r"step 0 \(normsparse\).*config\.l1.*-1"):
-        ns.compress(mlp, [ns.step("normsparse", l1=-1)], data=digits)
+        ns.compress(mlp, [ns.Step(compressor="normsparse", config={"l1": -1})], data=digits)
     with pytest.raises(RecipeError, match=r"config\.threshold.*\[0, 1\)"):
-        ns.compress(mlp, [ns.step("normsparse", threshold=1.5)], data=digits)
+        ns.compress(mlp, [ns.Step(compressor="normsparse", config={"threshold": 1.5})],
+                    data=digits)
 
 
 def test_nothing_linear_or_conv_selected(mlp, digits):
-    only_norm = nn.Sequential(nn.Flatten(), nn.LayerNorm(64))
+    only_norm = nn.Sequential(  # ten outputs, like the data's classes, and no Linear or conv
+        nn.Flatten(), nn.LayerNorm(64), nn.Unflatten(1, (1, 64)), nn.AdaptiveAvgPool1d(10),
+        nn.Flatten())
     with pytest.raises(SelectionError, match="selected no layers"):
         ns.compress(only_norm, [ns.step("normsparse")], data=digits)
     with pytest.raises(SelectionError, match="handles \\['Linear', 'Conv2d'\\]"):

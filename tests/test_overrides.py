@@ -90,7 +90,7 @@ def _kept(lenet300, overrides, **config) -> dict[str, int]:
     return {r.name: r.details["keep_every"] for r in result.records}
 
 
-def test_step_carries_overrides_outside_the_config():
+def test_step_carries_overrides_outside_the_config(keep):
     step = ns.step("overridetest-keep", overrides={"fc1": {"keep_every": 4}}, keep_every=3)
     assert step.overrides == {"fc1": {"keep_every": 4}} and step.config == {"keep_every": 3}
     parsed = Recipe.parse({"steps": [step.model_dump()]})
@@ -155,8 +155,8 @@ def test_bad_override_refused_before_work_naming_step_and_field(
     keep, lenet300, overrides, expected
 ):
     steps = [
-        ns.step("magnitude", sparsity=0.5),
-        ns.step("overridetest-keep", select=EVERY_LINEAR, overrides=overrides),
+        ns.Step(compressor="magnitude", config={"sparsity": 0.5}),
+        ns.Step(compressor="overridetest-keep", select=EVERY_LINEAR, overrides=overrides),
     ]
     with pytest.raises(RecipeError, match=r"step 1 \(overridetest-keep\): " + expected):
         ns.compress(lenet300, steps, latency=False)
@@ -166,9 +166,11 @@ def test_bad_override_refused_before_work_naming_step_and_field(
 def test_every_bad_override_is_listed(keep, lenet300):
     overrides = {"fc1": {"keep_every": 0}, "fc2": {"offset": 3}}
     with pytest.raises(RecipeError) as info:
-        ns.compress(lenet300, [ns.step("overridetest-keep", overrides=overrides)], latency=False)
+        steps = [ns.Step(compressor="overridetest-keep", overrides=overrides)]
+        ns.compress(lenet300, steps, latency=False)
     lines = str(info.value).splitlines()
     assert len(lines) == 2
+    lines = [line.removeprefix("recipe: ") for line in lines]  # when the recipe checks it
     assert lines[0].startswith("step 0 (overridetest-keep): field 'overrides.fc1.keep_every'")
     assert lines[1].startswith("step 0 (overridetest-keep): field 'overrides.fc2.offset'")
 
@@ -181,7 +183,9 @@ def test_bad_pattern_refused_naming_step_and_field(tmp_path):
         "steps:\n  - compressor: magnitude\n  - compressor: quantize\n"
         "    overrides: {'re:(': {bits: 4}}\n"
     )
-    with pytest.raises(RecipeError, match=r"step 1: field 'overrides': pattern 're:\(' is not"):
+    with pytest.raises(
+        RecipeError, match=r"step 1 \(quantize\): field 'overrides': pattern 're:\(' is not"
+    ):
         Recipe.from_file(recipe)
     # The compressor checks its own overrides too (used without a recipe).
     with pytest.raises(ConfigError, match=r"field 'overrides\.re:fc\[': pattern .* not a valid"):
@@ -189,12 +193,11 @@ def test_bad_pattern_refused_naming_step_and_field(tmp_path):
 
 
 def test_compressor_without_layer_fields_refuses_overrides(lenet300):
-    step = ns.step("magnitude", sparsity=0.5, overrides={"fc1": {"sparsity": 0.9}})
+    step = ns.Step(compressor="tucker", config={"rank": 0.5}, overrides={"fc1": {"rank": 0.25}})
     with pytest.raises(
         RecipeError,
-        match=r"step 0 \(magnitude\): field 'overrides\.fc1\.sparsity': 'magnitude' reads "
-        r"'sparsity' once for the whole step, not per layer \(got 0\.9\); 'magnitude' takes no "
-        r"overrides",
+        match=r"step 0 \(tucker\): field 'overrides\.fc1\.rank': 'tucker' reads 'rank' once for "
+        r"the whole step, not per layer \(got 0\.25\); 'tucker' takes no overrides",
     ):
         ns.compress(lenet300, [step], latency=False)
 

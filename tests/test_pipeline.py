@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_unknown_compressor_did_you_mean(lenet5):
     with pytest.raises(RecipeError) as err:
-        ns.compress(lenet5, [ns.step("magnitud")], data="digits28")
+        ns.compress(lenet5, [ns.Step(compressor="magnitud")], data="digits28")
     msg = str(err.value)
     assert (
         "step 0 (magnitud)" in msg
@@ -30,18 +30,25 @@ def test_bad_config_names_step_and_field(lenet5):
     with pytest.raises(RecipeError) as err:
         ns.compress(
             lenet5,
-            [ns.step("magnitude", sparsity=0.5), ns.step("quantize", bits=12)],
+            [
+                ns.Step(compressor="magnitude", config={"sparsity": 0.5}),
+                ns.Step(compressor="quantize", config={"bits": 12}),
+            ],
             data="digits28",
         )
     msg = str(err.value)
     assert "step 1 (quantize)" in msg and "config.bits" in msg and "12" in msg
     with pytest.raises(RecipeError, match=r"config\.sparsity"):
-        ns.compress(lenet5, [ns.step("magnitude", sparsity=1.5)], data="digits28")
+        ns.compress(
+            lenet5, [ns.Step(compressor="magnitude", config={"sparsity": 1.5})], data="digits28"
+        )
     with pytest.raises(RecipeError, match=r"config\.sparsty"):
-        ns.compress(lenet5, [ns.step("magnitude", sparsty=0.5)], data="digits28")
+        ns.compress(
+            lenet5, [ns.Step(compressor="magnitude", config={"sparsty": 0.5})], data="digits28"
+        )
     # A layer pattern in per-layer overrides stays in the path, even one that looks like a class.
     with pytest.raises(RecipeError, match=r"step 0 \(bioclust\): field 'overrides\.Conv1\.bits'"):
-        ns.compress(lenet5, [ns.step("bioclust", overrides={"Conv1": {"bits": 99}})])
+        ns.compress(lenet5, [ns.Step(compressor="bioclust", overrides={"Conv1": {"bits": 99}})])
 
 
 def test_selection_errors_name_step(lenet5):
@@ -71,7 +78,7 @@ def test_finetune_needs_data():
 def test_recipe_file_errors(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text("steps:\n  - compressor: magnitude\n    finetune: {epochs: -1}\n")
-    with pytest.raises(RecipeError, match=r"step 0: field 'finetune\.epochs'"):
+    with pytest.raises(RecipeError, match=r"step 0 \(magnitude\): field 'finetune\.epochs'"):
         Recipe.from_file(bad)
     with pytest.raises(RecipeError, match="does not exist"):
         Recipe.from_file(tmp_path / "missing.yaml")

@@ -35,3 +35,22 @@ def test_spec_query_options():
 def test_unknown_timm_model():
     with pytest.raises(ns.ModelSpecError, match="timm has no model 'resnet1800'"):
         ns.load_model("timm:resnet1800")
+
+
+def test_vit_input_size_becomes_img_size():
+    # Without img_size a DeiT keeps expecting 224x224 and fails inside compression.
+    model = ns.load_model("timm:deit_tiny_patch16_224?input_size=32&in_chans=1&num_classes=10")
+    assert ns.model_info(model).input_shape == (1, 32, 32)
+    assert model.eval()(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_fixed_size_model_at_another_size_is_refused():
+    with pytest.raises(ns.ModelSpecError) as info:
+        ns.load_model("timm:efficientformer_l1", input_size=64, num_classes=10)
+    msg = str(info.value)
+    assert "timm:efficientformer_l1" in msg and "input_size=64" in msg and "224x224" in msg
+
+
+def test_cnn_runs_at_any_size():
+    model = ns.load_model("timm:resnet18", input_size=20, num_classes=3)
+    assert model.eval()(torch.randn(1, 3, 20, 20)).shape == (1, 3)

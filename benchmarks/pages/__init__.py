@@ -8,7 +8,9 @@ from benchmarks.pages import (
     joint,
     normsparse,
     overview,
+    peers,
     rlprune,
+    runtime,
     statprune_tucker,
 )
 
@@ -18,6 +20,8 @@ PAGES = {
     "defaults": defaults,
     "joint": joint,
     "normsparse": normsparse,
+    "peers": peers,
     "rlprune": rlprune,
+    "runtime": runtime,
     "statprune_tucker": statprune_tucker,
 }

@@ -10,14 +10,15 @@ import time
 from typing import Any
 
 from benchmarks import harness as h
-from benchmarks.peers import PEERS
+from benchmarks.peers import OVERVIEW as PEERS
+from benchmarks.peers import single
 
 TITLE = "Benchmarks"
 OUT = "benchmarks.md"
 ABOUT = [
     "Sizes are the bytes of the file each method saves (netshrink: the `.nsk` artifact, equal "
-    "to the report's `storage_bytes`; peers: `torch.save` of the state dict). Ratio = dense "
-    "fp32 bytes / that size. Every fine-tune (netshrink's and the peers') gets the same "
+    "to the report's `storage_bytes`; peers: the file each peer's docs tell a user to save, "
+    "see the peers page). Ratio = dense fp32 bytes / that size. Every fine-tune (netshrink's and the peers') gets the same "
     "epochs. Each row runs in a fresh interpreter; peak RSS is that whole process (torch "
     "included). The dense row's own speedup (a copy timed against itself) shows the noise.",
 ]
@@ -98,7 +99,7 @@ def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
     if label == "dense":
         family, compressed, size, accs = "dense", copy.deepcopy(reference), dense_bytes, [dense_acc]
     elif label in PEERS:
-        compressed, size = PEERS[label](reference, data, 1 if quick else 3)
+        compressed, size = single(label, reference, data, 1 if quick else 3)
         family, accs = "peer", [h.ns.accuracy(compressed, data)]
     else:
         runs = h.compress(reference, methods(model, quick)[label], data, seeds)

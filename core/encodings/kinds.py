@@ -69,17 +69,29 @@ class Dense(Encoding):
         return f"dense-{DTYPE_NAMES[self.data.dtype].lower()}"
 
 
+#: Largest ``group_size`` an artifact may declare (the manifest schema refuses more).
+MAX_GROUP_SIZE = 2**20
+
+#: Clipping ratios ``clip="mse"`` tries per group (1.0 first, so ties keep the full range).
+CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))
+
+ClipMethod = Literal["none", "mse", "percentile"]
+
+
 class Quantized(Encoding):
     """Uniform quantization: ``value = (code - zero_point) * scale`` with b-bit packed codes.
 
-    Scales and zero points are per tensor or per output channel (axis 0 of ``full_shape``). When
-    nested in :class:`Sparse`, the decoded values are the non-zeros of a tensor of ``full_shape``
-    and each value's channel is found from its position.
+    Scales and zero points are per tensor, per output channel (axis 0 of ``full_shape``), or
+    per output channel and group of ``group_size`` consecutive input columns: the tensor seen
+    as ``(out, K)`` with ``K = prod(full_shape[1:])`` has ``ceil(K / group_size)`` groups per
+    row (the last one may be shorter). When nested in :class:`Sparse`, the decoded values are
+    the non-zeros of a tensor of ``full_shape`` and each value's channel and group are found
+    from its position.
 
-    Costs ``ceil(numel * bits / 8)`` bytes of codes; per channel, plus 4 bytes of fp32 scale per
-    channel and 1 byte of zero point per channel when the zero points differ. A per-tensor scale
-    and zero point live in the manifest. Build one with :meth:`quantize` unless you already have
-    codes on your own grid.
+    Costs ``ceil(numel * bits / 8)`` bytes of codes; per channel or per group, plus 4 bytes of
+    fp32 scale per channel (group) and 1 byte of zero point per channel (group) when the zero
+    points differ. A per-tensor scale and zero point live in the manifest, as does the group
+    size. Build one with :meth:`quantize` unless you already have codes on your own grid.
     """
 
     kind = "quant"
@@ -93,19 +105,24 @@ class Quantized(Encoding):
         zero_point: torch.Tensor,
         full_shape: tuple[int, ...] | None = None,
         shape: tuple[int, ...] | None = None,
+        group_size: int | None = None,
     ) -> None:
         """Wrap codes already on a grid (:meth:`quantize` computes them from floats).
 
         Args:
             codes: integer codes in ``[0, 2**bits - 1]``, any shape (stored flat).
             bits: bits per code, 1 to 8.
-            scale: one float (per tensor) or one per output channel (``full_shape[0]`` of them).
-            zero_point: integer codes that decode to 0, as many as ``scale`` (each in
-                ``[0, 2**bits - 1]``).
+            scale: one float (per tensor), one per output channel (``full_shape[0]`` of them),
+                or with ``group_size`` one per row and group, row-major
+                (``full_shape[0] * ceil(K / group_size)``).
+            zero_point: integer codes that decode to 0, as many as ``scale`` or one for all
+                (each in ``[0, 2**bits - 1]``).
             full_shape: the shape of the whole tensor, whose axis 0 the per-channel scales
                 follow. Give it when these codes are the kept values of a :class:`Sparse`
                 tensor (``codes`` then has one code per kept value); default: ``shape``.
             shape: the decoded shape (default: ``codes.shape``); ``(nnz,)`` inside a Sparse.
+            group_size: input columns per scale (1 to :data:`MAX_GROUP_SIZE`), for a
+                ``full_shape`` of at least 2 dimensions; ``None``: per tensor or per channel.
         """
         super().__init__(shape or tuple(codes.shape))
         if not 1 <= bits <= 8:
@@ -113,17 +130,42 @@ class Quantized(Encoding):
         self.bits = int(bits)
         self.codes = codes.reshape(-1).to(torch.int64)
         self.scale = scale.reshape(-1).to(torch.float32)
-        self.zero_point = zero_point.reshape(-1).to(torch.int64)
         self.full_shape = tuple(full_shape or self.shape)
-        if self.scale.numel() not in (1, self.full_shape[0] if self.full_shape else 1):
+        self.group_size = _check_group_size(group_size, self.full_shape)
+        zero_point = zero_point.reshape(-1).to(torch.int64)
+        if zero_point.numel() == 1 and self.scale.numel() > 1:
+            zero_point = zero_point.expand(self.scale.numel()).clone()
+        self.zero_point = zero_point
+        if self.scale.numel() not in _scale_counts(self.full_shape, self.group_size):
+            valid = " or ".join(map(str, sorted(_scale_counts(self.full_shape, self.group_size))))
             raise EncodingError(
                 f"{self.scale.numel()} scales for a tensor of shape {self.full_shape}"
+                + (f" with group_size {self.group_size}" if self.group_size else "")
+                + f" (expected {valid})"
+            )
+        if self.zero_point.numel() != self.scale.numel():
+            raise EncodingError(
+                f"{self.zero_point.numel()} zero points for {self.scale.numel()} scales"
             )
 
     @property
     def per_channel(self) -> bool:
-        """True if scales are per output channel."""
+        """True if there is more than one scale: per output channel, or per channel and group
+        of columns when :attr:`group_size` is set."""
         return self.scale.numel() > 1
+
+    @property
+    def grouped(self) -> bool:
+        """True if scales are per output channel and group of ``group_size`` input columns."""
+        return self.group_size is not None
+
+    def scale_index(self, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """For each flat position of the full tensor (default: all of them, in order), the
+        index of its scale and zero point."""
+        if positions is None:
+            positions = torch.arange(int(np.prod(self.full_shape)) if self.full_shape else 1)
+        return _scale_index(positions, positions.numel(), self.full_shape,
+                            self.scale.numel(), self.group_size)
 
     @classmethod
     def quantize(
@@ -135,6 +177,9 @@ class Quantized(Encoding):
         per_channel: bool = False,
         positions: torch.Tensor | None = None,
         full_shape: tuple[int, ...] | None = None,
+        group_size: int | None = None,
+        clip: ClipMethod = "none",
+        percentile: float = 99.9,
     ) -> Quantized:
         """Quantize ``values`` (a full tensor, or non-zeros at ``positions`` of ``full_shape``).
 
@@ -154,41 +199,65 @@ class Quantized(Encoding):
             positions: flat indices of ``values`` in the full tensor (the ``positions`` a
                 ``value_encoder`` receives), so each value finds its channel.
             full_shape: the whole tensor's shape (default: ``values.shape``).
+            group_size: one scale (and zero point) per output channel and group of this many
+                consecutive input columns of the tensor flattened to ``(out, K)`` (overrides
+                ``per_channel``; ignored for 1-D tensors). Costs 4 bytes (+1 asymmetric) per
+                ``out * ceil(K / group_size)`` groups.
+            clip: how each group's range is chosen: ``"none"`` (its min/max), ``"mse"`` (the
+                ratio of :data:`CLIP_RATIOS` whose de-quantized values have the smallest squared
+                error; 21 quantize passes) or ``"percentile"`` (the ``percentile``-th percentile
+                of the group's magnitudes; one sort).
+            percentile: for ``clip="percentile"``, in (0, 100].
 
         The returned encoding's shape is ``values.shape``.
         """
+        if clip not in ("none", "mse", "percentile"):
+            raise EncodingError(f"clip must be 'none', 'mse' or 'percentile', got {clip!r}")
+        if not 0.0 < percentile <= 100.0:
+            raise EncodingError(f"percentile must be in (0, 100], got {percentile}")
+        if not 1 <= bits <= 8:
+            raise EncodingError(f"quantization bits must be in [1, 8], got {bits}")
         values = values.detach().float().cpu()
         full_shape = tuple(full_shape or values.shape)
         flat = values.reshape(-1)
-        channels = full_shape[0] if per_channel and len(full_shape) > 1 else 1
-        group = _channel_of(positions, flat.numel(), full_shape, channels)
-        levels = (1 << bits) - 1
-        if symmetric:
-            absmax = torch.zeros(channels).scatter_reduce(0, group, flat.abs(), "amax")
-            half = max((1 << (bits - 1)) - 1, 1)
-            scale = absmax / half
-            zero_point = torch.full((channels,), 1 << (bits - 1) if bits > 1 else 0)
-            if bits == 1:  # {0, +s}: magnitude-only 1-bit codes
-                scale = absmax
+        group_size = group_size if len(full_shape) > 1 else None
+        _check_group_size(group_size, full_shape)
+        if group_size is not None:
+            count = full_shape[0] * -(-int(np.prod(full_shape[1:])) // group_size)
         else:
-            lo = torch.zeros(channels).scatter_reduce(0, group, flat, "amin").clamp(max=0)
-            hi = torch.zeros(channels).scatter_reduce(0, group, flat, "amax").clamp(min=0)
-            scale = (hi - lo) / levels
-            zero_point = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero_point = zero_point.to(torch.int64).clamp(0, levels)
-        codes = torch.round(flat / scale[group]) + zero_point[group]
-        codes = codes.clamp(0, levels).to(torch.int64)
-        return cls(codes, bits, scale, zero_point, full_shape=full_shape, shape=tuple(values.shape))
+            count = full_shape[0] if per_channel and len(full_shape) > 1 else 1
+        index = _scale_index(positions, flat.numel(), full_shape, count, group_size)
+        lo, hi = _ranges(flat, index, count, symmetric)
+        if clip == "mse":
+            ratio = _mse_ratio(flat, index, lo, hi, bits, symmetric)
+        elif clip == "percentile":
+            ratio = _percentile_ratio(flat, index, count, percentile)
+        else:
+            ratio = torch.ones(count)
+        scale, zero_point = _grid(lo * ratio, hi * ratio, bits, symmetric)
+        codes = _round_codes(flat, scale[index], zero_point[index], bits)
+        return cls(codes, bits, scale, zero_point, full_shape=full_shape,
+                   shape=tuple(values.shape), group_size=group_size)
+
+    @staticmethod
+    def round_codes(
+        values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+    ) -> torch.Tensor:
+        """Nearest codes of ``values`` on the grid ``(code - zero_point) * scale`` (elementwise
+        ``scale`` and ``zero_point``, e.g. ``enc.scale[enc.scale_index()]``), clamped to
+        ``[0, 2**bits - 1]``: how :meth:`quantize` rounds, for methods that choose their own
+        values on a fixed grid (GPTQ)."""
+        return _round_codes(values, scale, zero_point, bits)
 
     def decode(self, positions: torch.Tensor | None = None) -> torch.Tensor:
-        group = _channel_of(positions, self.codes.numel(), self.full_shape, self.scale.numel())
-        values = (self.codes - self.zero_point[group]).float() * self.scale[group]
+        index = _scale_index(positions, self.codes.numel(), self.full_shape, self.scale.numel(),
+                             self.group_size)
+        values = (self.codes - self.zero_point[index]).float() * self.scale[index]
         return values.reshape(self.shape)
 
     def arrays(self) -> dict[str, torch.Tensor]:
         out = {"codes": _u8(pack_bits(self.codes.numpy(), self.bits))}
-        if self.per_channel:
+        if self.per_channel or self.grouped:
             out["scale"] = self.scale
             if bool((self.zero_point != self.zero_point[0]).any()):
                 out["zp"] = self.zero_point.to(torch.uint8)
@@ -196,7 +265,9 @@ class Quantized(Encoding):
 
     def meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"b": self.bits}
-        if not self.per_channel:
+        if self.grouped:
+            meta["g"] = self.group_size
+        elif not self.per_channel:
             meta["sc"] = f32(float(self.scale[0]))
         if "zp" not in self.packed():
             meta["zp"] = int(self.zero_point[0])
@@ -212,6 +283,8 @@ class Quantized(Encoding):
         full_shape = tuple(meta.get("fs", shape))
         if "scale" in arrays:
             scale = arrays["scale"]
+        elif "g" in meta:
+            raise EncodingError("a grouped quantized tensor needs its scale array")
         else:
             scale = torch.tensor([np.float32(meta["sc"])], dtype=torch.float32)
         _require_finite(scale, "scale")
@@ -220,10 +293,116 @@ class Quantized(Encoding):
             zero_point = arrays["zp"].to(torch.int64)
         else:
             zero_point = torch.full((channels,), int(meta["zp"]), dtype=torch.int64)
-        return cls(codes, bits, scale, zero_point, full_shape=full_shape, shape=shape)
+        return cls(codes, bits, scale, zero_point, full_shape=full_shape, shape=shape,
+                   group_size=meta.get("g"))
 
     def describe(self) -> str:
+        if self.grouped:
+            return f"q{self.bits}/g{self.group_size}"
         return f"q{self.bits}{'/ch' if self.per_channel else ''}"
+
+
+def _round_codes(
+    values: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """See :meth:`Quantized.round_codes`."""
+    codes = torch.round(values / scale) + zero_point
+    return codes.clamp(0, (1 << bits) - 1).to(torch.int64)
+
+
+def _check_group_size(group_size: int | None, full_shape: tuple[int, ...]) -> int | None:
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+        raise EncodingError(f"group_size must be a whole number, got {group_size!r}")
+    if not 1 <= group_size <= MAX_GROUP_SIZE:
+        raise EncodingError(f"group_size must be in [1, {MAX_GROUP_SIZE}], got {group_size}")
+    if len(full_shape) < 2:
+        raise EncodingError(
+            f"group_size needs a tensor of at least 2 dimensions (out, in, ...), got shape "
+            f"{full_shape}"
+        )
+    return int(group_size)
+
+
+def _scale_counts(full_shape: tuple[int, ...], group_size: int | None) -> set[int]:
+    """How many scales a tensor of ``full_shape`` may have."""
+    if group_size is not None:
+        return {full_shape[0] * -(-int(np.prod(full_shape[1:])) // group_size)}
+    return {1, full_shape[0] if full_shape else 1}
+
+
+def _ranges(
+    flat: torch.Tensor, index: torch.Tensor, count: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's range, zero included: ``(-absmax, absmax)`` symmetric, else (min, max)."""
+    if symmetric:
+        absmax = torch.zeros(count).scatter_reduce(0, index, flat.abs(), "amax")
+        return -absmax, absmax
+    lo = torch.zeros(count).scatter_reduce(0, index, flat, "amin").clamp(max=0)
+    hi = torch.zeros(count).scatter_reduce(0, index, flat, "amax").clamp(min=0)
+    return lo, hi
+
+
+def _grid(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points of the grids covering ``[lo, hi]`` per group."""
+    levels = (1 << bits) - 1
+    if symmetric:
+        half = max((1 << (bits - 1)) - 1, 1)
+        scale = hi / half if bits > 1 else hi.clone()  # 1 bit: {0, +s}, magnitudes only
+        zero_point = torch.full((hi.numel(),), 1 << (bits - 1) if bits > 1 else 0)
+    else:
+        scale = (hi - lo) / levels
+        zero_point = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zero_point.to(torch.int64).clamp(0, levels)
+
+
+def _mse_ratio(
+    flat: torch.Tensor,
+    index: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+) -> torch.Tensor:
+    """Per group, the ratio of :data:`CLIP_RATIOS` whose grid reconstructs its values with the
+    smallest squared error (ties keep the larger ratio)."""
+    best = torch.ones(lo.numel())
+    best_err = torch.full((lo.numel(),), float("inf"))
+    for ratio in CLIP_RATIOS:
+        scale, zero_point = _grid(lo * ratio, hi * ratio, bits, symmetric)
+        s, z = scale[index], zero_point[index]
+        recon = (_round_codes(flat, s, z, bits) - z).float() * s
+        err = torch.zeros(lo.numel(), dtype=torch.float64).scatter_add(
+            0, index, (recon - flat).double() ** 2
+        )
+        better = err < best_err.double()
+        best = torch.where(better, torch.tensor(ratio, dtype=torch.float32), best)
+        best_err = torch.where(better, err.float(), best_err)
+    return best
+
+
+def _percentile_ratio(
+    flat: torch.Tensor,
+    index: torch.Tensor,
+    count: int,
+    percentile: float,
+) -> torch.Tensor:
+    """Per group, ``percentile(|values|) / max|values|`` (nearest rank; 1 for empty groups)."""
+    mags = flat.abs()
+    order = torch.argsort(mags, stable=True)
+    order = order[torch.argsort(index[order], stable=True)]  # by group, ascending within
+    sizes = torch.bincount(index, minlength=count)
+    starts = torch.cumsum(sizes, 0) - sizes
+    rank = (torch.ceil(sizes.double() * percentile / 100.0).long() - 1).clamp(min=0)
+    pick = (starts + rank).clamp(max=max(flat.numel() - 1, 0))
+    top = mags[order][pick] if flat.numel() else torch.zeros(count)
+    absmax = torch.zeros(count).scatter_reduce(0, index, mags, "amax")
+    ratio = torch.where((sizes > 0) & (absmax > 0), top / absmax.clamp(min=1e-30), 1.0)
+    return ratio.clamp(min=1e-6, max=1.0).float()
 
 
 class Codebook(Encoding):
@@ -374,6 +553,24 @@ def _channel_of(
     per_channel = int(np.prod(full_shape[1:])) if len(full_shape) > 1 else 1
     flat = positions if positions is not None else torch.arange(count)
     return torch.div(flat, per_channel, rounding_mode="floor").to(torch.int64)
+
+
+def _scale_index(
+    positions: torch.Tensor | None,
+    count: int,
+    full_shape: tuple[int, ...],
+    scales: int,
+    group_size: int | None,
+) -> torch.Tensor:
+    """The scale index of each of ``count`` values: its group's (row-major over rows and groups
+    of ``group_size`` columns of the tensor seen as ``(out, K)``), else its channel's."""
+    if group_size is None:
+        return _channel_of(positions, count, full_shape, scales)
+    k = int(np.prod(full_shape[1:]))
+    groups = -(-k // group_size)
+    flat = positions.to(torch.int64) if positions is not None else torch.arange(count)
+    row = torch.div(flat, k, rounding_mode="floor")
+    return row * groups + torch.div(flat - row * k, group_size, rounding_mode="floor")
 
 
 # -- sparse ---------------------------------------------------------------------------------

@@ -19,6 +19,21 @@ BUILTIN_FAST_CONFIGS: dict[str, dict[str, Any]] = {
     "rlprune": {"episodes": 4, "warmup": 2, "hidden": 16, "batch_size": 8},
 }
 
+#: Built-in compressor name → further configs the suite also runs, one per option that changes
+#: what is stored or how codes are chosen (each on top of the fast config above).
+BUILTIN_OPTION_CONFIGS: dict[str, list[dict[str, Any]]] = {
+    "quantize": [
+        # Group scales, one of them ragged (the last group of each row shorter), asymmetric.
+        {"bits": 4, "group_size": 32},
+        {"bits": 3, "group_size": 5, "symmetric": False, "clip": "mse"},
+        {"bits": 4, "clip": "percentile", "percentile": 99.0},
+        # GPTQ codes on per-channel and on group scales, from two small calibration batches.
+        {"bits": 4, "rounding": "gptq", "calibration_batches": 2, "calibration_batch_size": 16},
+        {"bits": 4, "group_size": 16, "symmetric": False, "rounding": "gptq",
+         "calibration_batches": 2, "calibration_batch_size": 16},
+    ],
+}
+
 _BUILTIN_PACKAGE = "netshrink.plugins."
 
 

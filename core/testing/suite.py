@@ -85,8 +85,8 @@ OUTPUT_ATOL = 1e-5
 DEFAULT_DATA = "digits"
 SEED = 0
 
-PER_TYPE_CHECKS = ("compress", "save-load", "size", "layer-bytes", "encodes-values",
-                   "deterministic")
+PER_TYPE_CHECKS = ("compress", "save-load", "packed-runtime", "size", "layer-bytes",
+                   "encodes-values", "deterministic")
 CLASS_CHECKS = ("class", "config-json", "config-invalid")
 ALL_CHECKS = (*CLASS_CHECKS, *PER_TYPE_CHECKS, "refuses-undeclared")
 
@@ -270,8 +270,8 @@ def _spec_for(case: ConformanceCase, layer_type: str) -> str:
 def _compress(case: ConformanceCase, layer_type: str, model: nn.Module) -> Any:
     import netshrink as ns
 
-    step = ns.step(case.compressor.name, select={"types": [layer_type]}, **case.config)
-    with registered(case.compressor):
+    with registered(case.compressor):  # step() checks the name and config against the registry
+        step = ns.step(case.compressor.name, select={"types": [layer_type]}, **case.config)
         return ns.compress(model, [step], data=case.data, seed=SEED, latency=False)
 
 
@@ -354,8 +354,9 @@ def _check_config_invalid(case: ConformanceCase) -> None:
     model = tiny_model(_spec_for(case, layer_type), trained=False)
     try:
         with registered(cls):
-            ns.compress(model, [ns.step(cls.name, **{**case.config, bad.field: bad.value})],
-                        data=case.data, seed=SEED, latency=False)
+            # ns.Step, not ns.step: step() would refuse it on its own line, before the pipeline.
+            step = ns.Step(compressor=cls.name, config={**case.config, bad.field: bad.value})
+            ns.compress(model, [step], data=case.data, seed=SEED, latency=False)
     except RecipeError as exc:
         if f"config.{bad.field}" not in str(exc) or "step 0" not in str(exc):
             raise ConformanceError(f"the pipeline refused {bad.field}={bad.value!r} but its "
@@ -409,6 +410,30 @@ def _check_save_load(case: ConformanceCase) -> None:
         raise ConformanceError(f"the loaded model's outputs differ by up to {diff:.3g} "
                                f"(allowed {OUTPUT_ATOL}): the in-memory model is not what the "
                                "artifact stores (record every change with ctx.encode)")
+
+
+def _check_packed_runtime(case: ConformanceCase) -> None:
+    import netshrink as ns
+    from netshrink.runtime import PACKED_RTOL, resident_bytes
+
+    run = _run(case)
+    ensure_registered()
+    dense = ns.load(run.path)
+    packed = ns.load(run.path, runtime="packed")
+    expected = _outputs(dense, run.inputs)
+    got = _outputs(packed, run.inputs)
+    if got.shape != expected.shape:
+        raise ConformanceError(f"the packed model's outputs have shape {tuple(got.shape)}, "
+                               f"expected {tuple(expected.shape)}")
+    allowed = PACKED_RTOL * float(expected.abs().max()) + OUTPUT_ATOL
+    diff = float((got - expected).abs().max())
+    if not math.isfinite(diff) or diff > allowed:
+        raise ConformanceError(f"load(runtime='packed') outputs differ from the dense decode by "
+                               f"up to {diff:.3g} (allowed {allowed:.3g}): an encoding kind "
+                               "decodes differently from its stored arrays")
+    if resident_bytes(packed) > resident_bytes(dense):
+        raise ConformanceError(f"the packed model holds {resident_bytes(packed)} bytes, more "
+                               f"than the dense decode's {resident_bytes(dense)}")
 
 
 def _check_size(case: ConformanceCase) -> None:
@@ -558,6 +583,7 @@ _CHECKS: dict[str, Callable[[ConformanceCase], None]] = {
     "config-invalid": _check_config_invalid,
     "compress": _check_compress,
     "save-load": _check_save_load,
+    "packed-runtime": _check_packed_runtime,
     "size": _check_size,
     "layer-bytes": _check_layer_bytes,
     "encodes-values": _check_encodes_values,

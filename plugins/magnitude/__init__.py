@@ -12,7 +12,10 @@ from netshrink import (
     Capabilities,
     Compressor,
     CompressorConfig,
+    ConfigError,
+    Dense,
     LayerRecord,
+    Sparse,
     StepResult,
     hookimpl,
 )
@@ -44,6 +47,37 @@ class Magnitude(Compressor):
     paper = ('Han, Pool, Tran, Dally, "Learning both Weights and Connections for Efficient '
              'Neural Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02626')
     config: MagnitudeConfig
+    # Per-layer sparsity (a search's choice, or a hand-written override); 'layer' scope only.
+    layer_fields = ("sparsity",)
+    #: Sparsities a search offers per layer.
+    search_sparsities = (0.5, 0.75, 0.9, 0.95)
+
+    @classmethod
+    def override_configs(cls, config, overrides, where=""):
+        """Refuse per-layer sparsities with ``scope: global`` (one threshold for all layers),
+        then validate the overrides as every compressor does."""
+        if overrides and config.scope == "global":
+            prefix = f"{where}: " if where else ""
+            raise ConfigError(
+                f"{prefix}field 'overrides': per-layer sparsity needs scope 'layer' (one global "
+                "threshold gives each layer its own fraction); set config.scope: layer or drop "
+                "the overrides"
+            )
+        return super().override_configs(config, overrides, where)
+
+    @classmethod
+    def layer_options(cls, module, name):
+        """One option per sparsity of :attr:`search_sparsities`; bytes from the sparse
+        encoding of the pruned weight (bias dense)."""
+        weight = module.weight.detach().cpu()
+        bias = getattr(module, "bias", None)
+        bias_bytes = Dense(bias.detach().cpu()).payload_bytes if bias is not None else 0
+        options = []
+        for sparsity in cls.search_sparsities:
+            mask = weight.abs() > _kth(weight.abs().reshape(-1), sparsity)
+            stored = Sparse.from_dense(weight * mask, mask=mask).payload_bytes + bias_bytes
+            options.append(cls.option({"sparsity": sparsity}, bytes=stored))
+        return options
 
     def compress(self, model, layers, ctx) -> StepResult:
         cfg = self.config
@@ -59,7 +93,7 @@ class Magnitude(Compressor):
         for lname, tname, param in ctx.progress(targets, desc="prune"):
             weight = param.detach()
             if cfg.scope == "layer":
-                threshold = _kth(weight.abs().reshape(-1), cfg.sparsity)
+                threshold = _kth(weight.abs().reshape(-1), self.config_for(lname).sparsity)
             mask = ctx.prune(model, tname, weight.abs() > threshold)
             rec = records.setdefault(lname, LayerRecord(lname, {"sparsity": 0.0}))
             if tname.endswith(".weight"):

@@ -1,0 +1,220 @@
+"""Page ``peers``: netshrink's points against every peer library at its best, each peer a curve
+over its own main knob, in one run: bytes on disk against test accuracy, and per peer curve
+whether netshrink's points dominate it."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from typing import Any
+
+from benchmarks import harness as h
+from benchmarks import peers as p
+
+TITLE = "Peers at their best: bytes on disk against accuracy"
+OUT = "benchmarks/peers.md"
+MODELS = ("lenet5", "vgg_small")
+QUICK_MODELS = ("lenet5",)
+SPARSITIES = (0.7, 0.9, 0.95)
+QUICK_SPARSITIES = (0.9,)
+ABOUT = [
+    "Each peer runs as a curve over its own main knob (bits, group size, calibration size, "
+    "channel ratio, sparsity). Sizes are the bytes of the file each one's docs tell a user to "
+    "save, written to a temporary folder and stat-ed (netshrink: the `.nsk` artifact); "
+    "\"theoretical\" marks AIMET, whose QuantSim keeps fp32 weights plus an encodings file, "
+    "sized as bits × weight parameters + fp32 for the rest. Ratio = bytes of `torch.save` of "
+    "the dense state dict / that size. Everything that trains (netshrink's magnitude rows, "
+    "Torch-Pruning, `torch.nn.utils.prune`) gets the same fine-tune: the epochs below, "
+    f"lr {p.LR}. Post-training peers do not train.",
+    "",
+    "A peer point is *dominated* when some netshrink point is smaller on disk and its accuracy "
+    "is not below the peer's (95% Wilson intervals overlap or netshrink's is higher). The "
+    "verdicts below are computed from the table, and every peer point that is not dominated is "
+    "named. A peer that failed or is not installed is a row with its reason.",
+]
+
+
+def epochs(quick: bool) -> int:
+    """Fine-tune epochs of every row that trains."""
+    return 1 if quick else 3
+
+
+def _step(compressor: str, ft: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
+    return {"compressor": compressor, "select": h.EVERYTHING, "config": config,
+            **({"finetune": ft} if ft else {})}
+
+
+def ours(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """netshrink's points: label -> (knob, recipe steps)."""
+    ft = {"epochs": epochs(quick), "lr": p.LR}
+
+    def magnitude(s: float) -> dict[str, Any]:
+        return _step("magnitude", ft, sparsity=s, scope="global")
+
+    out = {f"magnitude {s:.0%} (global) + ft": (f"sparsity {s}", [magnitude(s)])
+           for s in (QUICK_SPARSITIES if quick else SPARSITIES)}
+    for bits in (8, 4):
+        out[f"quantize {bits}-bit/ch"] = (f"bits {bits}", [_step("quantize", bits=bits)])
+    out["magnitude 90% + ft -> quantize 4-bit"] = (
+        "sparsity 0.9, bits 4", [magnitude(0.9), _step("quantize", bits=4)])
+    return out
+
+
+def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Every netshrink compression of the page."""
+    return {f"{m} / {label}": (m, steps) for m in (QUICK_MODELS if quick else MODELS)
+            for label, (_, steps) in ours(quick).items()}
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+def _ours_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
+    rows = []
+    for label, (knob, steps) in ours(b.quick).items():
+        print(f"  netshrink: {label}", file=sys.stderr, flush=True)
+        row = {"method": label, "library": "netshrink", "curve": "netshrink", "knob": knob}
+        try:
+            runs = h.compress(model, steps, data, b.seeds)
+        except Exception as exc:  # a failing row is a finding, not a crash
+            rows.append({**row, "error": p.failed(label, exc).notes})
+            continue
+        rows.append({**row, "accs": runs.accs,
+                     "bytes": runs.mean(lambda r: r.report.storage_bytes),
+                     "notes": "`.nsk` artifact (safetensors, no pickle): reload needs netshrink"})
+    return rows
+
+
+def merge(name: str, knobs: tuple[Any, ...], curves: list[list[p.Point]]) -> list[dict[str, Any]]:
+    """Rows of one peer from its curve per seed over ``knobs``: accuracy per seed, mean bytes;
+    a point that failed in any seed is an error row."""
+    peer, rows = p.PEERS[name], []
+    for knob, points in zip(knobs, zip(*curves)):
+        row = {"method": points[0].label, "library": peer.library, "curve": name,
+               "knob": f"{peer.knob} {knob}"}
+        bad = next((pt for pt in points if not pt.ok), None)
+        if bad is not None:
+            rows.append({**row, "error": bad.notes})
+        else:
+            rows.append({**row, "accs": [pt.accuracy for pt in points],
+                         "bytes": statistics.fmean(pt.bytes for pt in points),
+                         "notes": points[0].notes})
+    return rows
+
+
+def _peer_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
+    rows = []
+    for name, peer in p.PEERS.items():
+        print(f"  peer: {name}", file=sys.stderr, flush=True)
+        seeds = range(b.seeds) if peer.finetunes else range(1)
+        knobs = peer.quick_values if b.quick else peer.values
+        curves = [p.curve(name, model, data, epochs(b.quick), quick=b.quick, seed=s,
+                          values=knobs)
+                  for s in seeds]
+        rows += merge(name, knobs, curves)
+    return rows
+
+
+# -- verdicts -----------------------------------------------------------------------------------
+
+
+def dominators(point: dict[str, Any], ours_rows: list[dict[str, Any]], n: int
+               ) -> list[dict[str, Any]]:
+    """netshrink rows smaller on disk than ``point`` whose accuracy is not below it (95%
+    intervals), smallest first."""
+    return sorted((o for o in ours_rows if o["bytes"] < point["bytes"]
+                   and h.acc_compare(o["accs"], point["accs"], n) != "lower"),
+                  key=lambda o: o["bytes"])
+
+
+def _short(row: dict[str, Any]) -> str:
+    return f"{row['method']} ({row['bytes']:,.0f} B, {h.mean_std(row['accs'], 100)}%)"
+
+
+def verdicts(rows: list[dict[str, Any]], n: int) -> list[str]:
+    """Per peer curve, in words: dominated by netshrink's points or not, naming every peer
+    point that is not dominated and what dominates each one that is."""
+    mine = [r for r in rows if r["curve"] == "netshrink" and "error" not in r]
+    lines = []
+    for name in p.PEERS:
+        points = [r for r in rows if r["curve"] == name]
+        measured = [r for r in points if "error" not in r]
+        if not points:
+            continue
+        if not measured:
+            lines.append(f"- **{name}**: no point measured ({points[0]['error']}).")
+            continue
+        free = [r for r in measured if not dominators(r, mine, n)]
+        beaten = [f"{r['knob']} by {dominators(r, mine, n)[0]['method']}" for r in measured
+                  if r not in free]
+        unrun = len(points) - len(measured)
+        tail = f" ({unrun} point(s) failed: not compared)" if unrun else ""
+        if not free:
+            lines.append(f"- **{name}**: **dominated** by netshrink — every measured point has a "
+                         f"smaller netshrink point at an accuracy not below it "
+                         f"({'; '.join(beaten)}){tail}.")
+        else:
+            lines.append(
+                f"- **{name}**: **not dominated** — no netshrink point is smaller at an "
+                f"accuracy not below {', '.join(_short(r) for r in free)}"
+                + (f"; dominated: {'; '.join(beaten)}" if beaten else "") + f"{tail}.")
+    return lines
+
+
+# -- the page -----------------------------------------------------------------------------------
+
+
+def _acc(row: dict[str, Any]) -> float:
+    return 100 * statistics.fmean(row["accs"])
+
+
+def draw(ax: Any, rows: list[dict[str, Any]], dense: dict[str, Any], title: str) -> None:
+    """Bytes on disk (log) against accuracy: one line per curve, the dense model a star."""
+    ok = [r for r in rows if "error" not in r]
+    for curve in dict.fromkeys(r["curve"] for r in ok):
+        pts = sorted((r for r in ok if r["curve"] == curve), key=lambda r: r["bytes"])
+        if curve == "netshrink":  # separate methods: the points and their Pareto front
+            ax.scatter([r["bytes"] for r in pts], [_acc(r) for r in pts], marker="*", s=140,
+                       zorder=4, label="netshrink")
+            front = [r for i, r in enumerate(pts) if all(_acc(r) > _acc(q) for q in pts[:i])]
+            ax.plot([r["bytes"] for r in front], [_acc(r) for r in front], "--", linewidth=2,
+                    label="netshrink Pareto front")
+        else:
+            ax.plot([r["bytes"] for r in pts], [_acc(r) for r in pts], marker="o",
+                    markersize=5, linewidth=1.2, alpha=0.85, label=curve)
+    ax.scatter([dense["bytes"]], [100 * dense["accs"][0]], marker="X", s=90, color="black",
+               label="dense fp32", zorder=5)
+    ax.set(xscale="log", xlabel="bytes on disk (log)", ylabel="test accuracy (%)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+
+
+def _cells(r: dict[str, Any], dense_bytes: float, n: int) -> list[str]:
+    if "error" in r:
+        return [r["method"], r["library"], r["knob"], "—", "—", "—", r["error"]]
+    return [r["method"], r["library"], r["knob"], f"{r['bytes']:,.0f}",
+            f"{dense_bytes / r['bytes']:.1f}x", h.acc_cell(r["accs"], n), r["notes"]]
+
+
+def run(b: h.Bench) -> list[str]:
+    """Per model: netshrink's points and every peer curve, the table, the plot, the verdicts."""
+    lines: list[str] = []
+    for m in QUICK_MODELS if b.quick else MODELS:
+        print(f"[{m}]", file=sys.stderr, flush=True)
+        model, data = h.reference(m)
+        n = len(data.test)
+        dense = {"method": "dense (fp32 state_dict)", "library": "torch", "curve": "dense",
+                 "knob": "—", "bytes": p.file_bytes(model.state_dict()),
+                 "accs": [h.ns.accuracy(model, data)], "notes": "reference"}
+        rows = _ours_rows(model, data, b) + _peer_rows(model, data, b)
+        path, link = b.plot(f"peers_{m}.png")
+        spec, data_name, _ = h.MODELS[m]
+        h.save_plot(lambda ax, rows=rows, dense=dense, spec=spec: draw(ax, rows, dense, spec),
+                    path, (9, 5.5))
+        lines += [
+            f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s))", "",
+            *h.table(["method", "library", "knob", "bytes on disk", "ratio vs dense",
+                      "test acc [95% CI]", "reload / notes"],
+                     [_cells(r, dense["bytes"], n) for r in [dense, *rows]]),
+            f"![bytes on disk against accuracy, {m}]({link})", "",
+            "Does netshrink dominate each peer curve?", "", *verdicts(rows, n), ""]
+    return lines

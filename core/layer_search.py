@@ -1,0 +1,967 @@
+"""One search across every method, per layer, under a size budget.
+
+For each selected layer, every compressor that declares :meth:`Compressor.layer_options` offers
+settings; options of a pruning compressor and a value-encoding one combine (prune, then
+quantize). :func:`scan` applies each candidate *alone* to the reference model (no fine-tune) and
+measures the layer's exact stored bytes, its MACs and the validation loss and accuracy on a
+fixed validation subset, through an executor, checkpointing to the cache so an interrupted scan
+resumes. :func:`solve` picks one candidate per layer minimising the summed loss increase under
+the byte budget (a multiple-choice knapsack by dynamic programming; with a MACs budget too, a
+MILP through ``scipy.optimize.milp``). :func:`search` turns the choice into a recipe whose steps
+use per-layer ``overrides``, runs it with :func:`netshrink.compress` (so the same recipe
+reproduces the artifact byte for byte) and tightens the budget until the real artifact fits.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import io
+import itertools
+import json
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from netshrink.adapters import ModelInfo
+from netshrink.artifact import artifact_bytes
+from netshrink.compressor import Compressor, LayerOption
+from netshrink.context import CompressionContext
+from netshrink.data import DataSplits
+from netshrink.datasets import load as load_data
+from netshrink.encodings import EncodingTable
+from netshrink.errors import ConfigError, NetshrinkError
+from netshrink.executors import Executor, get_executor
+from netshrink.fileio import atomic_write, cache_dir
+from netshrink.metrics import count_macs
+from netshrink.pipeline import CompressionResult, _info_for, _resolve_model, _settled, compress
+from netshrink.progress import enabled as progress_enabled
+from netshrink.recipe import Recipe
+from netshrink.registry import compressors, get_compressor
+from netshrink.selector import LayerSelector
+from netshrink.training import FinetuneConfig
+
+log = logging.getLogger("netshrink")
+
+_BUDGET = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(x|b|kb|kib|mb|mib)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2}
+_GLOB = re.compile(r"[*?\[\]]")
+_CHECKPOINT_VERSION = 1
+
+
+# -- candidates ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One choice for one layer: a chain of options applied in order (empty: left dense)."""
+
+    layer: str
+    options: tuple[LayerOption, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``dense``, or the options' labels joined by ``+``."""
+        return "+".join(o.label for o in self.options) or "dense"
+
+    @property
+    def key(self) -> str:
+        """Identifies the candidate in a checkpoint."""
+        return f"{self.layer}\t{self.label}"
+
+
+def _order(cls: type[Compressor]) -> int:
+    """Chain order: structural first, then pruning, then value-encoding."""
+    caps = cls.capabilities
+    return 0 if caps.changes_structure else (2 if caps.encodes_values else 1)
+
+
+def layer_candidates(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], methods: Sequence[str] | None = None
+) -> dict[str, list[Candidate]]:
+    """Per layer: ``dense``, each option alone, and each pair (pruning option, then
+    value-encoding option) of two compressors that do not change structure.
+
+    ``methods`` restricts the compressors (default: every registered one that declares
+    options); a named compressor that declares none is an error."""
+    classes = _option_classes(methods)
+    out: dict[str, list[Candidate]] = {}
+    for name, module in layers:
+        offered: dict[str, list[LayerOption]] = {}
+        for cls in classes:
+            if not isinstance(module, cls.handled_types()):
+                continue
+            options = list(cls.layer_options(module, name))
+            wrong = [
+                o for o in options if not isinstance(o, LayerOption) or o.compressor != cls.name
+            ]
+            if wrong:
+                raise NetshrinkError(
+                    f"{cls.__qualname__}.layer_options returned {wrong[0]!r} for layer {name!r}; "
+                    f"build each option with {cls.__qualname__}.option(config, bytes=...)"
+                )
+            if options:
+                offered[cls.name] = options
+        chains: list[tuple[LayerOption, ...]] = [(o,) for opts in offered.values() for o in opts]
+        prune = [c for c in classes if c.name in offered and _order(c) == 1]
+        value = [c for c in classes if c.name in offered and _order(c) == 2]
+        for first, second in itertools.product(prune, value):
+            chains += list(itertools.product(offered[first.name], offered[second.name]))
+        out[name] = [Candidate(name), *(Candidate(name, chain) for chain in chains)]
+    return out
+
+
+def _declares_options(cls: type[Compressor]) -> bool:
+    """Whether ``cls`` overrides :meth:`Compressor.layer_options`."""
+    return getattr(cls.layer_options, "__func__", None) is not Compressor.layer_options.__func__
+
+
+def _option_classes(methods: Sequence[str] | None) -> list[type[Compressor]]:
+    if methods is None:
+        found = [e.obj for _, e in sorted(compressors().items())]
+        return [c for c in found if _declares_options(c)]
+    classes = []
+    for name in methods:
+        try:
+            cls = get_compressor(name)
+        except KeyError as exc:
+            raise ConfigError(f"search field 'methods': {exc}") from None
+        if not _declares_options(cls):
+            raise ConfigError(
+                f"search field 'methods': {name!r} declares no per-layer options "
+                "(Compressor.layer_options), so a search cannot choose its settings"
+            )
+        classes.append(cls)
+    return classes
+
+
+# -- applying a candidate ------------------------------------------------------------------------
+
+
+def apply_candidate(
+    model: nn.Module,
+    candidate: Candidate,
+    table: EncodingTable,
+    *,
+    data: DataSplits | None = None,
+    info: ModelInfo | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Apply ``candidate``'s options, in order, to its layer of ``model`` (recording the
+    encodings in ``table``) the way a recipe step does; returns the (possibly new) model."""
+    for index, option in enumerate(candidate.options):
+        cls = get_compressor(option.compressor)
+        ctx = CompressionContext(
+            data=data, encodings=table, info=info, seed=seed, step_index=index,
+            step_name=f"search {option.label}",
+        )
+        module = model.get_submodule(candidate.layer)
+        model = _build(cls, candidate.layer, option.config).compress(
+            model, [(candidate.layer, module)], ctx
+        ).model
+        table.reconcile(model)
+    return model
+
+
+def _per_layer(cls: type[Compressor], config: dict[str, Any]) -> bool:
+    return bool(cls.layer_fields) and set(config) <= set(cls.layer_fields)
+
+
+def _build(cls: type[Compressor], layer: str, config: dict[str, Any]) -> Compressor:
+    if _per_layer(cls, config):
+        return cls(overrides={_pattern(layer): config})
+    return cls(config)
+
+
+def _pattern(layer: str) -> str:
+    """A name pattern matching exactly ``layer``."""
+    return f"re:^{re.escape(layer)}$" if _GLOB.search(layer) else layer
+
+
+def layer_bytes(model: nn.Module, table: EncodingTable, layer: str) -> int:
+    """Exact stored bytes of the tensors of ``layer`` (its own and its submodules')."""
+    prefix = f"{layer}."
+    return sum(e.payload_bytes for n, e in table.complete(model).items() if n.startswith(prefix))
+
+
+def layer_macs(macs: dict[str, int], layer: str) -> int:
+    """MACs per sample of ``layer`` and its submodules from :func:`count_macs`'s output."""
+    return sum(v for n, v in macs.items() if n == layer or n.startswith(f"{layer}."))
+
+
+class _Holder(nn.Module):
+    """A module holding one layer as ``layer`` (to apply an option to it alone)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+
+def check_layer_options(cls: type[Compressor], module: nn.Module) -> list[str]:
+    """Problems with ``cls.layer_options`` on ``module`` (for conformance tests): each option
+    must be a :class:`LayerOption` of ``cls`` whose declared bytes are the bytes ``cls``
+    stores when the option is applied to a copy of the layer alone (no data)."""
+    problems = []
+    for option in cls.layer_options(copy.deepcopy(module), "layer"):
+        if not isinstance(option, LayerOption) or option.compressor != cls.name:
+            problems.append(f"{cls.name}: layer_options returned {option!r}, not its own option")
+            continue
+        table = EncodingTable()
+        held = apply_candidate(
+            _Holder(copy.deepcopy(module)), Candidate("layer", (option,)), table
+        )
+        stored = layer_bytes(held, table, "layer")
+        if stored != option.bytes:
+            problems.append(
+                f"{cls.name}: option {option.label} declares {option.bytes:,} bytes but the "
+                f"compressor stores {stored:,}"
+            )
+    return problems
+
+
+# -- the sensitivity scan ------------------------------------------------------------------------
+
+
+@dataclass
+class _ScanInputs:
+    """What every scan task needs (pickled once per worker chunk by a process pool)."""
+
+    model: nn.Module
+    data: DataSplits | None
+    info: ModelInfo | None
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    seed: int
+
+
+@torch.no_grad()
+def _loss_accuracy(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(targets), 256):
+        out = model(inputs[start : start + 256])
+        y = targets[start : start + 256]
+        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    return loss / len(targets), correct / len(targets)
+
+
+def _scan_one(shared: _ScanInputs, candidate: Candidate) -> dict[str, Any]:
+    """Apply ``candidate`` alone to a copy of the reference model; measure it."""
+    model = copy.deepcopy(shared.model)
+    table = EncodingTable()
+    torch.manual_seed(shared.seed)
+    model = apply_candidate(
+        model, candidate, table, data=shared.data, info=shared.info, seed=shared.seed
+    )
+    loss, acc = _loss_accuracy(model, shared.inputs, shared.targets)
+    macs = count_macs(model, shared.inputs[:1])
+    return {
+        "bytes": layer_bytes(model, table, candidate.layer),
+        "macs": layer_macs(macs, candidate.layer),
+        "loss": round(loss, 6),
+        "accuracy": acc,
+    }
+
+
+@dataclass
+class Sensitivity:
+    """The scan's result: per layer, its candidates and what each measured alone."""
+
+    candidates: dict[str, list[Candidate]]
+    measured: dict[str, dict[str, Any]]
+    """Candidate key -> ``bytes``, ``macs``, ``loss``, ``accuracy`` (dense included)."""
+    base_loss: float
+    base_accuracy: float
+    n_val: int
+
+    def row(self, candidate: Candidate) -> dict[str, Any]:
+        """What ``candidate`` measured."""
+        return self.measured[candidate.key]
+
+    def rows(self) -> list[dict[str, Any]]:
+        """A flat table: layer, candidate, bytes, MACs, loss change, accuracy change (pp)."""
+        return [
+            {
+                "layer": c.layer,
+                "candidate": c.label,
+                "bytes": self.row(c)["bytes"],
+                "macs": self.row(c)["macs"],
+                "delta_loss": round(self.row(c)["loss"] - self.base_loss, 6),
+                "delta_acc_pp": round(100 * (self.row(c)["accuracy"] - self.base_accuracy), 3),
+            }
+            for cands in self.candidates.values()
+            for c in cands
+        ]
+
+
+def _state_digest(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def _checkpoint_key(
+    model: nn.Module, data: DataSplits, val_limit: int, seed: int, keys: list[str]
+) -> str:
+    text = json.dumps(
+        [_CHECKPOINT_VERSION, _state_digest(model), data.name, len(data.val), val_limit, seed, keys]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _entries_digest(entries: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def read_checkpoint(path: Path, key: str) -> dict[str, dict[str, Any]]:
+    """The entries of a scan checkpoint if it is intact and for this scan, else ``{}`` (a
+    damaged or foreign file is reported in the log and ignored: the scan starts over)."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        entries = raw["entries"]
+        ok = (
+            raw.get("version") == _CHECKPOINT_VERSION
+            and raw.get("key") == key
+            and isinstance(entries, dict)
+            and raw.get("sha256") == _entries_digest(entries)
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("search: ignoring unreadable scan checkpoint %s (%s)", path, exc)
+        return {}
+    if not ok:
+        log.warning("search: ignoring scan checkpoint %s (another scan's, or damaged)", path)
+        return {}
+    return entries
+
+
+def write_checkpoint(path: Path, key: str, entries: dict[str, dict[str, Any]]) -> None:
+    """Write the scan's entries atomically, with a checksum :func:`read_checkpoint` verifies."""
+    body = {
+        "version": _CHECKPOINT_VERSION,
+        "key": key,
+        "sha256": _entries_digest(entries),
+        "entries": entries,
+    }
+    atomic_write(path, json.dumps(body, sort_keys=True))
+
+
+def scan(
+    model: nn.Module | str,
+    data: DataSplits | str,
+    *,
+    methods: Sequence[str] | None = None,
+    select: LayerSelector | dict[str, Any] | None = None,
+    val_limit: int = 512,
+    seed: int = 0,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
+    checkpoint: bool | str | Path = True,
+    chunk: int = 16,
+) -> Sensitivity:
+    """Measure every layer × candidate alone on the first ``val_limit`` validation samples.
+
+    Work goes through ``executor`` (``local``, ``process`` or an :class:`Executor`) in chunks
+    of ``chunk`` candidates; after each, a progress line is logged and (``checkpoint`` True: in
+    the cache; a path: there) the results so far are written, so a rerun after an interruption
+    measures only what is missing."""
+    splits = load_data(data) if isinstance(data, str) else data
+    if val_limit < 1:
+        raise ConfigError(f"search field 'val_limit': must be at least 1, got {val_limit}")
+    reference = _reference(model, splits, seed)
+    info = _info_for(reference, splits)
+    chosen = _selector(select).resolve(
+        reference, head=info.head, default_types=["Linear", "Conv2d"]
+    )
+    candidates = layer_candidates(reference, chosen, methods)
+    run = get_executor(executor, workers)
+    inputs, targets = splits.batch("val", min(val_limit, len(splits.val)))
+    shared = _ScanInputs(reference, splits, info, inputs, targets, seed)
+    base_loss, base_acc = _loss_accuracy(copy.deepcopy(reference), inputs, targets)
+
+    todo = [c for cands in candidates.values() for c in cands]
+    key = _checkpoint_key(reference, splits, len(targets), seed, [c.key for c in todo])
+    path = _checkpoint_path(checkpoint, key)
+    measured = read_checkpoint(path, key) if path else {}
+    missing = [c for c in todo if c.key not in measured]
+    if path and measured:
+        log.info(
+            "search: resuming the scan from %s (%d of %d done)", path, len(measured), len(todo)
+        )
+    started = time.perf_counter()
+    task = functools.partial(_scan_one, shared)
+    for first in range(0, len(missing), max(1, chunk)):
+        part = missing[first : first + max(1, chunk)]
+        for cand, result in zip(part, run.map(task, part), strict=True):
+            measured[cand.key] = result
+        if path:
+            write_checkpoint(path, key, measured)
+        _progress_line(
+            f"search: scanned {len(todo) - len(missing) + first + len(part)}/{len(todo)} "
+            f"candidates ({run.name} executor, {time.perf_counter() - started:.1f}s)"
+        )
+    return Sensitivity(candidates, measured, round(base_loss, 6), base_acc, len(targets))
+
+
+def _reference(model: nn.Module | str, data: DataSplits, seed: int) -> nn.Module:
+    """The reference model as a run starts from it (a module given is copied, not touched)."""
+    source = copy.deepcopy(model) if isinstance(model, nn.Module) else model
+    return _settled(_resolve_model(source, data, seed))
+
+
+def _progress_line(line: str) -> None:
+    """Log ``line``; also print it to stderr unless progress output is off
+    (``NETSHRINK_PROGRESS=0``), so a long scan on the command line shows where it is."""
+    log.info("%s", line)
+    if progress_enabled() is not False:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _selector(select: LayerSelector | dict[str, Any] | None) -> LayerSelector:
+    if select is None or isinstance(select, LayerSelector):
+        return select or LayerSelector()
+    return LayerSelector.model_validate(select)
+
+
+def _checkpoint_path(checkpoint: bool | str | Path, key: str) -> Path | None:
+    if checkpoint is False:
+        return None
+    if checkpoint is True:
+        return cache_dir() / "search" / f"scan-{key[:24]}.json"
+    return Path(checkpoint)
+
+
+# -- the solver ----------------------------------------------------------------------------------
+
+
+def solve(
+    costs: Sequence[Sequence[float]],
+    sizes: Sequence[Sequence[int]],
+    budget: int,
+    *,
+    macs: Sequence[Sequence[int]] | None = None,
+    max_macs: int | None = None,
+    resolution: int = 4096,
+) -> list[int] | None:
+    """One choice per group minimising the summed cost with summed size ≤ ``budget`` (and
+    summed ``macs`` ≤ ``max_macs`` if given); the chosen index per group, or None when no
+    choice fits.
+
+    Without a MACs budget: dynamic programming over sizes in ``budget / resolution`` buckets,
+    each size rounded *up* (a choice found always fits exactly; ties go to the earlier
+    option). With one: a MILP through ``scipy.optimize.milp``."""
+    if budget < 0:
+        return None
+    if max_macs is not None:
+        return _solve_milp(costs, sizes, budget, macs or [], max_macs)
+    unit = max(1, math.ceil(budget / resolution))
+    capacity = budget // unit
+    best = np.zeros(capacity + 1)  # best[c]: least cost of the groups so far within c units
+    picks: list[np.ndarray] = []
+    for group_costs, group_sizes in zip(costs, sizes, strict=True):
+        new = np.full(capacity + 1, np.inf)
+        pick = np.full(capacity + 1, -1)
+        for index, (cost, size) in enumerate(zip(group_costs, group_sizes, strict=True)):
+            w = math.ceil(size / unit)
+            if w > capacity:
+                continue
+            shifted = np.full(capacity + 1, np.inf)
+            shifted[w:] = best[: capacity + 1 - w] + cost
+            better = shifted < new
+            new[better] = shifted[better]
+            pick[better] = index
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best[capacity]):
+        return None
+    chosen: list[int] = []
+    c = capacity
+    for group_sizes, pick in zip(reversed(list(sizes)), reversed(picks), strict=True):
+        index = int(pick[c])
+        chosen.append(index)
+        c -= math.ceil(group_sizes[index] / unit)
+    return chosen[::-1]
+
+
+def _solve_milp(
+    costs: Sequence[Sequence[float]],
+    sizes: Sequence[Sequence[int]],
+    budget: int,
+    macs: Sequence[Sequence[int]],
+    max_macs: int,
+) -> list[int] | None:
+    try:
+        from scipy.optimize import Bounds, LinearConstraint, milp
+    except ImportError:
+        raise ConfigError("a MACs budget needs scipy (pip install scipy)") from None
+    flat = [(g, i) for g, group in enumerate(costs) for i in range(len(group))]
+    n = len(flat)
+    one = np.zeros((len(costs), n))
+    for j, (g, _) in enumerate(flat):
+        one[g, j] = 1
+    rows = np.array([[sizes[g][i] for g, i in flat], [macs[g][i] for g, i in flat]], dtype=float)
+    res = milp(
+        c=np.array([costs[g][i] for g, i in flat]),
+        integrality=np.ones(n),
+        bounds=Bounds(0, 1),
+        constraints=[
+            LinearConstraint(one, 1, 1),
+            LinearConstraint(rows, -np.inf, np.array([budget, max_macs], dtype=float)),
+        ],
+    )
+    if res.x is None:
+        return None
+    x = np.round(res.x).astype(int)
+    chosen = [0] * len(costs)
+    for (g, i), v in zip(flat, x, strict=True):
+        if v:
+            chosen[g] = i
+    return chosen
+
+
+# -- budgets and recipes ------------------------------------------------------------------------
+
+
+def parse_budget(budget: int | str, reference_bytes: int) -> int:
+    """The byte budget: an int or ``"123456"`` (bytes), ``"40x"`` (the dense artifact's size
+    divided by 40), or a size with a unit (``"120kB"``, ``"1.5MiB"``)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+        raise ConfigError(
+            f"search field 'budget': give bytes or a ratio like '40x', got {budget!r}"
+        )
+    if isinstance(budget, int):
+        value, unit = float(budget), "b"
+    else:
+        match = _BUDGET.match(budget)
+        if not match:
+            raise ConfigError(
+                f"search field 'budget': {budget!r} is not a size; give a ratio like '40x', "
+                "bytes like '120000', or a size like '120kB' / '1.5MiB'"
+            )
+        value, unit = float(match.group(1)), (match.group(2) or "b").lower()
+    if unit == "x":
+        if value <= 1:
+            raise ConfigError(f"search field 'budget': a ratio must be above 1x, got {budget!r}")
+        return int(reference_bytes / value)
+    if value <= 0:
+        raise ConfigError(f"search field 'budget': must be positive, got {budget!r}")
+    return int(value * _UNITS[unit])
+
+
+def plan_recipe(
+    plan: dict[str, Candidate],
+    *,
+    model: str | None = None,
+    data: str | None = None,
+    seed: int = 0,
+    finetune: FinetuneConfig | dict[str, Any] | None = None,
+    latency: bool = False,
+    head: str | None = None,
+) -> Recipe:
+    """The recipe that applies ``plan`` (layer -> candidate): one step per compressor in
+    chain order (structural, pruning, value-encoding), selecting exactly its layers, with the
+    most common setting as the step's config and per-layer ``overrides`` for the rest; a
+    compressor without per-layer fields gets one step per distinct setting instead."""
+    by_method: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for layer, cand in plan.items():
+        for option in cand.options:
+            by_method.setdefault(option.compressor, []).append((layer, option.config))
+    classes = {name: get_compressor(name) for name in by_method}
+    steps: list[dict[str, Any]] = []
+    for name in sorted(by_method, key=lambda n: (_order(classes[n]), n)):
+        cls, entries = classes[name], by_method[name]
+        if all(_per_layer(cls, cfg) for _, cfg in entries):
+            steps.append(_overrides_step(cls, entries, head))
+        else:
+            groups: dict[str, list[str]] = {}
+            configs: dict[str, dict[str, Any]] = {}
+            for layer, cfg in entries:
+                text = json.dumps(cfg, sort_keys=True)
+                groups.setdefault(text, []).append(layer)
+                configs[text] = cfg
+            for text, layers in groups.items():
+                steps.append(
+                    {"compressor": name, "config": configs[text], "select": _select(layers, head),
+                     "label": f"search: {name}"}
+                )
+    if not steps:
+        raise ConfigError(
+            "search field 'budget': the uncompressed model already fits it and no option "
+            "lowers the validation loss, so there is nothing to compress; give a smaller budget"
+        )
+    body: dict[str, Any] = {"seed": seed, "steps": steps, "latency": latency}
+    if model:
+        body["model"] = model
+    if data:
+        body["data"] = data
+    if finetune is not None:
+        body["finetune"] = finetune if isinstance(finetune, dict) else finetune.model_dump()
+    return Recipe.model_validate(body)
+
+
+def _overrides_step(
+    cls: type[Compressor], entries: list[tuple[str, dict[str, Any]]], head: str | None
+) -> dict[str, Any]:
+    texts = [json.dumps(cfg, sort_keys=True) for _, cfg in entries]
+    common = max(dict.fromkeys(texts), key=texts.count)
+    overrides = {
+        _pattern(layer): cfg
+        for (layer, cfg), text in zip(entries, texts, strict=True)
+        if text != common
+    }
+    step: dict[str, Any] = {
+        "compressor": cls.name,
+        "config": json.loads(common),
+        "select": _select([layer for layer, _ in entries], head),
+        "label": f"search: {cls.name}",
+    }
+    if overrides:
+        step["overrides"] = overrides
+    return step
+
+
+def _select(layers: list[str], head: str | None) -> dict[str, Any]:
+    select: dict[str, Any] = {"names": [_pattern(n) for n in layers]}
+    if head and head in layers:
+        select["protect_head"] = False
+    return select
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML (what ``netshrink compress --recipe`` reads back to the same run)."""
+    return yaml.safe_dump(recipe.model_dump(exclude_defaults=True), sort_keys=False)
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns: the chosen candidate per layer, the recipe that reproduces
+    it, the compressed result, and the honest figures."""
+
+    plan: dict[str, Candidate]
+    recipe: Recipe
+    result: CompressionResult
+    budget_bytes: int
+    val_accuracy: float
+    reference_val_accuracy: float
+    predicted_delta_loss: float
+    sensitivity: Sensitivity
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def artifact_bytes(self) -> int:
+        """Bytes of the artifact (what the budget bounds)."""
+        return len(self.result.artifact)
+
+    def plan_rows(self) -> list[dict[str, Any]]:
+        """Per layer: the chosen candidate, its bytes and measured-alone loss change."""
+        return [
+            {"layer": layer, "choice": c.label, "bytes": self.sensitivity.row(c)["bytes"],
+             "delta_loss": round(self.sensitivity.row(c)["loss"] - self.sensitivity.base_loss, 6)}
+            for layer, c in self.plan.items()
+        ]
+
+    def save(self, out_dir: str | Path, stem: str = "model") -> dict[str, Path]:
+        """Write ``<stem>.nsk`` (+ its report files), ``<stem>.search.yaml`` (the recipe) and
+        ``<stem>.search.json`` (plan and sensitivity table), each atomically."""
+        out = Path(out_dir)
+        recipe_path = atomic_write(out / f"{stem}.search.yaml", recipe_yaml(self.recipe))
+        summary = {
+            "budget_bytes": self.budget_bytes,
+            "artifact_bytes": self.artifact_bytes,
+            "val_accuracy": self.val_accuracy,
+            "reference_val_accuracy": self.reference_val_accuracy,
+            "plan": self.plan_rows(),
+            "sensitivity": self.sensitivity.rows(),
+            "notes": self.notes,
+        }
+        table_path = atomic_write(out / f"{stem}.search.json", json.dumps(summary, indent=2))
+        artifact = self.result.save(out / f"{stem}.nsk")
+        return {"artifact": artifact, "recipe": recipe_path, "table": table_path}
+
+
+def search(
+    model: nn.Module | str,
+    data: DataSplits | str,
+    budget: int | str,
+    *,
+    max_drop: float | None = None,
+    max_macs: int | None = None,
+    methods: Sequence[str] | None = None,
+    select: LayerSelector | dict[str, Any] | None = None,
+    finetune: FinetuneConfig | dict[str, Any] | None = None,
+    val_limit: int = 512,
+    seed: int = 0,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
+    checkpoint: bool | str | Path = True,
+    sensitivity: Sensitivity | None = None,
+    tries: int = 4,
+) -> SearchResult:
+    """Search per-layer settings across every method under ``budget`` (bytes, ``"40x"``,
+    ``"120kB"``) and return a :class:`SearchResult`; ``result.recipe`` run by
+    :func:`netshrink.compress` reproduces ``result.result.artifact`` byte for byte.
+
+    ``max_drop`` (percentage points of validation accuracy) drops any candidate that alone
+    loses more, and notes when the final model does. The solver's budget for the layers is
+    ``budget`` less the rest of the artifact (header, manifest, other tensors); if the real
+    artifact still exceeds ``budget`` the layer budget shrinks by the excess and the solve
+    runs again (up to ``tries`` times), so the returned artifact is never over ``budget``."""
+    splits = load_data(data) if isinstance(data, str) else data
+    table = sensitivity or scan(
+        model, splits, methods=methods, select=select, val_limit=val_limit, seed=seed,
+        executor=executor, workers=workers, checkpoint=checkpoint,
+    )
+    reference = _reference(model, splits, seed)
+    info = _info_for(reference, splits)
+    layers = list(table.candidates)
+    allowed = {
+        layer: [
+            c for c in cands
+            if not c.options or max_drop is None
+            or 100 * (table.base_accuracy - table.row(c)["accuracy"]) <= max_drop
+        ]
+        for layer, cands in table.candidates.items()
+    }
+    dense_total = len(artifact_bytes(reference, EncodingTable(), info, None))
+    limit = parse_budget(budget, dense_total)
+    dense_layers = sum(table.row(allowed[layer][0])["bytes"] for layer in layers)
+    layer_budget = limit - (dense_total - dense_layers)
+    spec = model if isinstance(model, str) else None
+    data_name = data if isinstance(data, str) else None
+    for attempt in range(max(1, tries)):
+        choice = solve(
+            [[_cost(table, c, dense_layers) for c in allowed[n]] for n in layers],
+            [[table.row(c)["bytes"] for c in allowed[n]] for n in layers],
+            layer_budget,
+            macs=[[table.row(c)["macs"] for c in allowed[n]] for n in layers],
+            max_macs=max_macs,
+        )
+        if choice is None:
+            smallest = dense_total - dense_layers + sum(
+                min(table.row(c)["bytes"] for c in allowed[n]) for n in layers
+            )
+            raise ConfigError(
+                f"search field 'budget': no choice of the scanned options fits {limit:,} bytes "
+                f"(about {smallest:,} bytes is the smallest reachable"
+                + (f" with max_drop {max_drop}" if max_drop is not None else "")
+                + "); raise the budget, relax max_drop/max_macs, or add methods"
+            )
+        plan = {n: allowed[n][i] for n, i in zip(layers, choice, strict=True)}
+        recipe = plan_recipe(
+            plan, model=spec, data=data_name, seed=seed, finetune=finetune, head=info.head
+        )
+        result = compress(reference if spec is None else spec, recipe, splits)
+        excess = len(result.artifact) - limit
+        log.info(
+            "search: try %d: artifact %d bytes for a budget of %d (%+d)",
+            attempt + 1, len(result.artifact), limit, excess,
+        )
+        if excess <= 0:
+            break
+        layer_budget -= excess
+    else:
+        raise NetshrinkError(
+            f"search: after {tries} tries the artifact is still {excess:,} bytes over the "
+            f"budget of {limit:,} bytes; raise the budget or 'tries'"
+        )
+    val_acc = _loss_accuracy(result.model, *splits.batch("val", len(splits.val)))[1]
+    ref_acc = _loss_accuracy(copy.deepcopy(reference), *splits.batch("val", len(splits.val)))[1]
+    notes = []
+    if max_drop is not None and 100 * (ref_acc - val_acc) > max_drop:
+        notes.append(
+            f"validation accuracy dropped {100 * (ref_acc - val_acc):.2f} pp, more than "
+            f"max_drop {max_drop} pp (options were filtered alone; together they lose more)"
+        )
+        log.warning("search: %s", notes[-1])
+    predicted = sum(table.row(c)["loss"] - table.base_loss for c in plan.values())
+    return SearchResult(
+        plan, recipe, result, limit, val_acc, ref_acc, round(predicted, 6), table, notes
+    )
+
+
+def _cost(table: Sensitivity, candidate: Candidate, dense_bytes: int) -> float:
+    """The solver's cost: the loss increase measured alone, plus a tie-break far below the
+    loss's 1e-6 resolution that prefers the smaller of equally good candidates."""
+    size = table.row(candidate)["bytes"] / max(dense_bytes, 1)
+    return table.row(candidate)["loss"] - table.base_loss + 1e-8 * size
+
+
+# -- Pareto front --------------------------------------------------------------------------------
+
+
+@dataclass
+class ParetoPoint:
+    """One budget's searched result."""
+
+    budget: str
+    budget_bytes: int
+    artifact_bytes: int
+    ratio: float
+    val_accuracy: float
+    test_accuracy: float | None
+
+
+def pareto(
+    model: nn.Module | str,
+    data: DataSplits | str,
+    budgets: Sequence[int | str],
+    **kwargs: Any,
+) -> list[ParetoPoint]:
+    """Search at each of ``budgets`` with one shared scan; the points sorted by size."""
+    splits = load_data(data) if isinstance(data, str) else data
+    scan_keys = ("methods", "select", "val_limit", "seed", "executor", "workers", "checkpoint")
+    table = kwargs.pop("sensitivity", None) or scan(
+        model, splits, **{k: kwargs[k] for k in scan_keys if k in kwargs}
+    )
+    points = []
+    for budget in budgets:
+        found = search(model, data, budget, sensitivity=table, **kwargs)
+        report = found.result.report
+        points.append(
+            ParetoPoint(
+                str(budget), found.budget_bytes, found.artifact_bytes,
+                round(report.compression_ratio, 3), found.val_accuracy, report.accuracy_after,
+            )
+        )
+    return sorted(points, key=lambda p: p.artifact_bytes)
+
+
+def pareto_table(points: Sequence[ParetoPoint]) -> str:
+    """The points as a markdown table."""
+    lines = [
+        "| budget | budget bytes | artifact bytes | ratio | val accuracy | test accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in points:
+        test = "-" if p.test_accuracy is None else f"{100 * p.test_accuracy:.2f}%"
+        lines.append(
+            f"| {p.budget} | {p.budget_bytes:,} | {p.artifact_bytes:,} | {p.ratio:.1f}x | "
+            f"{100 * p.val_accuracy:.2f}% | {test} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_pareto(points: Sequence[ParetoPoint], path: str | Path) -> Path:
+    """Draw validation accuracy against artifact bytes as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(
+            "drawing the Pareto front needs matplotlib (pip install matplotlib)"
+        ) from None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([p.artifact_bytes for p in points], [100 * p.val_accuracy for p in points], "o-")
+    for p in points:
+        ax.annotate(p.budget, (p.artifact_bytes, 100 * p.val_accuracy), fontsize=8)
+    ax.set_xlabel("artifact bytes")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("netshrink search: Pareto front")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write(path, buffer.getvalue())
+
+
+# -- the command line (wired by netshrink.cli) --------------------------------------------------
+
+
+def run_command(
+    model: str,
+    data: str,
+    budget: str,
+    *,
+    out_dir: str | Path = "out",
+    max_drop: float | None = None,
+    max_macs: int | None = None,
+    methods: Sequence[str] | None = None,
+    executor: str | None = None,
+    workers: int | None = None,
+    finetune_epochs: int = 0,
+    val_limit: int = 512,
+    seed: int = 0,
+    pareto_budgets: Sequence[str] = (),
+) -> list[str]:
+    """What ``netshrink search MODEL --data D --budget B`` does: scan (checkpointed in the
+    cache), search, write ``<stem>.nsk`` with its report, ``<stem>.search.yaml`` and
+    ``<stem>.search.json`` under ``out_dir``, and with ``pareto_budgets`` also
+    ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib). Returns the
+    lines to print."""
+    finetune = {"epochs": finetune_epochs} if finetune_epochs > 0 else None
+    table = scan(
+        model, data, methods=methods, val_limit=val_limit, seed=seed, executor=executor,
+        workers=workers,
+    )
+    common: dict[str, Any] = {
+        "max_drop": max_drop, "max_macs": max_macs, "finetune": finetune, "seed": seed,
+        "sensitivity": table,
+    }
+    found = search(model, data, budget, **common)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split(":", 1)[-1]) or "model"
+    paths = found.save(out_dir, stem)
+    lines = [f"{row['layer']}: {row['choice']} ({row['bytes']:,} bytes, loss {row['delta_loss']:+})"
+             for row in found.plan_rows()]
+    lines.append(
+        f"artifact {found.artifact_bytes:,} bytes (budget {found.budget_bytes:,}); validation "
+        f"accuracy {100 * found.val_accuracy:.2f}% (reference "
+        f"{100 * found.reference_val_accuracy:.2f}%)"
+    )
+    lines += [f"note: {note}" for note in found.notes]
+    lines.append(f"wrote {paths['artifact']}, {paths['recipe']}, {paths['table']}")
+    if pareto_budgets:
+        points = pareto(model, data, list(pareto_budgets), **common)
+        md = atomic_write(Path(out_dir) / f"{stem}.pareto.md", pareto_table(points))
+        lines.append(f"wrote {md}")
+        try:
+            lines.append(f"wrote {plot_pareto(points, Path(out_dir) / f'{stem}.pareto.png')}")
+        except ConfigError as exc:
+            lines.append(f"no Pareto plot: {exc}")
+    return lines
+
+
+__all__ = [
+    "Candidate",
+    "ParetoPoint",
+    "SearchResult",
+    "Sensitivity",
+    "apply_candidate",
+    "check_layer_options",
+    "layer_candidates",
+    "pareto",
+    "pareto_table",
+    "parse_budget",
+    "plan_recipe",
+    "plot_pareto",
+    "read_checkpoint",
+    "recipe_yaml",
+    "run_command",
+    "scan",
+    "search",
+    "solve",
+    "write_checkpoint",
+]

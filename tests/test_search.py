@@ -1,0 +1,469 @@
+"""One search across methods, per layer, under a budget (``netshrink.search``): per-layer
+options with exact bytes, the scan (checkpoint, resume, executors), the exact solver, the
+recipe that reproduces the artifact byte for byte, and the honest comparisons."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import netshrink as ns
+from netshrink import layer_search as S
+from netshrink import registry
+from netshrink.artifact import artifact_bytes
+from netshrink.compressor import LayerOption
+from netshrink.errors import ConfigError, RecipeError
+from netshrink.executors import LocalExecutor, ProcessExecutor, get_executor
+from netshrink.plugins.quantize import options as qopts
+from netshrink.recipe import Recipe
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MODEL, DATA = "zoo:lenet300", "digits"
+METHODS = ("magnitude", "quantize", "svd")
+
+
+@pytest.fixture(scope="module")
+def grids() -> Iterator[None]:
+    """Small option grids (a handful per layer), and quantize's options hooked up as its
+    ``layer_options`` will be (plugins/quantize/options.py) when it does not declare them yet."""
+    mp = pytest.MonkeyPatch()
+    quantize = registry.get_compressor("quantize")
+    if not S._declares_options(quantize):
+        mp.setattr(quantize, "layer_options", classmethod(qopts.layer_options), raising=False)
+    mp.setattr(qopts, "SEARCH_BITS", (8, 4, 2))
+    mp.setattr(registry.get_compressor("magnitude"), "search_sparsities", (0.5, 0.9))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def table(grids, tmp_path_factory) -> S.Sensitivity:
+    """The scan of LeNet-300-100 on 8x8 digits (fc1, fc2; the head is protected)."""
+    path = tmp_path_factory.mktemp("scan") / "scan.json"
+    return S.scan(MODEL, DATA, methods=METHODS, checkpoint=path)
+
+
+# -- options and candidates ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "layer", [nn.Linear(48, 24), nn.Conv2d(3, 8, 3)], ids=["linear", "conv"]
+)
+def test_declared_bytes_are_the_encoded_bytes(grids, layer):
+    torch.manual_seed(0)
+    checked = 0
+    for name in METHODS:
+        cls = registry.get_compressor(name)
+        if isinstance(layer, cls.handled_types()):
+            assert cls.layer_options(layer, "layer"), name
+            assert S.check_layer_options(cls, layer) == []
+            checked += 1
+    assert checked == (3 if isinstance(layer, nn.Linear) else 2)
+
+
+def test_check_layer_options_catches_a_wrong_byte_count(grids, monkeypatch):
+    magnitude = registry.get_compressor("magnitude")
+    honest = magnitude.layer_options.__func__
+
+    def off_by_one(cls, module, name):
+        return [cls.option(o.config, bytes=o.bytes + 1) for o in honest(cls, module, name)]
+
+    monkeypatch.setattr(magnitude, "layer_options", classmethod(off_by_one))
+    problems = S.check_layer_options(magnitude, nn.Linear(8, 4))
+    assert len(problems) == 2  # the grid of two sparsities
+    assert "declares" in problems[0] and "the compressor stores" in problems[0]
+
+
+def test_svd_option_macs_and_rank_override():
+    svd = registry.get_compressor("svd")
+    layer = nn.Linear(64, 32)
+    ranks = [o.config["rank"] for o in svd.layer_options(layer, "fc")]
+    assert ranks == [2, 4, 8]  # 1/16, 1/8, 1/4 of 32; all smaller than dense
+    assert [o.macs for o in svd.layer_options(layer, "fc")] == [r * 96 for r in ranks]
+    comp = svd({"ratio": 0.5}, overrides={"fc": {"rank": 3}})
+    assert comp.config_for("fc").rank == 3 and comp.config_for("other").rank is None
+
+
+def test_option_is_validated_where_it_is_declared():
+    magnitude = registry.get_compressor("magnitude")
+    with pytest.raises(ConfigError, match=r"'magnitude' declares an invalid layer option .*"
+                       r"sparsity"):
+        magnitude.option({"sparsity": 1.5}, bytes=10)
+
+
+def test_candidates_combine_pruning_then_quantization(table):
+    labels = [c.label for c in table.candidates["fc1"]]
+    assert labels[0] == "dense"
+    assert "magnitude(sparsity=0.9)+quantize(bits=4)" in labels
+    assert "svd(rank=4)" in labels
+    assert not any("svd" in lab and "+" in lab for lab in labels)  # structural stands alone
+    assert list(table.candidates) == ["fc1", "fc2"]  # the head fc3 is protected
+    # Every measured size is positive and smaller than dense for a compressing option.
+    dense = table.row(table.candidates["fc1"][0])["bytes"]
+    assert dense == 64 * 300 * 4 + 300 * 4
+    assert all(table.row(c)["bytes"] < dense for c in table.candidates["fc1"][1:])
+
+
+def test_magnitude_per_layer_sparsity_and_global_scope_refused(grids):
+    step = ns.Step(compressor="magnitude", config={"sparsity": 0.5},
+                   overrides={"fc1": {"sparsity": 0.9}})
+    result = ns.compress(MODEL, [step], DATA, latency=False)
+    sparsity = {r.name: r.details["sparsity"] for r in result.records}
+    assert sparsity["fc1"] == pytest.approx(0.9, abs=1e-3)
+    assert sparsity["fc2"] == pytest.approx(0.5, abs=1e-3)
+    bad = ns.Step(compressor="magnitude", config={"scope": "global"},
+                  overrides={"fc1": {"sparsity": 0.9}})
+    with pytest.raises(RecipeError, match=r"field 'overrides': per-layer sparsity needs scope"):
+        ns.compress(MODEL, [bad], DATA, latency=False)
+
+
+# -- the solver ----------------------------------------------------------------------------------
+
+
+def _brute(costs, sizes, budget, macs=None, max_macs=None):
+    best = None
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        if sum(sizes[g][i] for g, i in enumerate(pick)) > budget:
+            continue
+        if max_macs is not None and sum(macs[g][i] for g, i in enumerate(pick)) > max_macs:
+            continue
+        cost = sum(costs[g][i] for g, i in enumerate(pick))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_solver_is_exact_and_fits():
+    rng = random.Random(7)
+    for _ in range(40):
+        groups = rng.randint(1, 4)
+        sizes = [[rng.randint(1, 500) for _ in range(rng.randint(1, 4))] for _ in range(groups)]
+        costs = [[round(rng.uniform(-0.1, 1), 4) for _ in g] for g in sizes]
+        budget = rng.randint(50, 1200)
+        best = _brute(costs, sizes, budget)
+        # A resolution finer than the sizes: the DP is exact.
+        chosen = S.solve(costs, sizes, budget, resolution=budget)
+        if best is None:
+            assert chosen is None
+            continue
+        assert sum(sizes[g][i] for g, i in enumerate(chosen)) <= budget
+        assert sum(costs[g][i] for g, i in enumerate(chosen)) == pytest.approx(best)
+        # Coarse buckets round sizes up: never over the budget, never better than exact.
+        coarse = S.solve(costs, sizes, budget, resolution=16)
+        if coarse is not None:
+            assert sum(sizes[g][i] for g, i in enumerate(coarse)) <= budget
+            assert sum(costs[g][i] for g, i in enumerate(coarse)) >= best - 1e-9
+
+
+def test_milp_with_a_macs_budget_is_exact():
+    pytest.importorskip("scipy")
+    rng = random.Random(3)
+    for _ in range(15):
+        sizes = [[rng.randint(1, 300) for _ in range(3)] for _ in range(3)]
+        macs = [[rng.randint(1, 300) for _ in range(3)] for _ in range(3)]
+        costs = [[round(rng.uniform(0, 1), 4) for _ in range(3)] for _ in range(3)]
+        budget, max_macs = rng.randint(200, 700), rng.randint(200, 700)
+        best = _brute(costs, sizes, budget, macs, max_macs)
+        chosen = S.solve(costs, sizes, budget, macs=macs, max_macs=max_macs)
+        if best is None:
+            assert chosen is None
+            continue
+        assert sum(macs[g][i] for g, i in enumerate(chosen)) <= max_macs
+        assert sum(costs[g][i] for g, i in enumerate(chosen)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [("40x", 2500), (4000, 4000), ("4000", 4000), ("2kB", 2000), ("1.5KiB", 1536),
+     (" 10X ", 10_000)],
+)
+def test_parse_budget(budget, expected):
+    assert S.parse_budget(budget, 100_000) == expected
+
+
+@pytest.mark.parametrize("budget", ["1x", "0.5x", "-3", "fast", "3 GB", 0, True, 1.5])
+def test_parse_budget_refuses(budget):
+    with pytest.raises(ConfigError, match=r"search field 'budget'"):
+        S.parse_budget(budget, 100_000)
+
+
+# -- the search ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", ["10x", "16x"])
+def test_search_fits_budget_and_recipe_reproduces_bytes(table, tmp_path, budget):
+    found = S.search(MODEL, DATA, budget, sensitivity=table)
+    assert found.artifact_bytes <= found.budget_bytes
+    paths = found.save(tmp_path)
+    recipe = Recipe.from_file(paths["recipe"])
+    again = ns.compress(None, recipe)
+    assert again.artifact == found.result.artifact
+    assert paths["artifact"].read_bytes() == found.result.artifact
+    summary = json.loads(paths["table"].read_text())
+    assert summary["artifact_bytes"] == found.artifact_bytes
+    assert {row["layer"] for row in summary["plan"]} == {"fc1", "fc2"}
+
+
+def test_fine_tuned_search_reproduces_bytes_and_fits(table, tmp_path):
+    found = S.search(MODEL, DATA, "12x", sensitivity=table, finetune={"epochs": 1})
+    assert found.recipe.finetune is not None and found.recipe.finetune.epochs == 1
+    assert found.artifact_bytes <= found.budget_bytes
+    again = ns.compress(None, Recipe.from_file(found.save(tmp_path)["recipe"]))
+    assert again.artifact == found.result.artifact
+
+
+def test_budget_is_a_fraction_of_the_dense_artifact(table):
+    found = S.search(MODEL, DATA, "10x", sensitivity=table)
+    reference = ns.reference_model(MODEL, ns.datasets.load(DATA))
+    dense = len(artifact_bytes(reference, ns.EncodingTable(), ns.model_info(reference), None))
+    assert found.budget_bytes == dense // 10
+    assert found.artifact_bytes <= dense // 10
+
+
+def test_too_small_budget_names_the_smallest_reachable(table):
+    with pytest.raises(ConfigError, match=r"no choice of the scanned options fits .* smallest"):
+        S.search(MODEL, DATA, "400x", sensitivity=table)
+
+
+def test_max_drop_drops_options_that_alone_lose_more(table):
+    found = S.search(MODEL, DATA, "3x", sensitivity=table, max_drop=0.0)
+    for cand in found.plan.values():
+        assert table.row(cand)["accuracy"] >= table.base_accuracy
+    assert found.artifact_bytes <= found.budget_bytes
+    with pytest.raises(ConfigError, match=r"smallest reachable with max_drop 0\.0"):
+        S.search(MODEL, DATA, "10x", sensitivity=table, max_drop=0.0)
+
+
+def _single_method(name: str, config: dict[str, Any]) -> tuple[int, float]:
+    result = ns.compress(MODEL, [ns.Step(compressor=name, config=config)], DATA, latency=False)
+    splits = ns.datasets.load(DATA)
+    return len(result.artifact), S._loss_accuracy(result.model, *splits.batch("val", 10_000))[1]
+
+
+@pytest.mark.parametrize(("name", "config"), [("quantize", {"bits": 4}),
+                                              ("magnitude", {"sparsity": 0.9})])
+def test_search_at_least_as_accurate_as_one_method_of_the_same_size(table, name, config):
+    size, accuracy = _single_method(name, config)
+    found = S.search(MODEL, DATA, size, sensitivity=table)
+    assert found.artifact_bytes <= size
+    assert found.val_accuracy >= accuracy, (found.plan_rows(), accuracy)
+
+
+# -- checkpoint, resume, executors ----------------------------------------------------------------
+
+
+class _Counting(LocalExecutor):
+    """Counts the items it runs; raises (an interruption) once ``fail_after`` calls ran."""
+
+    name = "counting"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.items = 0
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def map(self, fn: Callable, items) -> list:
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        items = list(items)
+        self.items += len(items)
+        return super().map(fn, items)
+
+
+def test_interrupted_scan_resumes_from_the_checkpoint(grids, tmp_path, caplog):
+    path = tmp_path / "scan.json"
+    kwargs = {"methods": ("magnitude",), "checkpoint": path, "chunk": 2}
+    with pytest.raises(KeyboardInterrupt):
+        S.scan(MODEL, DATA, executor=_Counting(fail_after=2), **kwargs)
+    assert len(json.loads(path.read_text())["entries"]) == 4
+    resumed = _Counting()
+    with caplog.at_level(logging.INFO, logger="netshrink"):
+        table = S.scan(MODEL, DATA, executor=resumed, **kwargs)
+    assert resumed.items == 6 - 4  # dense + 2 sparsities per layer, 2 layers
+    assert "resuming the scan" in caplog.text and "scanned 6/6 candidates" in caplog.text
+    fresh = S.scan(MODEL, DATA, methods=("magnitude",), checkpoint=False)
+    assert table.measured == fresh.measured
+
+
+def test_damaged_or_foreign_checkpoint_is_ignored(grids, tmp_path, caplog):
+    path = tmp_path / "scan.json"
+    S.scan(MODEL, DATA, methods=("magnitude",), checkpoint=path)
+    body = json.loads(path.read_text())
+    first = next(iter(body["entries"]))
+    body["entries"][first]["loss"] = 0.0  # a tampered value: the checksum no longer matches
+    path.write_text(json.dumps(body))
+    counting = _Counting()
+    with caplog.at_level(logging.WARNING, logger="netshrink"):
+        S.scan(MODEL, DATA, methods=("magnitude",), checkpoint=path, executor=counting)
+    assert counting.items == 6 and "ignoring scan checkpoint" in caplog.text
+    path.write_text("{not json")
+    counting = _Counting()
+    S.scan(MODEL, DATA, methods=("magnitude",), checkpoint=path, executor=counting)
+    assert counting.items == 6
+    # A scan with other settings does not reuse it.
+    counting = _Counting()
+    S.scan(MODEL, DATA, methods=("magnitude",), checkpoint=path, executor=counting, seed=1)
+    assert counting.items == 6
+
+
+@pytest.mark.slow
+def test_process_pool_scan_matches_local(grids):
+    kwargs = {"methods": ("magnitude",), "checkpoint": False, "select": {"names": ["fc2"]}}
+    local = S.scan(MODEL, DATA, **kwargs)
+    pooled = S.scan(MODEL, DATA, executor=ProcessExecutor(2), **kwargs)
+    assert pooled.measured == local.measured
+
+
+@pytest.mark.slow
+def test_process_pool_gives_the_same_plan(table, tmp_path):
+    pooled = S.scan(MODEL, DATA, methods=METHODS, executor="process", workers=2,
+                    checkpoint=False)
+    assert pooled.measured.keys() == table.measured.keys()
+    for key, row in table.measured.items():
+        assert pooled.measured[key]["bytes"] == row["bytes"]
+        assert pooled.measured[key]["loss"] == pytest.approx(row["loss"], abs=2e-6)
+    local = S.search(MODEL, DATA, "10x", sensitivity=table)
+    remote = S.search(MODEL, DATA, "10x", sensitivity=pooled)
+    assert {n: c.label for n, c in local.plan.items()} == {
+        n: c.label for n, c in remote.plan.items()
+    }
+    assert local.result.artifact == remote.result.artifact
+
+
+def test_executor_names():
+    assert isinstance(get_executor(None), LocalExecutor)
+    assert isinstance(get_executor("process", 2), ProcessExecutor)
+    assert get_executor("process", 2).map(abs, []) == []
+    with pytest.raises(ConfigError, match=r"unknown executor 'ray'.*Ray is not built in"):
+        get_executor("ray")
+    with pytest.raises(ConfigError, match=r"unknown executor 'thread'; known: local, process"):
+        get_executor("thread")
+    with pytest.raises(ConfigError, match=r"workers must be at least 1, got 0"):
+        get_executor("process", 0)
+    with pytest.raises(ConfigError, match=r"executor must be a name"):
+        get_executor(42)  # type: ignore[arg-type]
+
+
+# -- third-party compressors and bad input ------------------------------------------------------
+
+
+class Half(ns.Compressor):
+    """Store weights as float16 (a third-party compressor that joins the search)."""
+
+    name = "searchtest-half"
+    capabilities = ns.Capabilities(handles=("Linear",))
+
+    @classmethod
+    def layer_options(cls, module, name):
+        half = ns.Dense(module.weight.detach(), storage_dtype=torch.float16)
+        bias = module.bias.numel() * 4 if module.bias is not None else 0
+        return [cls.option({}, bytes=half.payload_bytes + bias)]
+
+    def compress(self, model, layers, ctx):
+        for lname, module in layers:
+            weight = module.weight.detach()
+            ctx.encode(model, f"{lname}.weight", ns.Dense(weight, storage_dtype=torch.float16))
+        return ns.StepResult(model, [ns.LayerRecord(n) for n, _ in layers])
+
+
+class _HalfPlugin:
+    @ns.hookimpl
+    def register_compressors(self, register):
+        register(Half)
+
+
+@pytest.fixture
+def half() -> Iterator[type[Half]]:
+    plugin = _HalfPlugin()
+    registry.register_plugin(plugin, name="searchtest")
+    try:
+        yield Half
+    finally:
+        registry.unregister_plugin(plugin)
+
+
+def test_third_party_compressor_joins_the_search(grids, half, tmp_path):
+    table = S.scan(MODEL, DATA, methods=("searchtest-half", "quantize"), checkpoint=False)
+    labels = [c.label for c in table.candidates["fc1"]]
+    assert "searchtest-half()" in labels
+    declared = Half.layer_options(ns.reference_model(MODEL, ns.datasets.load(DATA)).fc1, "fc1")
+    chosen = next(c for c in table.candidates["fc1"] if c.label == "searchtest-half()")
+    assert table.row(chosen)["bytes"] == declared[0].bytes
+    # Half precision loses almost nothing: at a budget it fits, the search picks it somewhere.
+    found = S.search(MODEL, DATA, "2.5x", sensitivity=table)
+    assert any("searchtest-half" in c.label for c in found.plan.values())
+    again = ns.compress(None, Recipe.from_file(found.save(tmp_path)["recipe"]))
+    assert again.artifact == found.result.artifact
+
+
+def test_bad_methods_are_refused(grids):
+    with pytest.raises(ConfigError, match=r"field 'methods': .*nope"):
+        S.scan(MODEL, DATA, methods=("nope",), checkpoint=False)
+    with pytest.raises(ConfigError, match=r"'tucker' declares no per-layer options"):
+        S.scan(MODEL, DATA, methods=("tucker",), checkpoint=False)
+    with pytest.raises(ConfigError, match=r"'val_limit': must be at least 1, got 0"):
+        S.scan(MODEL, DATA, val_limit=0, checkpoint=False)
+
+
+def test_a_wrong_option_from_a_plugin_is_named(grids, half, monkeypatch):
+    monkeypatch.setattr(
+        Half, "layer_options",
+        classmethod(lambda cls, m, n: [LayerOption("quantize", {"bits": 4}, bytes=1)]),
+    )
+    with pytest.raises(ns.NetshrinkError, match=r"Half.layer_options returned .* 'fc1'"):
+        S.scan(MODEL, DATA, methods=("searchtest-half",), checkpoint=False)
+
+
+# -- Pareto front ----------------------------------------------------------------------------------
+
+
+def test_pareto_front_table_and_plot(table, tmp_path):
+    points = S.pareto(MODEL, DATA, ["8x", "16x"], sensitivity=table)
+    assert [p.budget for p in points] == ["16x", "8x"]  # sorted by size
+    assert all(p.artifact_bytes <= p.budget_bytes for p in points)
+    text = S.pareto_table(points)
+    assert text.splitlines()[0].startswith("| budget | budget bytes | artifact bytes")
+    assert "| 16x |" in text and "| 8x |" in text
+    pytest.importorskip("matplotlib")
+    png = S.plot_pareto(points, tmp_path / "front.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_writes_the_search_files(grids, tmp_path):
+    lines = S.run_command(
+        MODEL, DATA, "8x", out_dir=tmp_path, methods=("magnitude", "quantize"),
+        pareto_budgets=("6x", "8x"),
+    )
+    assert lines[0].startswith("fc1: ") and lines[1].startswith("fc2: ")
+    assert any(line.startswith("artifact ") and "(budget " in line for line in lines)
+    recipe = Recipe.from_file(tmp_path / "lenet300.search.yaml")
+    artifact = (tmp_path / "lenet300.nsk").read_bytes()
+    assert ns.compress(None, recipe).artifact == artifact
+    assert (tmp_path / "lenet300.pareto.md").read_text().count("\n") == 4
+    assert (tmp_path / "lenet300.pareto.png").exists() or any("no Pareto plot" in x for x in lines)
+
+
+def test_scan_prints_progress_lines_unless_progress_is_off(grids, monkeypatch, capsys):
+    kwargs = {"methods": ("magnitude",), "checkpoint": False, "select": {"names": ["fc2"]}}
+    monkeypatch.setenv("NETSHRINK_PROGRESS", "1")
+    S.scan(MODEL, DATA, chunk=2, **kwargs)
+    err = capsys.readouterr().err
+    assert "search: scanned 2/3 candidates (local executor" in err
+    assert "search: scanned 3/3 candidates" in err
+    monkeypatch.setenv("NETSHRINK_PROGRESS", "0")
+    S.scan(MODEL, DATA, **kwargs)
+    assert "search: scanned" not in capsys.readouterr().err
+
+
+def test_a_budget_the_dense_model_fits_is_named(table):
+    with pytest.raises(ConfigError, match=r"uncompressed model already fits it"):
+        S.plan_recipe({"fc1": S.Candidate("fc1"), "fc2": S.Candidate("fc2")})
