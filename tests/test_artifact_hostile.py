@@ -376,6 +376,8 @@ SPEC_WRONG = [
     ("edits/1/module", "Linear", r"edits\[1\]\.module"),
     ("edits/1/module/type", "os.system", "not allowed"),
     ("arch/spec", "file:/etc/passwd", "cannot be another file"),
+    ("arch/spec", "hf:/home/user/model", "cannot be another file"),
+    ("arch/spec", "hf:./model", "cannot be another file"),
     ("arch/spec", "zoo:lenet5?num_classes=3", r"arch\.spec"),
     ("arch/spec", "nosuch:model", "arch: cannot build 'nosuch:model'"),
     ("arch/spec", "zoo:alexnet", "arch: cannot build 'zoo:alexnet'"),

@@ -374,3 +374,21 @@ def test_pytest_plugin_fixtures(netshrink_plugin, netshrink_tiny_model):
 
 def test_pytest_plugin_fixture_unregistered_afterwards():
     assert "conftest-data" not in ns.datasets.available()
+
+
+def test_layer_options_with_wrong_bytes_are_caught():
+    """The ``layer-options`` check fails a compressor whose declared option bytes are not what
+    it stores (magnitude's own options, each declared one byte too many)."""
+    from netshrink.plugins.magnitude import Magnitude
+
+    class Overstated(Magnitude):
+        name = "conftest-overstated"
+
+        @classmethod
+        def layer_options(cls, module, name):
+            return [cls.option(o.config, bytes=o.bytes + 1)
+                    for o in Magnitude.layer_options.__func__(cls, module, name)]
+
+    with pytest.raises(ConformanceError, match=r"declares .* bytes but the compressor stores"):
+        check_compressor(Overstated, checks=("layer-options",))
+    assert check_compressor(Magnitude, checks=("layer-options",))

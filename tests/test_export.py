@@ -424,3 +424,30 @@ def test_cli_export_writes_the_file_and_shows_warnings(built, tmp_path):
     assert f"wrote {out} ({out.stat().st_size:,} bytes)" in result.output
     bad = CliRunner().invoke(cli, ["export", str(artifact), "--out", str(out), "--opset", "5"])
     assert bad.exit_code != 0 and "opset" in bad.output and "Traceback" not in bad.output
+
+
+def _registered_compressors() -> list[str]:
+    from netshrink.registry import compressors
+
+    return sorted(compressors())
+
+
+@pytest.mark.parametrize("name", _registered_compressors())
+def test_every_registered_compressor_exports(name, lenet, digits, tmp_path):
+    """Issue 15: every built-in compressor's artifact exports to ONNX and onnxruntime gives
+    netshrink's top-1 on the whole test split (its default config, made fast as in the
+    conformance suite)."""
+    from netshrink.registry import get_compressor
+    from netshrink.testing.fast_configs import builtin_fast_config
+
+    config = builtin_fast_config(get_compressor(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = ns.compress(lenet, [ns.Step(compressor=name, config=config)], data=digits,
+                             seed=0, latency=False)
+        path = result.save(tmp_path / f"{name}.nsk", report=False)
+        onnx_path = export(path, tmp_path / f"{name}.onnx")
+    x = digits.test.tensors[0]
+    with torch.no_grad():
+        expected = ns.load(path, runtime="packed")(x).numpy()
+    assert np.array_equal(_run(onnx_path, x).argmax(1), expected.argmax(1))

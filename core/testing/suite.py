@@ -86,7 +86,7 @@ DEFAULT_DATA = "digits"
 SEED = 0
 
 PER_TYPE_CHECKS = ("compress", "save-load", "packed-runtime", "size", "layer-bytes",
-                   "encodes-values", "deterministic")
+                   "encodes-values", "deterministic", "layer-options")
 CLASS_CHECKS = ("class", "config-json", "config-invalid")
 ALL_CHECKS = (*CLASS_CHECKS, *PER_TYPE_CHECKS, "refuses-undeclared")
 
@@ -436,6 +436,30 @@ def _check_packed_runtime(case: ConformanceCase) -> None:
                                f"than the dense decode's {resident_bytes(dense)}")
 
 
+#: Layers the ``layer-options`` check asks a compressor about, by type.
+_OPTION_LAYERS: dict[str, Callable[[], nn.Module]] = {
+    "Linear": lambda: nn.Linear(48, 32),
+    "Conv2d": lambda: nn.Conv2d(8, 16, 3),
+}
+
+
+def _check_layer_options(case: ConformanceCase) -> None:
+    """A compressor that offers per-layer options to the search declares the exact bytes it
+    stores for each (a search that trusted a wrong figure would miss its budget)."""
+    from netshrink.compressor import Compressor
+    from netshrink.layer_search import check_layer_options
+
+    cls = case.compressor
+    declared = getattr(cls.layer_options, "__func__", None)
+    if declared is Compressor.layer_options.__func__ or case.layer_type not in _OPTION_LAYERS:
+        return  # offers no options (or no stock layer of this type to ask about)
+    torch.manual_seed(SEED)
+    with registered(cls):
+        problems = check_layer_options(cls, _OPTION_LAYERS[case.layer_type]())
+    if problems:
+        raise ConformanceError("declared option bytes are wrong:\n    " + "\n    ".join(problems))
+
+
 def _check_size(case: ConformanceCase) -> None:
     run = _run(case)
     on_disk = run.path.stat().st_size
@@ -584,6 +608,7 @@ _CHECKS: dict[str, Callable[[ConformanceCase], None]] = {
     "compress": _check_compress,
     "save-load": _check_save_load,
     "packed-runtime": _check_packed_runtime,
+    "layer-options": _check_layer_options,
     "size": _check_size,
     "layer-bytes": _check_layer_bytes,
     "encodes-values": _check_encodes_values,
