@@ -11,6 +11,7 @@ from benchmarks.pages import (
     peers,
     rlprune,
     runtime,
+    search,
     statprune_tucker,
 )
 
@@ -23,5 +24,6 @@ PAGES = {
     "peers": peers,
     "rlprune": rlprune,
     "runtime": runtime,
+    "search": search,
     "statprune_tucker": statprune_tucker,
 }
