@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         UnknownNameError,
         WriteError,
     )
+    from netshrink.executors import Executor, get_executor
     from netshrink.export import export_onnx, export_pt2
     from netshrink.fileio import atomic_write, cache_dir
     from netshrink.layer_search import search
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
     )
     from netshrink.metrics import wilson_interval
     from netshrink.models import load_model, reference_model
+    from netshrink.modules import INT8_INPUT_TYPES
     from netshrink.pipeline import CompressionResult, accuracy, compress, save
     from netshrink.recipe import Recipe, Step, step
     from netshrink.registry.hookspecs import hookimpl
@@ -85,6 +87,7 @@ if TYPE_CHECKING:
     from netshrink.version import __version__
 
 __all__ = [
+    "INT8_INPUT_TYPES",
     "ArrayDataset",
     "ArtifactError",
     "Capabilities",
@@ -102,6 +105,7 @@ __all__ = [
     "Encoding",
     "EncodingError",
     "EncodingTable",
+    "Executor",
     "ExportError",
     "FinetuneConfig",
     "LayerOption",
@@ -137,6 +141,7 @@ __all__ = [
     "evaluate",
     "export_onnx",
     "export_pt2",
+    "get_executor",
     "hookimpl",
     "last_linear",
     "load",
@@ -200,7 +205,9 @@ _EXPORTS: dict[str, str] = {
     "hookimpl": "netshrink.registry.hookspecs",
     **dict.fromkeys(["LayerRow", "Report"], "netshrink.report"),
     "LayerSelector": "netshrink.selector",
+    "INT8_INPUT_TYPES": "netshrink.modules",
     **dict.fromkeys(["export_onnx", "export_pt2"], "netshrink.export"),
+    **dict.fromkeys(["Executor", "get_executor"], "netshrink.executors"),
     "search": "netshrink.layer_search",
     "resident_bytes": "netshrink.runtime",
     "wilson_interval": "netshrink.metrics",

@@ -388,10 +388,14 @@ def _print_memory(path: Path) -> None:
               help="MACs budget of the searched layers (solved with scipy's MILP).")
 @click.option("--method", "methods", multiple=True,
               help="Compressors to consider (repeat; default: every one that offers options).")
-@click.option("--executor", type=click.Choice(["local", "process"]), default="local",
-              show_default=True, help="Where the sensitivity scan runs.")
+@click.option("--executor", default="local", show_default=True,
+              help="Where the sensitivity scan runs: local, process (a process pool), ray "
+              "(pip install 'netshrink[ray]'), or a plugin's executor.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Process-pool workers (--executor process).")
+              help="Workers: process-pool size, or Ray tasks in flight.")
+@click.option("--address", default=None,
+              help="Ray cluster (--executor ray): HEAD:6379, 'auto' or ray://HEAD:10001; "
+              "default $RAY_ADDRESS, else a local Ray.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fine-tune epochs after the chosen settings are applied.")
 @click.option("--pareto", "pareto_budgets", multiple=True,
@@ -400,15 +404,18 @@ def _print_memory(path: Path) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out",
               show_default=True, help="Folder for the artifact, its recipe and tables.")
 def search(model: str, data: str, budget: str, max_drop: float | None, max_macs: int | None,
-           methods: tuple[str, ...], executor: str, workers: int | None, finetune_epochs: int,
-           pareto_budgets: tuple[str, ...], seed: int, out_dir: str) -> None:
+           methods: tuple[str, ...], executor: str, workers: int | None, address: str | None,
+           finetune_epochs: int, pareto_budgets: tuple[str, ...], seed: int,
+           out_dir: str) -> None:
     """Search per-layer settings across methods under a size BUDGET (docs/search.md): write
     the artifact, a recipe that reproduces it byte for byte, and the tables."""
 
+    from netshrink.executors import get_executor
     from netshrink.layer_search import run_command
 
+    run = get_executor(executor, workers, address=address)
     lines = run_command(model, data, budget, out_dir=out_dir, max_drop=max_drop,
-                        max_macs=max_macs, methods=methods or None, executor=executor,
+                        max_macs=max_macs, methods=methods or None, executor=run,
                         workers=workers, finetune_epochs=finetune_epochs, seed=seed,
                         pareto_budgets=pareto_budgets)
     for line in lines:

@@ -60,6 +60,83 @@ register_module_type(nn.AvgPool2d, ("kernel_size", "stride", "padding", "ceil_mo
 register_module_type(nn.AdaptiveAvgPool2d, ("output_size",))
 
 
+#: The uint8 grid of quantized activations (asymmetric, one scale and zero point per tensor).
+ACT_QMIN, ACT_QMAX = 0, 255
+
+
+def quantize_input(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to the uint8 grid ``(q - zero_point) * scale`` (static activation
+    quantization, simulated in float).
+
+    Computes exactly what ONNX's ``QuantizeLinear`` then ``DequantizeLinear`` compute
+    (``x / scale`` rounded half to even, plus the zero point, saturated to 0..255); while
+    torch exports to ONNX it is written as that pair, so onnxruntime sees a Q/DQ graph.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.float(), zero_point.to(torch.int32), ACT_QMIN, ACT_QMAX
+        )
+    zp = zero_point.to(x.dtype)
+    q = torch.clamp(torch.round(x / scale.to(x.dtype)) + zp, ACT_QMIN, ACT_QMAX)
+    return (q - zp) * scale.to(x.dtype)
+
+
+class _Int8Input:
+    """Mixin of the ``Int8Input*`` layers: uint8 grids (scalar buffers, fp32 scale and uint8
+    zero point) for the layer's input (``act_scale``, ``act_zero_point``) and output
+    (``out_scale``, ``out_zero_point``), and a forward that puts both on their grids.
+
+    The output grid is what lets an int8 runtime keep the result in int8 (onnxruntime fuses
+    ``DequantizeLinear -> Conv -> QuantizeLinear`` into ``QLinearConv``)."""
+
+    def _init_act(self, device: Any) -> None:
+        for side in ("act", "out"):
+            self.register_buffer(f"{side}_scale", torch.ones((), dtype=torch.float32,
+                                                             device=device))
+            self.register_buffer(f"{side}_zero_point", torch.zeros((), dtype=torch.uint8,
+                                                                   device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(quantize_input(x, self.act_scale, self.act_zero_point))
+        return quantize_input(y, self.out_scale, self.out_zero_point)
+
+
+class Int8InputLinear(_Int8Input, nn.Linear):
+    """``nn.Linear`` whose input is statically quantized to uint8 (W8A8 / W4A8)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_act(device)
+
+
+def _int8_input_conv(base: type[nn.Module]) -> type[nn.Module]:
+    def __init__(self, *args: Any, device: Any = None, **kwargs: Any) -> None:
+        base.__init__(self, *args, device=device, **kwargs)
+        self._init_act(device)
+
+    doc = f"``nn.{base.__name__}`` whose input is statically quantized to uint8 (W8A8 / W4A8)."
+    return type(f"Int8Input{base.__name__}", (_Int8Input, base),
+                {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+Int8InputConv1d = _int8_input_conv(nn.Conv1d)
+Int8InputConv2d = _int8_input_conv(nn.Conv2d)
+Int8InputConv3d = _int8_input_conv(nn.Conv3d)
+
+#: Float layer class -> its ``Int8Input`` counterpart (same constructor, same tensors plus
+#: ``act_scale`` and ``act_zero_point``).
+INT8_INPUT_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: Int8InputLinear,
+    nn.Conv1d: Int8InputConv1d,
+    nn.Conv2d: Int8InputConv2d,
+    nn.Conv3d: Int8InputConv3d,
+}
+register_module_type(Int8InputLinear, ("in_features", "out_features", "bias"))
+for _cls in (Int8InputConv1d, Int8InputConv2d, Int8InputConv3d):
+    register_module_type(_cls, _CONV)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, _SIMPLE):
         return value

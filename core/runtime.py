@@ -23,6 +23,12 @@ encoded tensor to a dense fp32 tensor, keeps each in its stored form:
   decodes them on the fly each time the module reads the tensor (a ``torch.nn.utils.parametrize``
   parametrization): memory stays packed, and the dense tensor exists only during that forward.
 - Dense-encoded tensors (biases, norms, layers no step touched) are dense, as stored.
+- **Layers with int8 inputs** (``Int8InputLinear`` / ``Int8InputConv*``, from ``quantize``
+  with ``activations: int8``) keep their own forward, which puts the input and the output on
+  the stored uint8 grids, and their encoded weights decode on the fly as above (never through
+  the Linear kernels: a kernel sums in another order, and an output on a rounding boundary of
+  the grid would move a whole step). Their outputs equal the dense load's exactly; the int8
+  speed-up is onnxruntime's, through the ONNX export (docs/export.md).
 
 Outputs match the dense decode up to float rounding (the kernels sum in another order): within
 :data:`PACKED_RTOL` of the output's magnitude, checked for every encoding kind and every

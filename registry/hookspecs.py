@@ -41,5 +41,13 @@ def register_datasets(register: Callable[..., None]) -> None:
 
 
 @hookspec
+def register_executors(register: Callable[..., None]) -> None:
+    """Register executors: ``register("ray", factory, description="...")``, where
+    ``factory(workers=None, address=None)`` returns an object with ``name`` and
+    ``map(fn, items)`` (``local`` and ``process`` are built in and cannot be registered).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add sub-commands to the ``netshrink`` click group ``cli``."""

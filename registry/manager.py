@@ -51,12 +51,16 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "netshrink.plugins.rlprune",
     "netshrink.plugins.sigmaprune",
     "netshrink.plugins.joint",
+    "netshrink.plugins.ray_executor",
 )
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 # A dataset name may end in ':' to claim a spec prefix (``imagefolder:`` serves any
 # ``imagefolder:PATH``), the way model adapters own ``zoo:``, ``timm:``, ...
 _DATASET_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*:?$")
+# The executors netshrink.executors builds in (it sits above the registry, so it cannot be
+# imported here to ask); a plugin registering one of these names would be shadowed.
+_BUILTIN_EXECUTORS = ("local", "process")
 
 pm = pluggy.PluginManager("netshrink")
 pm.add_hookspecs(hookspecs)
@@ -259,6 +263,20 @@ def _register_selector(add):
     return register
 
 
+def _register_executor(add):
+    def register(name: str, factory: Callable[..., Any], description: str = "") -> None:
+        if not callable(factory):
+            raise NetshrinkError(f"register_executors: factory for {name!r} is not callable")
+        if name in _BUILTIN_EXECUTORS:
+            raise DuplicateNameError(
+                f"register_executors: {name!r} is a built-in executor of netshrink "
+                f"({', '.join(_BUILTIN_EXECUTORS)}); register yours under another name"
+            )
+        add(name, factory, description)
+
+    return register
+
+
 def compressors() -> dict[str, Entry]:
     """All registered compressors by name."""
     return _collect("register_compressors", _register_compressor)
@@ -277,6 +295,12 @@ def datasets() -> dict[str, Entry]:
 def selector_presets() -> dict[str, Entry]:
     """All registered layer-selector presets by name."""
     return _collect("register_layer_selectors", _register_selector)
+
+
+def executors() -> dict[str, Entry]:
+    """All executors registered by plugins, by name (``local`` and ``process`` are built in:
+    :func:`netshrink.executors.get_executor` resolves every name)."""
+    return _collect("register_executors", _register_executor)
 
 
 def _get(kind: str, table: dict[str, Entry], name: str) -> Any:
@@ -327,6 +351,7 @@ def list_plugins() -> list[PluginInfo]:
         "model adapters": model_adapters(),
         "datasets": datasets(),
         "selectors": selector_presets(),
+        "executors": executors(),
     }
     builtin_names = {m.rsplit(".", 1)[-1] for m in DEFAULT_PLUGINS}
     infos = []

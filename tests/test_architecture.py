@@ -26,13 +26,13 @@ LAYERS: list[set[str]] = [
     {"report", "report_render", "export"},  # reads what the pipeline built; exports it
     {"context"},  # what a compressor receives (it can size the artifact)
     {"artifact", "manifest"},  # builds and reads the artifact; the manifest's schema
-    {"models", "datasets", "recipe"},  # specs and steps resolved through the registry
+    {"models", "datasets", "recipe", "executors"},  # resolved through the registry
     {"registry"},
     {"training", "lowrank"},
     {"compressor"},
     {"runtime"},  # the packed run-time form of encodings
     {"selector", "adapters", "data", "encodings", "modules", "metrics"},  # contracts
-    {"checkedfile", "config", "errors", "executors", "fileio", "progress", "version"},
+    {"checkedfile", "config", "errors", "fileio", "progress", "version"},
 ]
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

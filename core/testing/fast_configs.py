@@ -31,6 +31,8 @@ BUILTIN_OPTION_CONFIGS: dict[str, list[dict[str, Any]]] = {
         {"bits": 4, "rounding": "gptq", "calibration_batches": 2, "calibration_batch_size": 16},
         {"bits": 4, "group_size": 16, "symmetric": False, "rounding": "gptq",
          "calibration_batches": 2, "calibration_batch_size": 16},
+        # Static int8 activations (W8A8), calibrated on one batch.
+        {"bits": 8, "activations": "int8", "calibration_batches": 1},
     ],
 }
 

@@ -9,6 +9,7 @@ best. The perturbation is regenerated from a stored seed, so it costs no storage
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from netshrink import (
@@ -24,6 +25,7 @@ from netshrink.plugins.bioclust.finetune import finetune_centroids
 from netshrink.plugins.bioclust.kmeans import Clustering, kmeans1d
 from netshrink.plugins.bioclust.search import (
     Candidate,
+    CandidateScorer,
     SearchResult,
     Target,
     cluster_targets,
@@ -68,8 +70,14 @@ class Bioclust(Compressor):
     def compress(self, model, layers, ctx: CompressionContext) -> StepResult:
         cfg = self.config
         targets = cluster_targets(model, layers, ctx, cfg, self.config_for)
+        evaluate_many = None
+        if cfg.executor != "local":
+            loader = ctx.loader("val", batch_size=256, shuffle=False, limit=cfg.eval_limit)
+            scorer = CandidateScorer(model, targets, cfg.distribution, loader, ctx.device)
+            evaluate_many = functools.partial(_executor(cfg.executor, cfg.workers).map, scorer)
         search = population_search(
-            targets, ctx, cfg, lambda: ctx.evaluate(model, "val", limit=cfg.eval_limit))
+            targets, ctx, cfg, lambda: ctx.evaluate(model, "val", limit=cfg.eval_limit),
+            evaluate_many)
         self.last_search = search
         chosen = search.chosen
         assert chosen is not None
@@ -127,6 +135,13 @@ class Bioclust(Compressor):
         if finetune_info is not None:
             summary["centroid_finetune"] = finetune_info
         return summary
+
+
+def _executor(name: str, workers: int | None) -> Any:
+    """The executor ``name`` (imported here: only a search that fans out needs it)."""
+    from netshrink import get_executor
+
+    return get_executor(name, workers)
 
 
 @hookimpl

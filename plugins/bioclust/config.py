@@ -67,6 +67,14 @@ class BioclustConfig(CompressorConfig):
     eval_limit: int | None = Field(
         None, ge=1, description="Evaluate candidates on only the first N validation examples "
         "(faster, noisier selection); None: the whole split.")
+    executor: str = Field(
+        "local", description="Where a generation's candidates are evaluated: 'local' (here, "
+        "one by one), 'process' (a pool of local processes), 'ray' (Ray tasks, on a cluster "
+        "when RAY_ADDRESS is set; pip install 'netshrink[ray]'), or a plugin's executor. The "
+        "result is the same for every executor.")
+    workers: int | None = Field(
+        None, ge=1, description="Candidates evaluated at once by the executor (default: its "
+        "own).")
     centroid_epochs: int = Field(
         0, ge=0, le=100,
         description="Epochs of centroid fine-tuning after selection (Deep Compression's "

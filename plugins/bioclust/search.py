@@ -17,7 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from netshrink import Codebook, CompressionContext, Encoding, EncodingError, Sparse, encode_values
+from netshrink import (
+    Codebook,
+    CompressionContext,
+    Encoding,
+    EncodingError,
+    Sparse,
+    encode_values,
+    evaluate,
+)
 from netshrink.plugins.bioclust.config import BioclustConfig
 from netshrink.plugins.bioclust.kmeans import Clustering, kmeans1d
 
@@ -206,11 +214,37 @@ def _mutate(parent: Candidate, cfg: BioclustConfig, gen: torch.Generator, target
     return Candidate(seeds, scales, generation=generation, index=index, parent=parent.index)
 
 
+class CandidateScorer:
+    """Validation accuracy of the model with a candidate's reconstruction written into it.
+
+    It holds the model, the targets (whose parameters are the model's own) and the validation
+    loader, no closure, so an executor can pickle it to worker processes or Ray workers; each
+    rebuilds the candidate's weights from its seeds with the same codebook code and measures
+    the same accuracy as here.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[Target], distribution: str,
+                 loader: torch.utils.data.DataLoader, device: torch.device) -> None:
+        self.model, self.targets, self.distribution = model, targets, distribution
+        self.loader, self.device = loader, device
+
+    def __call__(self, cand: Candidate) -> float:
+        """The accuracy of the model rebuilt with ``cand``."""
+        apply(self.targets, cand, self.distribution)
+        return evaluate(self.model, self.loader, self.device)
+
+
 def population_search(targets: list[Target], ctx: CompressionContext, cfg: BioclustConfig,
-                      evaluate: Callable[[], float]) -> SearchResult:
+                      evaluate: Callable[[], float],
+                      evaluate_many: Callable[[list[Candidate]], list[float]] | None = None,
+                      ) -> SearchResult:
     """Evaluate the unperturbed reconstruction and ``population`` random ones (per
     generation, mutating the best after the first) with ``evaluate()`` (validation accuracy
-    of the model as the targets currently hold it); choose the best."""
+    of the model as the targets currently hold it); choose the best.
+
+    With ``evaluate_many`` (an executor's ``map`` over a :class:`CandidateScorer`), each
+    generation's candidates are evaluated together instead; candidates are drawn from the
+    generator before any is evaluated, so the search is the same."""
     dist = cfg.distribution
     plain = Candidate([None] * len(targets), [0.0] * len(targets), generation=0, index=-1)
     apply(targets, plain, dist)
@@ -222,10 +256,14 @@ def population_search(targets: list[Target], ctx: CompressionContext, cfg: Biocl
     gen = ctx.generator(offset=2)
     population = [_random_candidate(targets, cfg, gen, i) for i in range(cfg.population)]
     for g in range(1, cfg.generations + 1):
-        for cand in ctx.progress(population, desc=f"candidates (generation {g}/{cfg.generations})",
-                                 total=len(population)):
-            apply(targets, cand, dist)
-            cand.val_acc = evaluate()
+        desc = f"candidates (generation {g}/{cfg.generations})"
+        if evaluate_many is not None:
+            for cand, acc in zip(population, evaluate_many(population), strict=True):
+                cand.val_acc = float(acc)
+        for cand in ctx.progress(population, desc=desc, total=len(population)):
+            if evaluate_many is None:
+                apply(targets, cand, dist)
+                cand.val_acc = evaluate()
         result.candidates += population
         if g < cfg.generations:
             ranked = sorted(result.candidates, key=lambda c: -c.val_acc)

@@ -19,7 +19,11 @@ from netshrink import (
     model_tensors,
 )
 from netshrink.plugins.normsparse.config import NormSparseConfig
-from netshrink.plugins.normsparse.removal import encode_kernel_sparse, remove_dead_units
+from netshrink.plugins.normsparse.removal import (
+    check_traceable,
+    encode_kernel_sparse,
+    remove_dead_units,
+)
 from netshrink.plugins.normsparse.reparam import Reparam, attach, dead_mask, fold
 from netshrink.plugins.normsparse.train import Constraints, l1_train
 
@@ -64,6 +68,7 @@ class NormSparse(Compressor):
                     "weights, so run it before quantizing/clustering steps"
                 )
         ctx.require_data()
+        check_traceable(model, ctx)
         params_before = {n: sum(p.numel() for p in m.parameters()) for n, m in layers}
         model_params_before = sum(p.numel() for p in model.parameters())
         reference_acc = ctx.evaluate(model, "val")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from netshrink import CompressionContext, Dense, Sparse
+from netshrink import CompressionContext, Dense, SelectionError, Sparse
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -39,6 +39,27 @@ def _coupled_ok(
         if not all(bool(dead[int(i)]) for i in idxs):
             return False
     return True
+
+
+def check_traceable(model: nn.Module, ctx: CompressionContext) -> None:
+    """Refuse, before any training, a model Torch-Pruning cannot trace: the physical removal
+    after training would fail there (e.g. GPT-2's concatenations). Raises
+    :class:`SelectionError` naming the error; ``model`` keeps its mode."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        tp.DependencyGraph().build_dependency(
+            model, example_inputs=ctx.example_input(), verbose=False)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise SelectionError(
+            f"normsparse refused before training: Torch-Pruning cannot trace this model to "
+            f"remove dead units ({type(exc).__name__}: {first}); select layers of a traceable "
+            "model, or use an unstructured method (magnitude, sigmaprune)") from None
+    finally:
+        model.train(was_training)
 
 
 def remove_dead_units(

@@ -1,7 +1,8 @@
 """``quantize``: uniform post-training quantization of weights to 2-8 bits (per tensor, per
 channel or per group of input columns, symmetric or asymmetric), stored as packed integer codes
 (Jacob et al. 2018, https://arxiv.org/abs/1712.05877); optional clipping search and GPTQ
-rounding on calibration data (Frantar et al. 2022, https://arxiv.org/abs/2210.17323).
+rounding on calibration data (Frantar et al. 2022, https://arxiv.org/abs/2210.17323); optional
+static int8 activations (W8A8 / W4A8) calibrated on the validation split (``activations.py``).
 Composes with pruning: zeros stay unstored."""
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ from netshrink import (
     hookimpl,
 )
 
+from .activations import (
+    calibrate,
+    fold_batchnorm,
+    following_batchnorms,
+    quantizable,
+    with_int8_input,
+)
 from .gptq import gptq_codes, hessians, unsupported
 from .options import layer_options as _search_options
 
@@ -61,10 +69,13 @@ class QuantizeConfig(CompressorConfig):
         "Needs data.",
     )
     calibration_batches: int = Field(
-        4, ge=1, le=1024, description="Validation batches whose layer inputs GPTQ uses."
+        4, ge=1, le=1024,
+        description="Validation batches whose layer inputs GPTQ and the activation observers "
+        "use.",
     )
     calibration_batch_size: int = Field(
-        64, ge=1, le=4096, description="Examples per calibration batch (rounding: gptq)."
+        64, ge=1, le=4096,
+        description="Examples per calibration batch (rounding: gptq, activations: int8).",
     )
     damp: float = Field(
         0.01,
@@ -73,6 +84,30 @@ class QuantizeConfig(CompressorConfig):
         description="GPTQ damping: added to the Hessian's diagonal, as a fraction of its mean.",
     )
     bias_fp16: bool = Field(True, description="Store biases as float16 instead of float32.")
+    activations: Literal["none", "int8"] = Field(
+        "none",
+        description="'none' (weights only), or 'int8': static uint8 quantization of each "
+        "selected layer's input and output (one scale and zero point per tensor each, "
+        "calibrated on the validation split; 10 stored bytes per layer; W8A8 with bits 8, "
+        "W4A8 with bits 4). A BatchNorm right after such a layer is folded into it. Needs data.",
+    )
+    observer: Literal["minmax", "percentile", "mse"] = Field(
+        "minmax",
+        description="Activation range (activations: int8): 'minmax' (what calibration saw), "
+        "'percentile' (activation_percentile), or 'mse' (the clipping ratio in 0.5..1.0 with "
+        "the smallest squared error).",
+    )
+    activation_percentile: float = Field(
+        99.99, gt=50, le=100,
+        description="Upper percentile of the inputs for observer: percentile (the lower one is "
+        "100 minus it).",
+    )
+    activation_skip_first: int = Field(
+        1, ge=0, le=2**20,
+        description="The first this many selected layers (in model order) keep float inputs "
+        "(the model's input, e.g. raw pixels, is the least robust to int8). The classifier "
+        "head is left alone by the selector's protect_head.",
+    )
 
 
 class Quantize(Compressor):
@@ -95,6 +130,10 @@ class Quantize(Compressor):
     def compress(self, model, layers, ctx) -> StepResult:
         cfg = self.config
         layers = list(layers)
+        act_layers, folded = [], {}
+        if cfg.activations == "int8":
+            ctx.require_data()
+            layers, act_layers, folded = self._fold(model, layers, ctx)
         calib = {}
         if cfg.rounding == "gptq":
             ctx.require_data()
@@ -128,7 +167,45 @@ class Quantize(Compressor):
             if cfg.rounding == "gptq":
                 details["rounding"] = "gptq" if lname in calib else "nearest"
             records.append(LayerRecord(lname, details))
+        if act_layers:
+            self._quantize_inputs(model, act_layers, folded, records, ctx)
         return StepResult(model, records)
+
+    def _fold(self, model, layers, ctx):
+        """The layers whose inputs become int8 (all selected but the first
+        ``activation_skip_first`` and those that cannot), with the BatchNorms after them folded
+        in: ``(layers refreshed, names, {layer: batchnorm})``."""
+        act = []
+        for lname, module in layers[self.config.activation_skip_first:]:
+            why = quantizable(module)
+            if why is None:
+                act.append(lname)
+            else:
+                ctx.logger.warning("quantize: layer %s keeps float inputs: %s", lname, why)
+        folded = following_batchnorms(model, act)
+        for lname, bn in folded.items():
+            fold_batchnorm(model, lname, bn)
+        return [(n, model.get_submodule(n)) for n, _ in layers], act, folded
+
+    def _quantize_inputs(self, model, names, folded, records, ctx) -> None:
+        """Calibrate the input and output grids of each of ``names`` and swap in its
+        Int8Input layer."""
+        cfg = self.config
+        loader = ctx.loader("val", batch_size=cfg.calibration_batch_size, shuffle=False)
+        grids = calibrate(
+            model, {n: model.get_submodule(n) for n in names}, loader,
+            cfg.calibration_batches, ctx.device, cfg.observer, cfg.activation_percentile,
+        )
+        by_name = {r.name: r for r in records}
+        for name in names:
+            grid_in, grid_out = grids[name]
+            with_int8_input(model, name, grid_in, grid_out)
+            details = by_name[name].details
+            details.update(act_bits=8, act_scale=round(grid_in[0], 8),
+                           act_zero_point=grid_in[1], out_scale=round(grid_out[0], 8),
+                           out_zero_point=grid_out[1])
+            if name in folded:
+                details["folded_batchnorm"] = folded[name]
 
     def _encode(self, weight, previous, h, layer: str):
         """The weight's encoding: nearest codes on the configured grid, or GPTQ codes on the

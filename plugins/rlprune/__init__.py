@@ -11,10 +11,11 @@ Torch-Pruning is offered as an option.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -32,9 +33,9 @@ from netshrink.plugins.rlprune.ddpg import DDPG
 from netshrink.plugins.rlprune.env import (
     STATE_DIM,
     BudgetModel,
+    EpisodeScorer,
     RewardFn,
     WeightPruner,
-    channel_reward,
     describe_layers,
     link_channel_sources,
     magnitude_prior,
@@ -42,10 +43,11 @@ from netshrink.plugins.rlprune.env import (
     static_features,
     weight_counts,
 )
+from netshrink.plugins.rlprune.preflight import check_channel_surgery
 from netshrink.plugins.rlprune.search import EpisodeCallback, SearchSettings, run_search
 
 # Knobs that do not change the search result: they stay out of the checkpoint key.
-_NOT_IN_KEY = {"checkpoint", "resume"}
+_NOT_IN_KEY = {"checkpoint", "resume", "executor", "workers", "time_limit"}
 
 
 class RLPruneConfig(CompressorConfig):
@@ -59,6 +61,11 @@ class RLPruneConfig(CompressorConfig):
         "weight", description="'weight': unstructured magnitude pruning per layer, stored "
         "sparse (the paper). 'channel': lowest-L1 output channels removed through Torch-Pruning "
         "(physically smaller layers).")
+    time_limit: float = Field(
+        300.0, gt=0, description="Channel granularity: seconds the check before the search may "
+        "take (Torch-Pruning's trace, and copies pruned at target_sparsity and max_ratio run "
+        "once); past it, or if "
+        "either fails, the step is refused naming the module or op, before any episode.")
     episodes: int = Field(
         100, ge=1, le=100_000, description="Search episodes (one policy rollout each).")
     warmup: int = Field(
@@ -93,6 +100,14 @@ class RLPruneConfig(CompressorConfig):
     buffer_size: int = Field(2000, ge=1, description="Replay buffer capacity (transitions).")
     baseline_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="Rate of the moving-average reward baseline.")
+    executor: str = Field(
+        "local", description="Where episodes are scored: 'local' (here, one by one), "
+        "'process' (a pool of local processes), 'ray' (Ray tasks, on a cluster when "
+        "RAY_ADDRESS is set; pip install 'netshrink[ray]'), or a plugin's executor. The "
+        "warm-up episodes, whose actions depend on no reward, are scored together; the result "
+        "is the same for every executor.")
+    workers: int | None = Field(
+        None, ge=1, description="Episodes scored at once by the executor (default: its own).")
     checkpoint: str | None = Field(
         None, description="Checkpoint file of the search (safetensors). Default: "
         "<cache_dir>/rlprune/<digest of model, config, layers, seed>.safetensors.")
@@ -163,11 +178,18 @@ class RLPrune(Compressor):
         cfg = self.config
         data = ctx.require_data()
         n = min(cfg.reward_samples, len(data.val))
-        x, y = (t[:n].to(ctx.device) for t in data.val.tensors)
+        # A TensorDataset's raw tensors; any other split (an ArrayDataset, which normalises
+        # as it fetches) through the data's own loader, which gives what the model sees.
+        tensors = getattr(data.val, "tensors", None)
+        x, y = tensors[:2] if tensors is not None else data.batch("val", n)
+        x, y = x[:n].to(ctx.device), y[:n].to(ctx.device)
         infos = describe_layers(model, layers, x)
         channel = cfg.granularity == "channel"
         if channel:
-            link_channel_sources(model, infos, x)
+            # The ratios the search ends near (the target) and the largest it may pick.
+            check_channel_surgery(model, [li.name for li in infos],
+                                  [cfg.target_sparsity, cfg.max_ratio], x,
+                                  cfg.time_limit, lambda: link_channel_sources(model, infos, x))
         try:
             budget = BudgetModel(infos, cfg.target_sparsity, cfg.min_ratio, cfg.max_ratio, channel)
         except ValueError as exc:
@@ -175,16 +197,11 @@ class RLPrune(Compressor):
         names = [li.name for li in infos]
         key = search_key(model, cfg.model_dump(exclude=_NOT_IN_KEY), names, ctx.seed, (x, y))
         path = self.checkpoint_path(key)
-        reward = RewardFn(x, y)
         target_count = round(cfg.target_sparsity * budget.total)
-        pruner = None if channel else WeightPruner(infos)
-        out_channels = [li.out_channels for li in infos]
-
-        def score(ratios: list[float]) -> tuple[float, float]:
-            if pruner is None:
-                return channel_reward(model, names, ratios, out_channels, x, reward)
-            pruner.apply(weight_counts(ratios, budget.params, target_count))
-            return reward(model)
+        score = EpisodeScorer(model, infos, budget, target_count, x, RewardFn(x, y), channel)
+        score_batch = None
+        if cfg.executor != "local":
+            score_batch = functools.partial(_executor(cfg.executor, cfg.workers).map, score)
 
         agent = DDPG(STATE_DIM, hidden=cfg.hidden, lr_actor=cfg.lr_actor, lr_critic=cfg.lr_critic,
                      tau=cfg.tau, discount=cfg.discount, batch_size=cfg.batch_size,
@@ -201,10 +218,10 @@ class RLPrune(Compressor):
             state = run_search(static_features(infos), budget, agent, ctx.generator(offset=17),
                                settings, score, path=path, key=key, resume=cfg.resume,
                                desc="search", progress=ctx.progress,
-                               on_episode=self.on_episode, log=ctx.logger.info)
+                               on_episode=self.on_episode, log=ctx.logger.info,
+                               score_batch=score_batch)
         finally:
-            if pruner is not None:
-                pruner.restore()
+            score.restore()
         ctx.logger.info("rlprune: %d episodes, best reward %.4f (episode %d), search %.1fs",
                         state.episode, state.best_reward, state.best_episode, state.search_time_s)
         ratios = state.best_ratios or []
@@ -247,6 +264,13 @@ class RLPrune(Compressor):
                 "ratio": round(ratio, 6), "channels_before": c, "channels_after": k,
                 "sparsity": round(1 - after / li.params, 6), "params_after": after}))
         return records
+
+
+def _executor(name: str, workers: int | None) -> Any:
+    """The executor ``name`` (imported here: only a search that fans out needs it)."""
+    from netshrink import get_executor
+
+    return get_executor(name, workers)
 
 
 __all__ = ["RLPrune", "RLPruneConfig"]

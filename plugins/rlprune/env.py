@@ -282,3 +282,37 @@ def channel_reward(model: nn.Module, names: list[str], ratios: list[float], orig
     work = copy.deepcopy(model)
     prune_channels(work, names, ratios, originals, example)
     return reward(work)
+
+
+class EpisodeScorer:
+    """Scores an episode's ratios: ``(accuracy, loss)`` of the model pruned with them.
+
+    Weight granularity prunes the live model in place from the kept original weights (undo
+    with :meth:`restore`); channel granularity prunes a copy. An instance holds the model as a
+    module and tensors (no closure), so an executor can pickle it to worker processes or Ray
+    workers, each of which scores its own copy; the results are the same as here.
+    """
+
+    def __init__(self, model: nn.Module, infos: list[LayerInfo], budget: BudgetModel,
+                 target_count: int, x: torch.Tensor, reward: RewardFn, channel: bool) -> None:
+        self.model = model
+        self.names = [li.name for li in infos]
+        self.out_channels = [li.out_channels for li in infos]
+        self.params = list(budget.params)
+        self.target_count = target_count
+        self.x = x
+        self.reward = reward
+        self.pruner = None if channel else WeightPruner(infos)
+
+    def __call__(self, ratios: list[float]) -> tuple[float, float]:
+        """``(accuracy, mean cross-entropy)`` of the model pruned with ``ratios``."""
+        if self.pruner is None:
+            return channel_reward(self.model, self.names, ratios, self.out_channels, self.x,
+                                  self.reward)
+        self.pruner.apply(weight_counts(ratios, self.params, self.target_count))
+        return self.reward(self.model)
+
+    def restore(self) -> None:
+        """Put the live model's original weights back (weight granularity)."""
+        if self.pruner is not None:
+            self.pruner.restore()

@@ -64,6 +64,8 @@ def layer_state(static: torch.Tensor, budget: BudgetModel, prefix: list[float]) 
 
 
 Rollout = tuple[list[float], list[torch.Tensor], list[float]]
+BatchScore = Callable[[list[list[float]]], list[tuple[float, float]]]
+"""Scores several episodes' ratios at once (an executor's ``map`` over the scorer)."""
 
 
 def rollout(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator: torch.Generator,
@@ -129,10 +131,17 @@ def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator
                *, path: Path | None, key: str, resume: bool, desc: str,
                progress: Callable[[Iterable[int], str, int], Iterable[int]],
                on_episode: EpisodeCallback | None = None,
-               log: Callable[[str], None] | None = None) -> SearchState:
+               log: Callable[[str], None] | None = None,
+               score_batch: BatchScore | None = None) -> SearchState:
     """Search the per-layer ratios. ``score(ratios)`` returns ``(accuracy, loss)`` on the
     reward subset. With ``path`` the search checkpoints after every episode and, when
-    ``resume``, continues from a checkpoint of the same search."""
+    ``resume``, continues from a checkpoint of the same search.
+
+    With ``score_batch`` (an executor's ``map`` over the scorer), the warm-up episodes still
+    to run are rolled out first, in order, and scored together; their actions do not depend
+    on any reward and the agent does not learn during warm-up, so every episode, the agent
+    and the checkpoints are the same as scoring them one by one. Later episodes depend on the
+    previous episode's learning and are scored one at a time."""
     state = SearchState()
     if path is not None and resume:
         loaded = checkpoint.load(path, key)
@@ -149,15 +158,21 @@ def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator
         with one_thread():
             clone_policy(agent, static, budget, settings.prior)
     episodes = range(state.episode, settings.episodes)
+    ahead: dict[int, tuple[Rollout, tuple[float, float], torch.Tensor]] = {}
     for episode in progress(episodes, desc, len(episodes)):
         warm = episode < settings.warmup
-        sigma = settings.noise * settings.noise_decay ** max(episode - settings.warmup, 0)
-        if settings.prior is not None and episode == 0:
-            sigma = 0.0  # the prior itself is the first candidate
-        with one_thread():
-            ratios, states, actions = rollout(static, budget, agent, generator, warm, sigma,
-                                              settings.prior)
-        acc, loss = score(ratios)
+        sigma = _sigma(settings, episode)
+        if warm and score_batch is not None and episode not in ahead:
+            ahead = _score_warmup(range(episode, settings.warmup), static, budget, agent,
+                                  generator, settings, score_batch)
+        rng: torch.Tensor | None = None
+        if episode in ahead:
+            (ratios, states, actions), (acc, loss), rng = ahead.pop(episode)
+        else:
+            with one_thread():
+                ratios, states, actions = rollout(static, budget, agent, generator, warm, sigma,
+                                                  settings.prior)
+            acc, loss = score(ratios)
         reward = acc if settings.reward == "accuracy" else -loss
         # AMC: every step of the episode gets the episode's reward; the last one is terminal.
         with one_thread():
@@ -177,7 +192,34 @@ def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator
         state.search_time_s = time.perf_counter() - started
         if path is not None:
             saved = {"search": asdict(state) | {"resumed_from": None}, "agent": agent.scalars()}
-            checkpoint.save(path, key, agent.tensors() | {"rng": generator.get_state()}, saved)
+            # A batched warm-up episode saves the generator as it was after its own rollout.
+            rng_state = generator.get_state() if rng is None else rng
+            checkpoint.save(path, key, agent.tensors() | {"rng": rng_state}, saved)
         if on_episode is not None:
             on_episode(episode, reward, state.best_reward)
     return state
+
+
+def _sigma(settings: SearchSettings, episode: int) -> float:
+    """The exploration noise std of ``episode`` (0 for the prior's own episode)."""
+    if settings.prior is not None and episode == 0:
+        return 0.0  # the prior itself is the first candidate
+    return settings.noise * settings.noise_decay ** max(episode - settings.warmup, 0)
+
+
+def _score_warmup(episodes: range, static: torch.Tensor, budget: BudgetModel, agent: DDPG,
+                  generator: torch.Generator, settings: SearchSettings,
+                  score_batch: BatchScore) -> dict[int, tuple[Rollout, tuple[float, float],
+                                                               torch.Tensor]]:
+    """Roll out the warm-up ``episodes`` in order (keeping the generator's state after each,
+    for its checkpoint) and score them in one batch: episode -> (rollout, score, rng)."""
+    rollouts: list[Rollout] = []
+    states: list[torch.Tensor] = []
+    with one_thread():
+        for episode in episodes:
+            rollouts.append(rollout(static, budget, agent, generator, True,
+                                    _sigma(settings, episode), settings.prior))
+            states.append(generator.get_state())
+    scores = score_batch([r[0] for r in rollouts])
+    return {e: (r, (float(a), float(b)), g)
+            for e, r, (a, b), g in zip(episodes, rollouts, scores, states, strict=True)}

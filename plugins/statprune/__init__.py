@@ -11,10 +11,10 @@ BatchNorm, residual adds, concatenations and depthwise groups consistent.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
@@ -24,11 +24,13 @@ from netshrink import (
     CompressorConfig,
     LayerRecord,
     NetshrinkError,
+    SelectionError,
     StepResult,
     hookimpl,
     last_linear,
 )
 from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
+from netshrink.plugins.statprune.guard import Deadline, deadline, describe_module, failing_module
 from netshrink.plugins.statprune.stats import (
     Feature,
     filter_features,
@@ -69,7 +71,11 @@ class StatPruneConfig(CompressorConfig):
         "clusters the averaged statistics of all tied selected layers and prunes them together; "
         "'skip' leaves such channels alone.")
     verify: bool = Field(
-        True, description="Run one forward pass after pruning and fail clearly if it breaks.")
+        True, description="Run one forward pass after pruning; if it breaks, the step is refused "
+        "naming the module that fails (the model is left unchanged).")
+    time_limit: float = Field(
+        600.0, gt=0, description="Seconds the Torch-Pruning trace and surgery may take; past it "
+        "the step is refused, naming what was being done (the model is left unchanged).")
 
     @field_validator("features")
     @classmethod
@@ -100,24 +106,51 @@ class StatPrune(Compressor):
     config: StatPruneConfig
 
     def compress(self, model, layers, ctx) -> StepResult:
+        """Prune ``model`` in place under :attr:`StatPruneConfig.time_limit`; a trace that
+        fails, a pruned model that no longer runs, or the time running out refuses the step
+        (:class:`SelectionError` naming the module or op) and puts ``model`` back as it was."""
+        backup = copy.deepcopy(model)
+        try:
+            with deadline(self.config.time_limit) as limit:
+                return self._surgery(model, layers, ctx, limit)
+        except TimeoutError as exc:
+            _restore(model, backup)
+            raise SelectionError(
+                f"statprune refused {_model_name(model, ctx)} (left unchanged): {exc}; "
+                "Torch-Pruning cannot handle this graph in time: raise 'time_limit' or exclude "
+                "those layers from 'select'") from None
+        except _Refusal as exc:
+            _restore(model, backup)
+            raise SelectionError(
+                f"statprune refused {_model_name(model, ctx)} (left unchanged): {exc}") from None
+
+    def _surgery(self, model, layers, ctx, limit: Deadline) -> StepResult:
+        """Trace, cluster and prune ``layers`` of ``model`` (a copy) in place."""
         cfg = self.config
         head_name = (ctx.info.head if ctx.info else None) or last_linear(model)
         head = model.get_submodule(head_name) if head_name else None
         names = {id(m): n for n, m in model.named_modules()}
         selected = {id(m) for _, m in layers}
         params_before = sum(p.numel() for p in model.parameters())
-        dg = build_graph(model, ctx.example_input(1))
+        limit.doing = "Torch-Pruning traced the model"
+        try:
+            dg = build_graph(model, ctx.example_input(1))
+        except NetshrinkError as exc:
+            raise _Refusal(str(exc)) from exc
         records: dict[str, LayerRecord] = {}
         done: set[int] = set()
         for index, (lname, module) in enumerate(ctx.progress(layers, desc="cluster + prune")):
             if id(module) in done:
                 continue
+            limit.doing = f"Torch-Pruning grouped and pruned the channels of {lname}"
+            limit.check()
             rec = LayerRecord(lname)
             records[lname] = rec
             rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done))
             for other in rec.details.get("coupled_with", []):
                 records.setdefault(other, LayerRecord(other, {"pruned_with": lname}))
         if cfg.verify:
+            limit.doing = "the pruned model ran once"
             _verify(model, ctx)
         params_after = sum(p.numel() for p in model.parameters())
         pruned = [r for r in records.values() if r.details.get("removed")]
@@ -196,20 +229,33 @@ def _joint_features(info: GroupInfo, selected: set[int],
     return np.mean(tables, 0), np.mean(strengths, 0)
 
 
+class _Refusal(Exception):
+    """Torch-Pruning cannot handle this model (raised on the copy; becomes a refusal)."""
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put ``model`` back to ``backup`` (its copy from before the surgery), in place."""
+    model.__dict__.clear()
+    model.__dict__.update(backup.__dict__)
+
+
+def _model_name(model: nn.Module, ctx) -> str:
+    spec = ctx.info.spec if ctx.info is not None and ctx.info.spec else ""
+    return spec or type(model).__name__
+
+
 def _verify(model: nn.Module, ctx) -> None:
-    """One forward pass in eval mode; a broken graph becomes a clear error."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(ctx.example_input(1))
-    except Exception as exc:
-        raise NetshrinkError(
-            f"statprune: the pruned model no longer runs ({type(exc).__name__}: {exc}); "
-            "Torch-Pruning missed a dependency in this architecture; exclude the affected layers"
-        ) from exc
-    finally:
-        model.train(was_training)
+    """One forward pass in eval mode; a broken graph becomes a refusal naming the module whose
+    forward fails."""
+    found = failing_module(model, ctx.example_input(1))
+    if found is None:
+        return
+    name, exc = found
+    raise _Refusal(
+        f"the pruned model no longer runs: module {describe_module(model, name)} raised "
+        f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}; "
+        "Torch-Pruning missed a dependency there: exclude that module (and the layers feeding "
+        "it) from 'select'")
 
 
 @hookimpl

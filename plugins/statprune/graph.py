@@ -10,6 +10,11 @@ import torch
 from torch import nn
 
 from netshrink import NetshrinkError
+from netshrink.plugins.statprune.guard import describe_module, failing_module
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 def build_graph(model: nn.Module, example: torch.Tensor):
@@ -24,10 +29,15 @@ def build_graph(model: nn.Module, example: torch.Tensor):
             warnings.simplefilter("ignore")  # TP warns about every unwrapped parameter it finds
             return tp.DependencyGraph().build_dependency(model, example_inputs=example,
                                                          verbose=False)
+    except TimeoutError:
+        raise
     except Exception as exc:  # any tracing failure becomes one clear error
+        where = failing_module(model, example)
+        at = (f" in module {describe_module(model, where[0])}" if where
+              else " (the model runs; the op is one Torch-Pruning does not handle)")
         raise NetshrinkError(
-            f"Torch-Pruning could not trace {type(model).__name__} to find channel dependencies "
-            f"({type(exc).__name__}: {exc}); statprune needs a traceable model"
+            f"Torch-Pruning could not trace {type(model).__name__} to find channel dependencies"
+            f"{at}: {type(exc).__name__}: {_first_line(exc)}; statprune needs a traceable model"
         ) from exc
     finally:
         model.train(was_training)

@@ -1,0 +1,441 @@
+"""The architecture coverage matrix: ``python -m benchmarks.coverage [--quick] [--out PATH]``.
+
+Every registered compressor (its default config, made fast with the built-in fast configs and a
+small data set) and each structural method at a fixed ratio runs on a fixed list of timm,
+torchvision and Hugging Face models: compress, save, load in a fresh process, compare outputs.
+Each cell runs in its own process under a time limit and becomes one table cell:
+``ok 3.2x 4 s``, ``refused: <reason>``, ``FAILED: <error>`` or ``timeout``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Cell states, best first.
+OK, REFUSED, FAILED, TIMEOUT = "ok", "refused", "FAILED", "timeout"
+#: Error classes that mean "this cannot work, said before the model was changed" (validation).
+REFUSAL_ERRORS = ("ConfigError", "RecipeError", "SelectionError", "ModelSpecError", "DataError")
+#: Outputs of the reloaded model must match the compressed model's to this (absolute, on logits
+#: scaled to at most 1): bit-exact decoding gives 0; the slack covers BLAS order in a new process.
+TOLERANCE = 1e-4
+#: Samples per split of the generated data: enough for every method's loop, fast on 2 cores.
+N_TRAIN, N_EVAL = 128, 32
+
+
+@dataclass(frozen=True)
+class Model:
+    """One row: a model spec, its family (for the page) and its input size."""
+
+    spec: str
+    family: str
+    input_size: int = 32
+
+    @property
+    def sequence(self) -> bool:
+        """A transformers model fed token ids (``seq-majority`` data) rather than images."""
+        return self.spec.startswith("hf:")
+
+    @property
+    def cnn(self) -> bool:
+        """A timm convolutional network (the rows the structural-method share counts)."""
+        return self.spec.startswith("timm:") and self.family in CNN_FAMILIES
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column: a compressor and the config the matrix runs it with."""
+
+    column: str
+    compressor: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+CNN_FAMILIES = {"ResNet/RegNet", "MobileNet/EfficientNet/GhostNet", "ConvNeXt", "DenseNet",
+                "DPN/CSP/Res2Net", "RepVGG", "other CNN"}
+
+#: The timm rows (random init, never downloaded), grouped by family.
+TIMM: dict[str, list[str]] = {
+    "ResNet/RegNet": ["resnet18", "resnet50", "resnet10t", "seresnet18", "regnetx_002",
+                      "regnety_002"],
+    "MobileNet/EfficientNet/GhostNet": [
+        "mobilenetv2_050", "mobilenetv3_small_050", "mobilenetv3_large_100", "efficientnet_b0",
+        "efficientnet_lite0", "tinynet_a", "ghostnet_100", "mnasnet_small", "lcnet_050",
+        "mixnet_s", "rexnet_100"],
+    "ConvNeXt": ["convnext_atto", "convnextv2_atto"],
+    "DenseNet": ["densenet121"],
+    "DPN/CSP/Res2Net": ["dpn68", "cspresnet50", "cspdarknet53", "res2net50_14w_8s", "dla34"],
+    "RepVGG": ["repvgg_a0", "mobileone_s0"],
+    "ViT/DeiT": ["vit_tiny_patch16_224", "deit_tiny_patch16_224"],
+    "Swin": ["swin_tiny_patch4_window7_224"],
+    "LeViT": ["levit_128s"],
+    "MobileViT": ["mobilevit_xxs"],
+    "EfficientViT": ["efficientvit_b0", "efficientvit_m0"],
+    "other hybrid": ["edgenext_xx_small", "fastvit_t8"],
+}
+#: Input side per timm model where 32 does not fit its patch or window grid.
+INPUT_SIZE = {"swin_tiny_patch4_window7_224": 224, "levit_128s": 64, "efficientvit_m0": 64,
+              "vit_tiny_patch16_224": 64, "deit_tiny_patch16_224": 64}
+TORCHVISION = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_0",
+               "mnasnet0_5", "efficientnet_b0", "regnet_y_400mf"]
+TRANSFORMERS = ["bert-tiny", "gpt2-tiny", "llama-tiny"]
+QUICK = ["timm:deit_tiny_patch16_224", "hf:gpt2-tiny", "timm:mobilenetv3_small_050",
+         "torchvision:resnet18"]
+
+#: Beyond each compressor's fast config: budgets cut for the matrix (it tests that a method
+#: works on an architecture; the benchmark pages say how well).
+MATRIX_BUDGET: dict[str, dict[str, Any]] = {
+    "normsparse": {"epochs": 1},
+    "bioclust": {"population": 2},
+}
+#: Structural methods at a fixed ratio (a second column each where the default is not one).
+FIXED_RATIO: dict[str, tuple[str, dict[str, Any]]] = {
+    "svd": ("svd @ rank 0.5", {"ratio": 0.5}),
+    "tucker": ("tucker @ rank 0.5", {"method": "ratio", "rank": 0.5}),
+    "statprune": ("statprune @ keep ≥ 0.5", {"min_keep_ratio": 0.5}),
+    "rlprune": ("rlprune channel 0.5", {"granularity": "channel", "target_sparsity": 0.5}),
+}
+
+
+def models(quick: bool = False) -> list[Model]:
+    """The rows: every timm, torchvision and transformers model (``quick``: a small subset)."""
+    rows = [Model(f"timm:{name}", family, INPUT_SIZE.get(name, 32))
+            for family, names in TIMM.items() for name in names]
+    rows += [Model(f"torchvision:{name}", "torchvision") for name in TORCHVISION]
+    rows += [Model(f"hf:{name}", "transformers") for name in TRANSFORMERS]
+    if quick:
+        return sorted((m for m in rows if m.spec in QUICK), key=lambda m: QUICK.index(m.spec))
+    return rows
+
+
+def methods() -> list[Method]:
+    """The columns: every registered compressor's default config (with the built-in fast config
+    and :data:`MATRIX_BUDGET`), then each structural method at a fixed ratio."""
+    from benchmarks.pages.defaults import compressors  # the CLI's JSON listing
+    from netshrink.testing import BUILTIN_FAST_CONFIGS
+
+    cols: list[Method] = []
+    for name in compressors():
+        config = {**BUILTIN_FAST_CONFIGS.get(name, {}), **MATRIX_BUDGET.get(name, {})}
+        cols.append(Method(name, name, config))
+        if name in FIXED_RATIO:
+            column, fixed = FIXED_RATIO[name]
+            cols.append(Method(column, name, {**config, **fixed}))
+    return cols
+
+
+# -- one cell ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """The outcome of one model × method run."""
+
+    model: str
+    method: str
+    status: str
+    ratio: float | None = None
+    seconds: float | None = None
+    reason: str = ""
+
+    def text(self) -> str:
+        """The table cell: ``ok 3.2x 4 s`` / ``refused: why`` / ``FAILED: error`` / ``timeout``."""
+        if self.status == OK:
+            return f"ok {self.ratio:.1f}x {self.seconds:.0f} s"
+        if self.status == TIMEOUT:
+            return TIMEOUT
+        return f"{self.status}: {_short(self.reason)}"
+
+
+def _short(text: str, limit: int = 150) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """``(status, reason)`` for an exception a cell raised: netshrink's validation errors are
+    refusals, anything else (a step failing mid-run, a bare exception) is a failure."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    first = (str(exc).strip().splitlines() or [""])[0]
+    # The model's spec and options are the row already: keep the cell for the error itself.
+    first = re.sub(r" on model [^()]*(\([^()]*\))?: ", ": ", first, count=1)
+    message = f"{type(exc).__name__}: {first}"
+    if "StepError" not in names and names & set(REFUSAL_ERRORS):
+        return REFUSED, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return FAILED, message
+
+
+def make_data(model: Model) -> Any:
+    """Small seeded data fitting ``model``: ``seq:majority`` (the seq-majority task, fewer
+    samples) for transformers, random 3-channel images of its input size otherwise."""
+    import netshrink as ns
+
+    if model.sequence:
+        return ns.datasets.load(
+            f"seq:majority?n_train={N_TRAIN}&n_val={N_EVAL}&n_test={N_EVAL}")
+    gen = torch.Generator().manual_seed(0)
+    side = model.input_size
+
+    def split(n: int) -> ns.ArrayDataset:
+        images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=gen)
+        return ns.ArrayDataset(images, torch.arange(n) % 10, mean=0.5, std=0.25)
+
+    return ns.DataSplits(name=f"random{side}", train=split(N_TRAIN), val=split(N_EVAL),
+                         test=split(N_EVAL), num_classes=10,
+                         extra={"input_shape": (3, side, side)})
+
+
+def run_cell(model: Model, method: Method, workdir: str) -> dict[str, Any]:
+    """Build, compress and save one cell (in its own process); returns the :class:`Cell` fields
+    and, when the artifact was written, where it and the expected outputs are."""
+    import netshrink as ns
+
+    os.environ.setdefault("NETSHRINK_PROGRESS", "0")
+    os.environ["NETSHRINK_CACHE"] = str(Path(workdir) / "cache")  # no resumed searches
+    t0 = time.perf_counter()
+    cell = Cell(model.spec, method.column, FAILED)
+    try:
+        data = make_data(model)
+        net = ns.load_model(model.spec, **data.model_options())
+        result = ns.compress(net, [ns.step(method.compressor, **method.config)], data=data,
+                             seed=0, latency=False)
+        cell.seconds = time.perf_counter() - t0
+        stem = Path(workdir) / _slug(f"{model.spec}-{method.column}")
+        result.save(stem.with_suffix(".nsa"), report=False)
+        x, _ = data.batch("test", 4)
+        with torch.no_grad():
+            expected = result.model.eval()(x)
+        torch.save({"x": x, "y": expected}, stem.with_suffix(".pt"))
+        cell.status, cell.ratio = OK, result.report.compression_ratio
+        return {**asdict(cell), "artifact": str(stem.with_suffix(".nsa"))}
+    except Exception as exc:  # every outcome is a cell of the table
+        cell.status, cell.reason = classify(exc)
+        cell.seconds = time.perf_counter() - t0
+        return asdict(cell)
+
+
+def reload_row(artifacts: list[str]) -> dict[str, Any]:
+    """Load every artifact of one row (in a fresh interpreter: :func:`harness.isolated`) and
+    compare its outputs on the saved inputs; returns artifact -> error message or ''."""
+    import netshrink as ns
+
+    out: dict[str, str] = {}
+    for path in artifacts:
+        try:
+            saved = torch.load(Path(path).with_suffix(".pt"), weights_only=True)
+            model = ns.load(path).eval()
+            with torch.no_grad():
+                got = model(saved["x"])
+            scale = max(float(saved["y"].abs().max()), 1.0)
+            diff = float((got - saved["y"]).abs().max()) / scale
+            out[path] = "" if diff <= TOLERANCE else (
+                f"reloaded outputs differ from the compressed model's by {diff:.2e} (relative)")
+        except Exception as exc:  # a load failure is this cell's finding
+            out[path] = f"reload: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+    return {"errors": out}
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+# -- the matrix --------------------------------------------------------------------------------
+
+
+def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
+    conn.send(fn(*args))
+
+
+def _in_process(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], timeout: float,
+                ctx: Any) -> dict[str, Any] | None:
+    """``fn(*args)`` in a child process of ``ctx``; None if it ran past ``timeout`` (it is
+    killed), ``{"status": FAILED, ...}`` if it died without an answer."""
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc.start()
+    child.close()
+    try:
+        if parent.poll(timeout):
+            return parent.recv()
+        return None
+    except EOFError:
+        proc.join(5)
+        return {"status": FAILED, "reason": f"the cell's process died (exit code {proc.exitcode})"}
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
+def run_matrix(rows: Sequence[Model], cols: Sequence[Method], timeout: float, workdir: Path,
+               log: Callable[[str], None] = lambda s: None,
+               on_row: Callable[[list[Cell]], None] = lambda cells: None) -> list[Cell]:
+    """Every cell in its own process (forked from this one, which has imported netshrink, so a
+    cell costs its own work, not an interpreter start) under ``timeout`` seconds; then each
+    row's artifacts are loaded in a fresh interpreter and compared. ``on_row(cells so far)``
+    is called after each row (the page is rewritten, so a long run shows its progress)."""
+    from benchmarks.harness import isolated
+
+    # fork: the parent only orchestrates (it runs no torch op, so no thread pool is forked).
+    ctx = multiprocessing.get_context("fork")
+    cells: list[Cell] = []
+    for model in rows:
+        row: list[tuple[Cell, str | None]] = []
+        for method in cols:
+            out = _in_process(run_cell, (model, method, str(workdir)), timeout, ctx)
+            if out is None:
+                cell, artifact = Cell(model.spec, method.column, TIMEOUT, seconds=timeout), None
+            else:
+                artifact = out.pop("artifact", None)
+                cell = Cell(**{"model": model.spec, "method": method.column, **out})
+            row.append((cell, artifact))
+            log(f"{model.spec} × {method.column}: {cell.text()}")
+        saved = [a for _, a in row if a]
+        if saved:
+            back = isolated(reload_row, saved, timeout=timeout + 60)
+            errors = back.get("errors") or dict.fromkeys(saved, back.get("error", "reload"))
+            for cell, artifact in row:
+                if artifact and errors.get(artifact):
+                    cell.status, cell.reason = FAILED, errors[artifact]
+                    log(f"{model.spec} × {cell.method}: {cell.text()}")
+        cells += [c for c, _ in row]
+        on_row(cells)
+    return cells
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+
+def render(cells: Sequence[Cell], rows: Sequence[Model], cols: Sequence[Method]) -> list[str]:
+    """The page body: the matrix, the counts per method, and the configs each column ran."""
+    from benchmarks.harness import table
+
+    by = {(c.model, c.method): c for c in cells}
+    lines = ["## Matrix", ""]
+    lines += table(["model", *(m.column for m in cols)],
+                   [[r.spec, *(by[r.spec, m.column].text() if (r.spec, m.column) in by else "—"
+                               for m in cols)] for r in rows])
+    lines += ["## Per method", "",
+              "Counts over the rows above; *timm CNN ok* is the share of timm convolutional "
+              "rows (families ResNet/RegNet to RepVGG) that are ok.", ""]
+    lines += table(["method", "ok", "refused", "FAILED", "timeout", "timm CNN ok"],
+                   [summary(cells, rows, m.column) for m in cols])
+    lines += ["## Configs", "", "Each column ran one step with this config on top of the "
+              "compressor's defaults (seed 0):", ""]
+    lines += table(["column", "compressor", "config"],
+                   [[m.column, m.compressor, f"`{m.config}`" if m.config else "defaults"]
+                    for m in cols])
+    return lines
+
+
+def summary(cells: Sequence[Cell], rows: Sequence[Model], column: str) -> list[Any]:
+    """One row of the per-method table: counts per state and the timm CNN ok share."""
+    mine = [c for c in cells if c.method == column]
+    counts = [sum(c.status == s for c in mine) for s in (OK, REFUSED, FAILED, TIMEOUT)]
+    cnn = {r.spec for r in rows if r.cnn}
+    cnn_cells = [c for c in mine if c.model in cnn]
+    share = (f"{sum(c.status == OK for c in cnn_cells)}/{len(cnn_cells)}" if cnn_cells else "—")
+    return [column, *counts, share]
+
+
+def header(args: argparse.Namespace, rev: str, started: datetime.datetime, wall: float,
+           rows: Sequence[Model], timeout: float) -> list[str]:
+    """The page header: command, commit, machine, what a cell means and the reduced budgets."""
+    command = "python -m benchmarks.coverage" + (" --quick" if args.quick else "")
+    return [
+        "# Architecture coverage matrix", "",
+        f"Produced by `{command}` at commit `{rev}` on {started:%Y-%m-%d %H:%M} UTC"
+        + (" (**quick mode**: a subset of the rows; the full list is "
+           f"{len(models())} models)" if args.quick else "")
+        + f"; every cell below comes from that run ({len(rows)} models).", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
+        f"{platform.python_version()}, torch {torch.__version__}; total wall time "
+        f"{wall / 60:.1f} min.", "",
+        "Each cell is one process: build the model (random init, nothing downloaded), compress "
+        f"it with one step (seed 0), save the artifact; then a fresh interpreter loads every "
+        f"artifact of the row and compares outputs on 4 test inputs (relative difference ≤ "
+        f"{TOLERANCE:g}). Time limit {timeout:.0f} s per cell.", "",
+        "- **ok R x T s**: compressed, saved, reloaded with the same outputs; R is dense fp32 "
+        "bytes / artifact bytes, T the compression wall time.",
+        "- **refused: reason**: a netshrink validation error (config, selection, model spec, "
+        "data) before the model was changed.",
+        "- **FAILED: error**: an error mid-run, or a reload that failed or differed "
+        "(a finding to fix).",
+        "- **timeout**: the cell ran past its time limit and was killed.", "",
+        f"Data: images are {N_TRAIN} train / {N_EVAL} val / {N_EVAL} test random 3-channel "
+        "images at the row's input size (32 unless the model's patch or window grid needs "
+        f"more), 10 classes; transformers use `seq:majority` (the seq-majority task) with "
+        f"{N_TRAIN} / {N_EVAL} / {N_EVAL} samples. **Reduced budgets**: methods that train or "
+        "search run with the built-in fast configs (netshrink.testing.fast_configs) and the "
+        "cuts in the Configs table (normsparse 1 epoch, joint one-shot, rlprune 4 episodes, "
+        "bioclust a population of 2), on that small data: the matrix says whether a method "
+        "works on an architecture, the benchmark pages say how well.",
+    ]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.coverage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only {len(QUICK)} models (a few minutes): checks the page")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md",
+                        help="the page to write (default: docs/coverage.md)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="time limit per cell in seconds (default 300)")
+    parser.add_argument("--models", default="",
+                        help="comma-separated specs to run instead of the fixed list")
+    args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Run the matrix and write the page; returns its path."""
+    from benchmarks.__main__ import commit
+
+    args = parse(argv)
+    rows = models(args.quick)
+    if args.models:
+        known = {m.spec: m for m in models()}
+        rows = [known.get(s, Model(s, "other")) for s in args.models.split(",")]
+    cols = methods()
+    rev, started, t0 = commit(), datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(cells: list[Cell]) -> None:
+        done = [r for r in rows if any(c.model == r.spec for c in cells)]
+        lines = header(args, rev, started, time.perf_counter() - t0, done, args.timeout)
+        if len(done) < len(rows):
+            lines += ["", f"**Partial: {len(done)} of {len(rows)} rows done so far.**"]
+        args.out.write_text("\n".join([*lines, "", *render(cells, done, cols)]).rstrip() + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="coverage-") as tmp:
+        run_matrix(rows, cols, args.timeout, Path(tmp),
+                   log=lambda s: print(s, file=sys.stderr, flush=True), on_row=write)
+    print(f"wrote {args.out}", file=sys.stderr)
+    return args.out
+
+
+if __name__ == "__main__":
+    # Through the imported module, so the cells' processes find run_cell and the dataclasses
+    # under benchmarks.coverage rather than __main__.
+    from benchmarks.coverage import main as _main
+
+    _main()

@@ -1,0 +1,125 @@
+"""Channel mode's check before the search: Torch-Pruning must trace the model, and the model
+pruned at the target and at the largest ratio the search may pick must still run, within a
+time limit.
+
+Refusing here, before any episode, names the module or op; otherwise the search would fail
+after minutes of episodes, or hang inside Torch-Pruning (it walked some timm graphs for
+minutes)."""
+
+from __future__ import annotations
+
+import copy
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from netshrink import SelectionError
+
+
+@contextmanager
+def _time_limit(seconds: float, what: list[str]) -> Iterator[None]:
+    """Raise :class:`TimeoutError` naming ``what[0]`` after ``seconds`` (main thread only:
+    signals reach no other thread, where the check runs without a limit)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(
+            signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"the time limit of {seconds:g} s ran out while {what[0]}")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def failing_module(model: nn.Module, example: torch.Tensor) -> tuple[str, BaseException] | None:
+    """Run ``model`` on ``example`` (eval, no gradients); if it raises, the innermost module
+    whose forward was running (``"(top level)"`` for the model's own code) and the error."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+
+    def enter(module: nn.Module, args: object) -> None:
+        stack.append(names.get(id(module), "?"))
+
+    def leave(module: nn.Module, args: object, out: object) -> None:  # None: output unchanged
+        if stack:
+            stack.pop()
+
+    handles = [h for m in model.modules()
+               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+        return None
+    except Exception as exc:
+        return (stack[-1] if stack and stack[-1] else "(top level)"), exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def _line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
+def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float],
+                          example: torch.Tensor, seconds: float, link) -> None:
+    """Trace ``model`` (``link()``: the search's own use of the dependency graph) and prune a
+    copy of it at each of ``ratios`` on every layer of ``names``; refuse with a
+    :class:`SelectionError` naming the module or op if either fails or takes over
+    ``seconds``. ``model`` is not changed."""
+    what = ["Torch-Pruning traced the model"]
+    from netshrink.plugins.rlprune.env import prune_channels
+
+    try:
+        with _time_limit(seconds, what):
+            try:
+                link()
+            except TimeoutError:
+                raise
+            except Exception as exc:
+                found = failing_module(model, example[:1])
+                at = f" in module {found[0]}" if found else " (an op it does not handle)"
+                raise SelectionError(
+                    f"rlprune channel mode: Torch-Pruning cannot trace the model{at}: "
+                    f"{_line(exc)}; use granularity='weight' or exclude that module") from None
+            found = None
+            for ratio in ratios:
+                what[0] = f"a copy was pruned at ratio {ratio:g} to check it still runs"
+                work = copy.deepcopy(model)
+                modules = dict(work.named_modules())
+                originals = [int(modules[n].weight.shape[0]) for n in names]
+                try:
+                    prune_channels(work, names, [ratio] * len(names), originals, example)
+                except TimeoutError:
+                    raise
+                except Exception as exc:
+                    raise SelectionError(
+                        f"rlprune channel mode: Torch-Pruning failed pruning the model's "
+                        f"channels at ratio {ratio:g}: {_line(exc)}; use granularity='weight' "
+                        "or exclude those layers") from None
+                found = failing_module(work, example[:1])
+                if found is not None:
+                    break
+    except TimeoutError as exc:
+        raise SelectionError(
+            f"rlprune channel mode refused (nothing changed): {exc}; raise 'time_limit', use "
+            "granularity='weight' or select fewer layers") from None
+    if found is not None:
+        raise SelectionError(
+            f"rlprune channel mode refused (nothing changed): the model pruned at "
+            f"ratio {ratio:g} no longer runs: module {found[0]} raised "
+            f"{_line(found[1])}; Torch-Pruning missed a dependency there: exclude that module "
+            "(and the layers feeding it) from 'select', or use granularity='weight'")

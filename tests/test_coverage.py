@@ -1,0 +1,274 @@
+"""The architecture coverage matrix (benchmarks/coverage.py) and statprune's refusals."""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import netshrink as ns
+from benchmarks import coverage as cov
+from netshrink import CompressionContext, LayerSelector, ModelInfo
+from netshrink.plugins.statprune import StatPrune
+from netshrink.plugins.statprune.guard import failing_module
+
+# -- the matrix's lists and records ------------------------------------------------------------
+
+
+def test_rows_cover_the_families_the_issue_names():
+    rows = cov.models()
+    timm = [r for r in rows if r.spec.startswith("timm:")]
+    assert len(timm) >= 30
+    assert len([r for r in rows if r.spec.startswith("torchvision:")]) >= 5
+    assert {r.spec for r in rows if r.sequence} == {"hf:bert-tiny", "hf:gpt2-tiny",
+                                                    "hf:llama-tiny"}
+    names = " ".join(r.spec for r in timm)
+    for part in ("resnet", "regnet", "mobilenet", "efficientnet", "ghostnet", "convnext",
+                 "densenet", "dpn", "csp", "res2net", "repvgg", "vit_", "deit", "swin", "levit",
+                 "mobilevit", "efficientvit"):
+        assert part in names, part
+    assert len({r.spec for r in rows}) == len(rows)  # no row twice
+    quick = cov.models(quick=True)
+    assert {r.spec for r in quick} == set(cov.QUICK) and len(quick) < len(rows)
+
+
+def test_columns_are_every_registered_compressor_and_the_fixed_ratios():
+    from netshrink.registry import manager
+
+    cols = cov.methods()
+    assert {c.compressor for c in cols} == set(manager.compressors())
+    assert {c.column for c in cols} >= set(manager.compressors())
+    fixed = {c.column: c for c in cols if c.column != c.compressor}
+    assert fixed["rlprune channel 0.5"].config["granularity"] == "channel"
+    # Budgets cut for the matrix sit on top of the fast configs, and say so on the page.
+    normsparse = next(c for c in cols if c.column == "normsparse")
+    assert normsparse.config["epochs"] == 1
+
+
+@pytest.mark.parametrize("cell, text", [
+    (cov.Cell("m", "x", cov.OK, ratio=3.24, seconds=4.4), "ok 3.2x 4 s"),
+    (cov.Cell("m", "x", cov.TIMEOUT, seconds=300), "timeout"),
+    (cov.Cell("m", "x", cov.REFUSED, reason="no Linear layer"), "refused: no Linear layer"),
+    (cov.Cell("m", "x", cov.FAILED, reason="StepError: boom\nmore"),
+     "FAILED: StepError: boom more"),
+])
+def test_cell_text(cell, text):
+    assert cell.text() == text
+
+
+def test_long_reasons_are_cut():
+    text = cov.Cell("m", "x", cov.REFUSED, reason="y" * 500).text()
+    assert len(text) < 200 and text.endswith("…")
+
+
+@pytest.mark.parametrize("exc, status", [
+    (ns.SelectionError("selected no layers"), cov.REFUSED),
+    (ns.ModelSpecError("cannot be built"), cov.REFUSED),
+    (ns.RecipeError("needs data"), cov.REFUSED),
+    (ns.DataError("does not fit"), cov.REFUSED),
+    (ns.StepError("step 0 failed"), cov.FAILED),
+    (ns.NetshrinkError("mid-run"), cov.FAILED),
+    (RuntimeError("a bare error"), cov.FAILED),
+])
+def test_classify(exc, status):
+    got, reason = cov.classify(exc)
+    assert got == status and reason
+
+
+def _rows() -> list[cov.Model]:
+    return [cov.Model("timm:a", "ResNet/RegNet"), cov.Model("timm:v", "ViT/DeiT"),
+            cov.Model("hf:t", "transformers")]
+
+
+def test_summary_counts_and_cnn_share():
+    rows = _rows()
+    cells = [cov.Cell("timm:a", "m", cov.OK, 2.0, 1.0), cov.Cell("timm:v", "m", cov.REFUSED),
+             cov.Cell("hf:t", "m", cov.TIMEOUT), cov.Cell("timm:a", "n", cov.FAILED)]
+    assert cov.summary(cells, rows, "m") == ["m", 1, 1, 0, 1, "1/1"]
+    assert cov.summary(cells, rows, "n") == ["n", 0, 0, 1, 0, "0/1"]
+
+
+def test_render_has_every_row_and_column():
+    rows, cols = _rows(), [cov.Method("m", "magnitude"), cov.Method("q", "quantize", {"bits": 4})]
+    cells = [cov.Cell(r.spec, c.column, cov.OK, 1.5, 2.0) for r in rows for c in cols][:-1]
+    text = "\n".join(cov.render(cells, rows, cols))
+    assert "| model | m | q |" in text
+    for r in rows:
+        assert f"| {r.spec} |" in text
+    assert text.count("ok 1.5x 2 s") == 5 and "| — |" in text  # the missing cell is shown
+    assert "`{'bits': 4}`" in text
+
+
+def _sleep(seconds: float) -> dict:
+    time.sleep(seconds)
+    return {"status": cov.OK}
+
+
+def _die() -> dict:
+    import os
+
+    os._exit(3)
+
+
+def test_a_cell_past_its_limit_is_killed_and_a_dead_one_reported():
+    ctx = multiprocessing.get_context("fork")
+    t0 = time.perf_counter()
+    assert cov._in_process(_sleep, (30,), 0.5, ctx) is None
+    assert time.perf_counter() - t0 < 10
+    assert cov._in_process(_sleep, (0,), 10, ctx) == {"status": cov.OK}
+    died = cov._in_process(_die, (), 10, ctx)
+    assert died["status"] == cov.FAILED and "exit code 3" in died["reason"]
+
+
+def test_command_line_is_checked():
+    assert cov.parse(["--quick"]).quick
+    with pytest.raises(SystemExit):
+        cov.parse(["--timeout", "0"])
+
+
+# -- statprune: refusals instead of half-pruned models or hangs --------------------------------
+
+
+class HardCoded(nn.Module):
+    """conv(16) -> a per-channel scale held in a buffer of fixed size 16 (Torch-Pruning does not
+    prune buffers, so the pruned model no longer runs) -> conv -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.scale = Scale(16)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.scale(torch.relu(self.conv1(x)))
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+class Scale(nn.Module):
+    """Multiply channel c by a fixed factor (a buffer)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("factor", torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x):
+        return x * self.factor.view(1, -1, 1, 1)
+
+
+def _statprune(model: nn.Module, config: dict) -> None:
+    info = ModelInfo("test", input_shape=(1, 8, 8), num_classes=10, head="fc")
+    ctx = CompressionContext(info=info, seed=0, step_name="statprune")
+    layers = LayerSelector().resolve(model, head="fc", default_types=["Conv2d"])
+    StatPrune(config).compress(model, layers, ctx)
+
+
+def _spread_filters(model: nn.Module) -> None:
+    """Make half of conv1's filters clearly weak, so statprune removes some."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.conv1.weight[8:] *= 0.01
+
+
+def test_statprune_refuses_naming_the_module_that_no_longer_runs():
+    model = HardCoded()
+    _spread_filters(model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ns.SelectionError, match=r"scale \(Scale\)") as err:
+        _statprune(model, {"features": ["var", "l2"], "min_keep_ratio": 0.25})
+    assert "no longer runs" in str(err.value) and "left unchanged" in str(err.value)
+    after = model.state_dict()  # put back as it was: same tensors, same shapes
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_statprune_time_limit_refuses_and_leaves_the_model():
+    model = HardCoded()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ns.SelectionError, match="time limit of 1e-06 s ran out while"):
+        _statprune(model, {"time_limit": 1e-6})
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_statprune_time_limit_is_validated():
+    with pytest.raises(ValueError, match="time_limit"):
+        StatPrune({"time_limit": 0})
+
+
+def test_failing_module_names_the_innermost_module():
+    model = HardCoded()
+    assert failing_module(model, torch.zeros(1, 1, 8, 8)) is None
+    model.scale.factor = torch.ones(3)
+    name, exc = failing_module(model, torch.zeros(1, 1, 8, 8))
+    assert name == "scale" and isinstance(exc, RuntimeError)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# -- the matrix itself, end to end (minutes) ---------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timm
+def test_matrix_over_two_small_models_has_no_failure(tmp_path):
+    pytest.importorskip("timm")
+    rows = [cov.Model("timm:resnet18", "ResNet/RegNet"), cov.Model("hf:gpt2-tiny", "transformers")]
+    cells = cov.run_matrix(rows, cov.methods(), timeout=300, workdir=tmp_path)
+    assert len(cells) == len(rows) * len(cov.methods())
+    bad = [f"{c.model} × {c.method}: {c.text()}" for c in cells
+           if c.status not in (cov.OK, cov.REFUSED)]
+    assert not bad, "\n".join(bad)
+    assert any(c.status == cov.OK for c in cells)
+
+
+def _tiny_data() -> ns.DataSplits:
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> ns.ArrayDataset:
+        return ns.ArrayDataset(torch.randn(n, 1, 8, 8, generator=gen), torch.arange(n) % 10)
+
+    return ns.DataSplits(name="tiny8", train=split(32), val=split(32), test=split(16),
+                         num_classes=10)
+
+
+def test_rlprune_channel_mode_refuses_before_the_search():
+    model = HardCoded()
+    before = copy.deepcopy(model.state_dict())
+    step = ns.step("rlprune", granularity="channel", target_sparsity=0.5, episodes=2, warmup=1,
+                   hidden=16, batch_size=8)
+    # Checked at the target (0.5) first: 8 channels meet the scale's fixed 16.
+    with pytest.raises(ns.SelectionError,
+                       match=r"pruned at ratio 0.5 no longer runs: module scale raised") as err:
+        ns.compress(model, [step], data=_tiny_data(), latency=False)
+    assert "episode" not in str(err.value)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_rlprune_channel_time_limit_refuses():
+    step = ns.step("rlprune", granularity="channel", target_sparsity=0.5, episodes=2, warmup=1,
+                   hidden=16, batch_size=8, time_limit=1e-6)
+    with pytest.raises(ns.SelectionError, match="time limit of 1e-06 s ran out while"):
+        ns.compress(HardCoded(), [step], data=_tiny_data(), latency=False)
+
+
+def test_statprune_refusal_reaches_the_user_through_compress():
+    model = HardCoded()
+    _spread_filters(model)
+    step = ns.step("statprune", features=["var", "l2"])
+    with pytest.raises(ns.SelectionError, match=r"statprune refused .*scale \(Scale\)"):
+        ns.compress(model, [step], data=_tiny_data(), latency=False)
+
+
+def test_normsparse_refuses_an_untraceable_model_before_training():
+    pytest.importorskip("transformers")
+    model_row = cov.Model("hf:gpt2-tiny", "transformers")
+    data = cov.make_data(model_row)
+    model = ns.load_model(model_row.spec, **data.model_options())
+    t0 = time.perf_counter()
+    with pytest.raises(ns.SelectionError, match="normsparse refused before training"):
+        ns.compress(model, [ns.step("normsparse", epochs=1)], data=data, latency=False)
+    assert time.perf_counter() - t0 < 30  # no epoch ran
