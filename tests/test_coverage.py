@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import netshrink as ns
-from benchmarks import coverage as cov
 from netshrink import CompressionContext, LayerSelector, ModelInfo
 from netshrink.plugins.statprune import StatPrune
 from netshrink.plugins.statprune.guard import failing_module
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ lives at the repository root, not in the install
+    sys.path.insert(0, str(ROOT))
+from benchmarks import coverage as cov  # noqa: E402
 
 # -- the matrix's lists and records ------------------------------------------------------------
 
