@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     )
     from netshrink.metrics import wilson_interval
     from netshrink.models import load_model, reference_model
-    from netshrink.modules import INT8_INPUT_TYPES
+    from netshrink.modules import INT8_INPUT_TYPES, failing_module
     from netshrink.pipeline import CompressionResult, accuracy, compress, save
     from netshrink.recipe import Recipe, Step, step
     from netshrink.registry.hookspecs import hookimpl
@@ -141,6 +141,7 @@ __all__ = [
     "evaluate",
     "export_onnx",
     "export_pt2",
+    "failing_module",
     "get_executor",
     "hookimpl",
     "last_linear",
@@ -205,7 +206,7 @@ _EXPORTS: dict[str, str] = {
     "hookimpl": "netshrink.registry.hookspecs",
     **dict.fromkeys(["LayerRow", "Report"], "netshrink.report"),
     "LayerSelector": "netshrink.selector",
-    "INT8_INPUT_TYPES": "netshrink.modules",
+    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module"], "netshrink.modules"),
     **dict.fromkeys(["export_onnx", "export_pt2"], "netshrink.export"),
     **dict.fromkeys(["Executor", "get_executor"], "netshrink.executors"),
     "search": "netshrink.layer_search",

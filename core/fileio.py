@@ -167,6 +167,20 @@ def _settle(tmp: Path, fd: int | None = None) -> None:
     os.chmod(tmp, _default_mode())
 
 
+@contextlib.contextmanager
+def _staged(path: Path, tmp: Path) -> Iterator[None]:
+    """Writing ``tmp`` for ``path``: on any failure the temp file is removed, and an OSError
+    becomes a :class:`WriteError` naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class FileGroup:
     """Files replaced together: each is written under a temp name next to its target, and
     only once all are written are they renamed into place, in the order they were added.
@@ -189,17 +203,10 @@ class FileGroup:
         path = Path(path)
         payload = data.encode() if isinstance(data, str) else data
         fd, tmp = _reserve(path)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                _settle(tmp, fh.fileno())
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _write_error(path, exc) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with _staged(path, tmp), os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            _settle(tmp, fh.fileno())
         self._steps.append((tmp, path))
 
     def write_with(self, path: str | Path, writer: Callable[[Path], object]) -> None:
@@ -209,15 +216,9 @@ class FileGroup:
         path = Path(path)
         fd, tmp = _reserve(path)
         os.close(fd)
-        try:
+        with _staged(path, tmp):
             writer(tmp)
             _settle(tmp)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise _write_error(path, exc) from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         self._steps.append((tmp, path))
 
     def remove(self, path: str | Path) -> None:

@@ -433,3 +433,34 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
     else:
         raise ArtifactError(f"model has no parameter or buffer {name!r}")
+
+
+def failing_module(
+    model: nn.Module, example: torch.Tensor
+) -> tuple[str, BaseException] | None:
+    """Run ``model`` on ``example`` (eval mode, no gradients); if it raises, the name of the
+    innermost module whose forward was running (``"(top level)"`` if none) and the error."""
+    names = {id(m): n for n, m in model.named_modules()}
+    stack: list[str] = []
+
+    def enter(module: nn.Module, args: object) -> None:
+        stack.append(names.get(id(module), "?"))
+
+    def leave(module: nn.Module, args: object, out: object) -> None:
+        if stack:
+            stack.pop()
+
+    handles = [h for m in model.modules()
+               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+        return None
+    except Exception as exc:
+        return (stack[-1] if stack and stack[-1] else "(top level)"), exc
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)

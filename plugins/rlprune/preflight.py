@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from netshrink import SelectionError
+from netshrink import SelectionError, failing_module
 
 
 @contextmanager
@@ -39,35 +39,6 @@ def _time_limit(seconds: float, what: list[str]) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def failing_module(model: nn.Module, example: torch.Tensor) -> tuple[str, BaseException] | None:
-    """Run ``model`` on ``example`` (eval, no gradients); if it raises, the innermost module
-    whose forward was running (``"(top level)"`` for the model's own code) and the error."""
-    names = {id(m): n for n, m in model.named_modules()}
-    stack: list[str] = []
-
-    def enter(module: nn.Module, args: object) -> None:
-        stack.append(names.get(id(module), "?"))
-
-    def leave(module: nn.Module, args: object, out: object) -> None:  # None: output unchanged
-        if stack:
-            stack.pop()
-
-    handles = [h for m in model.modules()
-               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-        return None
-    except Exception as exc:
-        return (stack[-1] if stack and stack[-1] else "(top level)"), exc
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 def _line(exc: BaseException) -> str:

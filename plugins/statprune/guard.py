@@ -14,8 +14,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import nn
+
+from netshrink import failing_module
+
+__all__ = ["Deadline", "deadline", "describe_module", "failing_module"]
 
 
 class Deadline:
@@ -59,37 +62,6 @@ def deadline(seconds: float) -> Iterator[Deadline]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def failing_module(model: nn.Module, example: torch.Tensor) -> tuple[str, BaseException] | None:
-    """Run ``model`` on ``example`` (eval mode, no gradients); if it raises, the name of the
-    innermost module whose forward was running (``"(top level)"`` if none) and the error."""
-    names = {id(m): n for n, m in model.named_modules()}
-    stack: list[str] = []
-    culprit: list[str] = []
-
-    def enter(module: nn.Module, args: object) -> None:
-        stack.append(names.get(id(module), "?"))
-
-    def leave(module: nn.Module, args: object, out: object) -> None:
-        if stack:
-            stack.pop()
-
-    handles = [h for m in model.modules()
-               for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(example)
-        return None
-    except Exception as exc:
-        culprit.append(stack[-1] if stack and stack[-1] else "(top level)")
-        return culprit[0], exc
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 def describe_module(model: nn.Module, name: str) -> str:
