@@ -314,10 +314,17 @@ def simple_attrs(module: nn.Module) -> dict[str, Any]:
     return out
 
 
+def _own(module: nn.Module) -> set[str]:
+    """Names of a module's own parameters and buffers (a layer that gained a bias differs)."""
+    return {n for n, _ in module.named_parameters(recurse=False)} | {
+        n for n, _ in module.named_buffers(recurse=False)}
+
+
 def diff(base: nn.Module, model: nn.Module) -> list[dict[str, Any]]:
     """Edits that turn ``base`` (rebuilt from its spec) into ``model``'s architecture:
     ``{"op": "set", "path", "attrs"}`` for changed simple attributes (e.g. ``out_channels``
-    after channel pruning) and ``{"op": "replace", "path", "module"}`` for swapped modules."""
+    after channel pruning) and ``{"op": "replace", "path", "module"}`` for swapped modules and
+    for modules whose own parameters changed (a BatchNorm folded into a layer without bias)."""
     base_modules = dict(base.named_modules())
     edits: list[dict[str, Any]] = []
     replaced: list[str] = []
@@ -327,7 +334,7 @@ def diff(base: nn.Module, model: nn.Module) -> list[dict[str, Any]]:
             continue
         seen.add(name)
         old = base_modules.get(name)
-        if old is None or type(old) is not type(module):
+        if old is None or type(old) is not type(module) or _own(old) != _own(module):
             if name == "":
                 raise ArtifactError("the model's root module was replaced; cannot describe it")
             edits.append({"op": "replace", "path": name, "module": describe(module)})

@@ -19,6 +19,7 @@ from netshrink.plugins.quantize.activations import (
     fake_quant,
     fold_batchnorm,
     following_batchnorms,
+    following_relus,
     scale_zero_point,
 )
 from netshrink.runtime import PACKED_RTOL
@@ -170,6 +171,36 @@ def test_compress_folds_batchnorm_and_records_it(digits, tmp_path):
         assert torch.equal(ns.load(path)(x), out.eval()(x))
 
 
+def test_relu_after_a_layer_is_found_through_a_folded_batchnorm():
+    model = _with_stats(ConvBN())
+    assert following_relus(model, ["conv1", "conv2", "head"]) == {"conv1"}  # conv2 feeds bn
+    fold_batchnorm(model, "conv2", "bn")  # bn becomes nn.Identity, then the ReLU
+    assert following_relus(model, ["conv1", "conv2", "head"]) == {"conv1", "conv2"}
+
+
+def test_a_first_layer_without_bias_gets_its_batchnorm_folded_and_reloads(digits, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.Flatten(),
+        nn.Linear(6 * 8 * 8, 10))
+    with torch.no_grad():
+        model.train()(torch.randn(16, 1, 8, 8))
+    ns.set_model_info(model.eval(), ns.ModelInfo(spec="", input_shape=(1, 8, 8), head="7"))
+    result = ns.compress(model, _step(), digits)
+    out = result.model
+    # the first layer keeps float inputs, but its BatchNorm is folded (it gains a bias)
+    assert type(out[0]) is nn.Conv2d and out[0].bias is not None
+    assert isinstance(out[1], nn.Identity)
+    assert {r.name: r.details.get("folded_batchnorm") for r in result.report.rows}["0"] == "1"
+    # the output grid of a layer feeding a ReLU starts at 0, so quantizing onto it is the ReLU
+    assert int(out[3].out_zero_point) == 0 and int(out[5].out_zero_point) > 0
+    path = result.save(tmp_path / "first.nsk", report=False)
+    x, _ = _val(digits, 32)
+    with torch.no_grad():
+        assert torch.equal(ns.load(path)(x), out.eval()(x))
+
+
 # -- the compressed model ------------------------------------------------------------------------
 
 
@@ -248,6 +279,11 @@ def test_export_emits_qdq_pairs_and_matches_the_packed_runtime(saved, digits, tm
     graph = onnx.load(str(path)).graph
     quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
     assert len(quantized) == 4  # the inputs and outputs of conv2 and fc1
+    # conv2's and fc1's outputs feed ReLUs: their grids start at 0, and the ReLUs after their
+    # DequantizeLinear are gone (the one after the float conv1 stays)
+    relu_inputs = [n.input[0] for n in graph.node if n.op_type == "Relu"]
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert [producers[i] for i in relu_inputs] == ["Conv"]
     types = {i.name: i.data_type for i in graph.initializer}
     # int8-activation layers' symmetric 8-bit weights: INT8 codes (u8s8 kernels); others UINT8
     assert types["conv2.weight/codes"] == types["fc1.weight/codes"] == onnx.TensorProto.INT8

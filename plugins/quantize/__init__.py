@@ -29,6 +29,7 @@ from .activations import (
     calibrate,
     fold_batchnorm,
     following_batchnorms,
+    following_relus,
     quantizable,
     with_int8_input,
 )
@@ -89,7 +90,8 @@ class QuantizeConfig(CompressorConfig):
         description="'none' (weights only), or 'int8': static uint8 quantization of each "
         "selected layer's input and output (one scale and zero point per tensor each, "
         "calibrated on the validation split; 10 stored bytes per layer; W8A8 with bits 8, "
-        "W4A8 with bits 4). A BatchNorm right after such a layer is folded into it. Needs data.",
+        "W4A8 with bits 4). A BatchNorm right after a selected layer is folded into it. "
+        "Needs data.",
     )
     observer: Literal["minmax", "percentile", "mse"] = Field(
         "minmax",
@@ -166,15 +168,17 @@ class Quantize(Compressor):
                 details["group_size"] = cfg.group_size
             if cfg.rounding == "gptq":
                 details["rounding"] = "gptq" if lname in calib else "nearest"
+            if lname in folded:
+                details["folded_batchnorm"] = folded[lname]
             records.append(LayerRecord(lname, details))
         if act_layers:
-            self._quantize_inputs(model, act_layers, folded, records, ctx)
+            self._quantize_inputs(model, act_layers, records, ctx)
         return StepResult(model, records)
 
     def _fold(self, model, layers, ctx):
         """The layers whose inputs become int8 (all selected but the first
-        ``activation_skip_first`` and those that cannot), with the BatchNorms after them folded
-        in: ``(layers refreshed, names, {layer: batchnorm})``."""
+        ``activation_skip_first`` and those that cannot), with the BatchNorm after every selected
+        layer folded in: ``(layers refreshed, names, {layer: batchnorm})``."""
         act = []
         for lname, module in layers[self.config.activation_skip_first:]:
             why = quantizable(module)
@@ -182,12 +186,14 @@ class Quantize(Compressor):
                 act.append(lname)
             else:
                 ctx.logger.warning("quantize: layer %s keeps float inputs: %s", lname, why)
-        folded = following_batchnorms(model, act)
+        # Every selected layer's BatchNorm is folded (not only the int8 ones): an exported
+        # float layer whose weights come from DequantizeLinear cannot be fused with it later.
+        folded = following_batchnorms(model, [n for n, _ in layers])
         for lname, bn in folded.items():
             fold_batchnorm(model, lname, bn)
         return [(n, model.get_submodule(n)) for n, _ in layers], act, folded
 
-    def _quantize_inputs(self, model, names, folded, records, ctx) -> None:
+    def _quantize_inputs(self, model, names, records, ctx) -> None:
         """Calibrate the input and output grids of each of ``names`` and swap in its
         Int8Input layer."""
         cfg = self.config
@@ -195,6 +201,7 @@ class Quantize(Compressor):
         grids = calibrate(
             model, {n: model.get_submodule(n) for n in names}, loader,
             cfg.calibration_batches, ctx.device, cfg.observer, cfg.activation_percentile,
+            relu_outputs=following_relus(model, names),
         )
         by_name = {r.name: r for r in records}
         for name in names:
@@ -204,8 +211,6 @@ class Quantize(Compressor):
             details.update(act_bits=8, act_scale=round(grid_in[0], 8),
                            act_zero_point=grid_in[1], out_scale=round(grid_out[0], 8),
                            out_zero_point=grid_out[1])
-            if name in folded:
-                details["folded_batchnorm"] = folded[name]
 
     def _encode(self, weight, previous, h, layer: str):
         """The weight's encoding: nearest codes on the configured grid, or GPTQ codes on the

@@ -115,17 +115,24 @@ def calibrate(
     device: torch.device,
     observer: str,
     percentile: float,
+    relu_outputs: Iterable[str] = (),
 ) -> dict[str, tuple[tuple[float, int], tuple[float, int]]]:
     """The input and output grids ``((scale, zero_point), (scale, zero_point))`` of each
-    layer, observed on the first ``limit`` batches of ``batches`` (one forward pass each)."""
+    layer, observed on the first ``limit`` batches of ``batches`` (one forward pass each).
+
+    The output grid of a layer named in ``relu_outputs`` (its output feeds only a ReLU) is
+    calibrated on the ReLU's output, so its zero point is 0: quantizing onto it is the ReLU
+    itself, and no code is spent on values the ReLU discards."""
     seen_in = {name: RangeObserver() for name in layers}
     seen_out = {name: RangeObserver() for name in layers}
+    relu = set(relu_outputs)
     handles = []
     for name, module in layers.items():
         handles.append(module.register_forward_pre_hook(
             lambda _m, args, o=seen_in[name]: o.update(args[0])))
         handles.append(module.register_forward_hook(
-            lambda _m, _args, out, o=seen_out[name]: o.update(out)))
+            lambda _m, _args, out, o=seen_out[name], r=name in relu:
+            o.update(out.clamp_min(0) if r else out)))
     was_training = model.training
     model.eval()
     seen = 0
@@ -179,6 +186,44 @@ def following_batchnorms(model: nn.Module, names: Iterable[str]) -> dict[str, st
         if user.op == "call_module" and isinstance(modules.get(user.target), _BN):
             pairs[node.target] = user.target
     return pairs
+
+
+#: What a layer's output may pass through on its way to a ReLU without changing its values.
+_PASS_THROUGH = (nn.Identity, nn.Dropout)
+_RELU_FUNCTIONS = (torch.relu, torch.nn.functional.relu, torch.relu_)
+
+
+def _is_relu(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def following_relus(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """The layers of ``names`` whose output feeds only a ReLU (through ``nn.Identity`` or
+    ``nn.Dropout`` at most, as a folded BatchNorm leaves), found by ``torch.fx``; none for a
+    model fx cannot trace."""
+    wanted = set(names)
+    modules = dict(model.named_modules())
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # the grids then cover negative outputs too, which is still exact
+        return set()
+    found = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in wanted:
+            continue
+        user = node
+        while len(user.users) == 1:
+            user = next(iter(user.users))
+            if user.op == "call_module" and isinstance(modules.get(user.target), _PASS_THROUGH):
+                continue
+            if _is_relu(user, modules):
+                found.add(node.target)
+            break
+    return found
 
 
 def fold_batchnorm(model: nn.Module, layer_name: str, bn_name: str) -> nn.Module:

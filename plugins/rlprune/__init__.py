@@ -7,11 +7,17 @@ the fully connected layers. The agent follows AMC (He et al.
 layer, actions clipped so the global target is met, reward from validation accuracy, the best
 episode's ratios applied. The paper prunes weights (unstructured); channel pruning through
 Torch-Pruning is offered as an option.
+
+``agent`` swaps the DDPG agent for a random search or a (μ+λ) evolutionary search with the same
+action space, the same clipping to the target, the same scorer and the same number of
+evaluations (``episodes``), so the agent can be judged against them; every agent's per-episode
+rewards and best-so-far curve are in the step summary (``episode_rewards``, ``best_rewards``).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +34,7 @@ from netshrink import (
     cache_dir,
     hookimpl,
 )
+from netshrink.plugins.rlprune.baselines import BaselineSettings, run_baseline
 from netshrink.plugins.rlprune.checkpoint import search_key
 from netshrink.plugins.rlprune.ddpg import DDPG
 from netshrink.plugins.rlprune.env import (
@@ -44,7 +51,12 @@ from netshrink.plugins.rlprune.env import (
     weight_counts,
 )
 from netshrink.plugins.rlprune.preflight import check_channel_surgery
-from netshrink.plugins.rlprune.search import EpisodeCallback, SearchSettings, run_search
+from netshrink.plugins.rlprune.search import (
+    EpisodeCallback,
+    SearchSettings,
+    SearchState,
+    run_search,
+)
 
 # Knobs that do not change the search result: they stay out of the checkpoint key.
 _NOT_IN_KEY = {"checkpoint", "resume", "executor", "workers", "time_limit"}
@@ -54,72 +66,141 @@ class RLPruneConfig(CompressorConfig):
     """Configuration of :class:`RLPrune`."""
 
     target_sparsity: float = Field(
-        0.8, gt=0.0, lt=1.0,
+        0.8,
+        gt=0.0,
+        lt=1.0,
         description="Fraction of the selected layers' weights to remove in total (met exactly "
-        "in 'weight' granularity; channel granularity meets it under its cost model).")
+        "in 'weight' granularity; channel granularity meets it under its cost model).",
+    )
     granularity: Literal["weight", "channel"] = Field(
-        "weight", description="'weight': unstructured magnitude pruning per layer, stored "
+        "weight",
+        description="'weight': unstructured magnitude pruning per layer, stored "
         "sparse (the paper). 'channel': lowest-L1 output channels removed through Torch-Pruning "
-        "(physically smaller layers).")
+        "(physically smaller layers).",
+    )
     time_limit: float = Field(
-        300.0, gt=0, description="Channel granularity: seconds the check before the search may "
+        300.0,
+        gt=0,
+        description="Channel granularity: seconds the check before the search may "
         "take (Torch-Pruning's trace, and copies pruned at target_sparsity and max_ratio run "
         "once); past it, or if "
-        "either fails, the step is refused naming the module or op, before any episode.")
+        "either fails, the step is refused naming the module or op, before any episode.",
+    )
     episodes: int = Field(
-        100, ge=1, le=100_000, description="Search episodes (one policy rollout each).")
+        100,
+        ge=1,
+        le=100_000,
+        description="Search episodes: evaluated ratio vectors (one "
+        "policy rollout each for 'ddpg'), the budget every agent gets.",
+    )
+    agent: Literal["ddpg", "random", "evolution"] = Field(
+        "ddpg",
+        description="What proposes the ratio vectors. 'ddpg': the paper's (AMC's) "
+        "actor-critic agent. 'random': each episode draws a vector as a DDPG warm-up episode "
+        "does (uniform, or around the prior) and the best is kept. 'evolution': a (μ+λ) "
+        "search, μ = λ = population: the first `population` episodes are random draws, then "
+        "each generation's children are size-2-tournament parents with every ratio moved by "
+        "a truncated Gaussian of std `mutation`, and the best `population` of parents and "
+        "children survive. Every agent clips its vectors to the target the same way, is scored "
+        "the same way and spends `episodes` evaluations; 'random' and 'evolution' ignore the "
+        "DDPG knobs (warmup, noise_decay, hidden, lr_*, tau, discount, batch_size, "
+        "buffer_size, baseline_alpha).",
+    )
+    population: int = Field(
+        6,
+        ge=2,
+        le=10_000,
+        description="agent 'evolution': parents kept (μ) and children per "
+        "generation (λ); the first `population` episodes are the random initial population.",
+    )
+    mutation: float = Field(
+        0.2,
+        gt=0.0,
+        le=10.0,
+        description="agent 'evolution': std of the Gaussian mutation of "
+        "each ratio, as a fraction of the ratio range (max_ratio - min_ratio); the child is "
+        "truncated to the range and clipped to meet the target.",
+    )
     warmup: int = Field(
-        25, ge=0, description="First episodes with uniformly random actions, before the agent "
-        "learns (warmup == episodes is a pure random search).")
+        25,
+        ge=0,
+        description="agent 'ddpg': first episodes with uniformly random actions, "
+        "before the agent learns (warmup == episodes is a pure random search).",
+    )
     min_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Smallest pruning ratio of a layer.")
     max_ratio: float = Field(
-        0.98, gt=0.0, lt=1.0, description="Largest pruning ratio of a layer (1 would delete it).")
+        0.98, gt=0.0, lt=1.0, description="Largest pruning ratio of a layer (1 would delete it)."
+    )
     reward: Literal["accuracy", "loss"] = Field(
-        "accuracy", description="'accuracy': validation accuracy on the reward subset (the "
-        "paper); 'loss': minus its cross-entropy (smoother on small subsets).")
+        "accuracy",
+        description="'accuracy': validation accuracy on the reward subset (the "
+        "paper); 'loss': minus its cross-entropy (smoother on small subsets).",
+    )
     reward_samples: int = Field(
-        512, ge=1, description="Validation examples the reward is measured on (a fixed subset: "
-        "the first N of the val split).")
+        512,
+        ge=1,
+        description="Validation examples the reward is measured on (a fixed subset: "
+        "the first N of the val split).",
+    )
     prior: Literal["none", "magnitude"] = Field(
-        "none", description="'none': warm-up actions are uniformly random (AMC, the paper). "
+        "none",
+        description="'none': warm-up actions are uniformly random (AMC, the paper). "
         "'magnitude': start from global magnitude pruning's per-layer ratios: episode 0 "
-        "evaluates them, warm-up explores around them, the actor is initialised to output them.")
+        "evaluates them, warm-up explores around them, the actor is initialised to output them.",
+    )
     noise: float = Field(
-        0.5, ge=0.0, le=10.0, description="Initial std of the truncated-normal exploration "
-        "noise, as a fraction of the ratio range (AMC: 0.5).")
+        0.5,
+        ge=0.0,
+        le=10.0,
+        description="Initial std of the truncated-normal exploration "
+        "noise, as a fraction of the ratio range (AMC: 0.5).",
+    )
     noise_decay: float = Field(
-        0.95, gt=0.0, le=1.0, description="Noise std multiplier per episode after warm-up.")
+        0.95, gt=0.0, le=1.0, description="Noise std multiplier per episode after warm-up."
+    )
     hidden: int = Field(
-        300, ge=4, le=4096, description="Hidden units of the actor and critic MLPs.")
+        300, ge=4, le=4096, description="Hidden units of the actor and critic MLPs."
+    )
     lr_actor: float = Field(1e-4, gt=0.0, le=1.0, description="Actor learning rate (Adam).")
     lr_critic: float = Field(1e-3, gt=0.0, le=1.0, description="Critic learning rate (Adam).")
     tau: float = Field(0.01, gt=0.0, le=1.0, description="Soft target-update rate.")
     discount: float = Field(
-        1.0, ge=0.0, le=1.0, description="Discount factor of the critic's target.")
+        1.0, ge=0.0, le=1.0, description="Discount factor of the critic's target."
+    )
     batch_size: int = Field(64, ge=1, le=65_536, description="Replay mini-batch size.")
     buffer_size: int = Field(2000, ge=1, description="Replay buffer capacity (transitions).")
     baseline_alpha: float = Field(
-        0.5, ge=0.0, le=1.0, description="Rate of the moving-average reward baseline.")
+        0.5, ge=0.0, le=1.0, description="Rate of the moving-average reward baseline."
+    )
     executor: str = Field(
-        "local", description="Where episodes are scored: 'local' (here, one by one), "
+        "local",
+        description="Where episodes are scored: 'local' (here, one by one), "
         "'process' (a pool of local processes), 'ray' (Ray tasks, on a cluster when "
         "RAY_ADDRESS is set; pip install 'netshrink[ray]'), or a plugin's executor. The "
-        "warm-up episodes, whose actions depend on no reward, are scored together; the result "
-        "is the same for every executor.")
+        "episodes whose ratios depend on no pending reward are scored together (DDPG's "
+        "warm-up, every random-search episode, each evolution generation); the result is the "
+        "same for every executor.",
+    )
     workers: int | None = Field(
-        None, ge=1, description="Episodes scored at once by the executor (default: its own).")
+        None, ge=1, description="Episodes scored at once by the executor (default: its own)."
+    )
     checkpoint: str | None = Field(
-        None, description="Checkpoint file of the search (safetensors). Default: "
-        "<cache_dir>/rlprune/<digest of model, config, layers, seed>.safetensors.")
+        None,
+        description="Checkpoint file of the search (safetensors). Default: "
+        "<cache_dir>/rlprune/<digest of model, config, layers, seed>.safetensors.",
+    )
     resume: bool = Field(
-        True, description="Continue from a checkpoint of the same search if one exists (a "
-        "finished one returns its result at once); false starts afresh and overwrites it.")
+        True,
+        description="Continue from a checkpoint of the same search if one exists (a "
+        "finished one returns its result at once); false starts afresh and overwrites it.",
+    )
 
     @field_validator("warmup")
     @classmethod
     def _warmup_fits(cls, value: int, info: ValidationInfo) -> int:
         episodes = info.data.get("episodes")
-        if episodes is not None and value > episodes:
+        # Only the DDPG agent warms up: a random or evolutionary search may be shorter.
+        if info.data.get("agent", "ddpg") == "ddpg" and episodes is not None and value > episodes:
             raise ValueError(f"warmup must be <= episodes ({episodes}), got {value}")
         return value
 
@@ -147,13 +228,16 @@ class RLPrune(Compressor):
 
     name = "rlprune"
     Config = RLPruneConfig
-    capabilities = Capabilities(handles=("Conv2d", "Linear"), needs_data=True,
-                                changes_structure=True, needs_finetune=True)
-    paper = ("A 2023 Chinese journal paper (title and authors not given in the available text) "
-             "combining DDPG reinforcement-learning weight pruning of the convolutional layers "
-             "with a 3σ threshold rule for the fully connected layers; agent after He, Lin, "
-             'Liu, Wang, Li, Han, "AMC: AutoML for Model Compression and Acceleration on Mobile '
-             'Devices", ECCV 2018, https://arxiv.org/abs/1802.03494')
+    capabilities = Capabilities(
+        handles=("Conv2d", "Linear"), needs_data=True, changes_structure=True, needs_finetune=True
+    )
+    paper = (
+        "A 2023 Chinese journal paper (title and authors not given in the available text) "
+        "combining DDPG reinforcement-learning weight pruning of the convolutional layers "
+        "with a 3σ threshold rule for the fully connected layers; agent after He, Lin, "
+        'Liu, Wang, Li, Han, "AMC: AutoML for Model Compression and Acceleration on Mobile '
+        'Devices", ECCV 2018, https://arxiv.org/abs/1802.03494'
+    )
     config: RLPruneConfig
 
     @classmethod
@@ -161,8 +245,12 @@ class RLPrune(Compressor):
         """Only channel granularity changes the structure; weight granularity stores sparse."""
         return replace(cls.capabilities, changes_structure=config.granularity == "channel")
 
-    def __init__(self, config: RLPruneConfig | dict | None = None, *,
-                 on_episode: EpisodeCallback | None = None) -> None:
+    def __init__(
+        self,
+        config: RLPruneConfig | dict | None = None,
+        *,
+        on_episode: EpisodeCallback | None = None,
+    ) -> None:
         super().__init__(config)
         self.on_episode = on_episode
         """Called after every episode with ``(episode, reward, best)``; raising stops the
@@ -187,9 +275,14 @@ class RLPrune(Compressor):
         channel = cfg.granularity == "channel"
         if channel:
             # The ratios the search ends near (the target) and the largest it may pick.
-            check_channel_surgery(model, [li.name for li in infos],
-                                  [cfg.target_sparsity, cfg.max_ratio], x,
-                                  cfg.time_limit, lambda: link_channel_sources(model, infos, x))
+            check_channel_surgery(
+                model,
+                [li.name for li in infos],
+                [cfg.target_sparsity, cfg.max_ratio],
+                x,
+                cfg.time_limit,
+                lambda: link_channel_sources(model, infos, x),
+            )
         try:
             budget = BudgetModel(infos, cfg.target_sparsity, cfg.min_ratio, cfg.max_ratio, channel)
         except ValueError as exc:
@@ -203,36 +296,44 @@ class RLPrune(Compressor):
         if cfg.executor != "local":
             score_batch = functools.partial(_executor(cfg.executor, cfg.workers).map, score)
 
-        agent = DDPG(STATE_DIM, hidden=cfg.hidden, lr_actor=cfg.lr_actor, lr_critic=cfg.lr_critic,
-                     tau=cfg.tau, discount=cfg.discount, batch_size=cfg.batch_size,
-                     buffer_size=cfg.buffer_size, baseline_alpha=cfg.baseline_alpha,
-                     seed=ctx.seed * 1_000_003 + ctx.step_index)
         prior = None
         if cfg.prior == "magnitude":
-            prior = [min(max(r, cfg.min_ratio), cfg.max_ratio)
-                     for r in magnitude_prior(infos, cfg.target_sparsity)]
-        settings = SearchSettings(cfg.episodes, cfg.warmup, cfg.noise, cfg.noise_decay,
-                                  cfg.reward, prior)
+            prior = [
+                min(max(r, cfg.min_ratio), cfg.max_ratio)
+                for r in magnitude_prior(infos, cfg.target_sparsity)
+            ]
         started = time.perf_counter()
         try:
-            state = run_search(static_features(infos), budget, agent, ctx.generator(offset=17),
-                               settings, score, path=path, key=key, resume=cfg.resume,
-                               desc="search", progress=ctx.progress,
-                               on_episode=self.on_episode, log=ctx.logger.info,
-                               score_batch=score_batch)
+            state = self._search(cfg, infos, budget, prior, score, score_batch, path, key, ctx)
         finally:
             score.restore()
-        ctx.logger.info("rlprune: %d episodes, best reward %.4f (episode %d), search %.1fs",
-                        state.episode, state.best_reward, state.best_episode, state.search_time_s)
+        ctx.logger.info(
+            "rlprune: %s, %d episodes, best reward %.4f (episode %d), search %.1fs",
+            cfg.agent,
+            state.episode,
+            state.best_reward,
+            state.best_episode,
+            state.search_time_s,
+        )
         ratios = state.best_ratios or []
-        summary = {"episodes": state.episode, "best_episode": state.best_episode,
-                   "best_reward": state.best_reward, "best_reward_accuracy": state.best_accuracy,
-                   "search_time_s": round(state.search_time_s, 3),
-                   "run_time_s": round(time.perf_counter() - started, 3),
-                   "resumed_from": state.resumed_from, "checkpoint": str(path),
-                   "episode_rewards": [round(h["reward"], 6) for h in state.history],
-                   "target_sparsity": cfg.target_sparsity, "granularity": cfg.granularity,
-                   "ratios": {nm: round(r, 6) for nm, r in zip(names, ratios)}}
+        rewards = [h["reward"] for h in state.history]
+        summary = {
+            "agent": cfg.agent,
+            "episodes": state.episode,
+            "best_episode": state.best_episode,
+            "best_reward": state.best_reward,
+            "best_reward_accuracy": state.best_accuracy,
+            "search_time_s": round(state.search_time_s, 3),
+            "run_time_s": round(time.perf_counter() - started, 3),
+            "resumed_from": state.resumed_from,
+            "checkpoint": str(path),
+            "episode_rewards": [round(r, 6) for r in rewards],
+            # Best reward after each episode: the search curve, the same for every agent.
+            "best_rewards": [round(r, 6) for r in itertools.accumulate(rewards, max)],
+            "target_sparsity": cfg.target_sparsity,
+            "granularity": cfg.granularity,
+            "ratios": {nm: round(r, 6) for nm, r in zip(names, ratios)},
+        }
         if channel:
             records = self._apply_channels(model, infos, ratios, x)
         else:
@@ -241,6 +342,50 @@ class RLPrune(Compressor):
         summary["achieved_sparsity"] = round(removed / max(budget.total, 1), 6)
         return StepResult(model, records, summary)
 
+    def _search(
+        self, cfg: RLPruneConfig, infos, budget, prior, score, score_batch, path, key, ctx
+    ) -> SearchState:
+        """Run the configured agent's search (DDPG, random or evolutionary)."""
+        common = {
+            "path": path,
+            "key": key,
+            "resume": cfg.resume,
+            "desc": "search",
+            "progress": ctx.progress,
+            "on_episode": self.on_episode,
+            "log": ctx.logger.info,
+            "score_batch": score_batch,
+        }
+        if cfg.agent != "ddpg":
+            settings = BaselineSettings(
+                cfg.agent, cfg.episodes, cfg.reward, cfg.noise, cfg.population, cfg.mutation, prior
+            )
+            return run_baseline(budget, ctx.generator(offset=17), settings, score, **common)
+        agent = DDPG(
+            STATE_DIM,
+            hidden=cfg.hidden,
+            lr_actor=cfg.lr_actor,
+            lr_critic=cfg.lr_critic,
+            tau=cfg.tau,
+            discount=cfg.discount,
+            batch_size=cfg.batch_size,
+            buffer_size=cfg.buffer_size,
+            baseline_alpha=cfg.baseline_alpha,
+            seed=ctx.seed * 1_000_003 + ctx.step_index,
+        )
+        settings = SearchSettings(
+            cfg.episodes, cfg.warmup, cfg.noise, cfg.noise_decay, cfg.reward, prior
+        )
+        return run_search(
+            static_features(infos),
+            budget,
+            agent,
+            ctx.generator(offset=17),
+            settings,
+            score,
+            **common,
+        )
+
     def _apply_weights(self, model, infos, budget, ratios, target_count, ctx) -> list[LayerRecord]:
         pruner = WeightPruner(infos)
         masks = pruner.masks(weight_counts(ratios, budget.params, target_count))
@@ -248,9 +393,16 @@ class RLPrune(Compressor):
         for li, ratio, mask in zip(infos, ratios, masks):
             tname = f"{li.name}.weight"
             kept = int(ctx.prune(model, tname, mask).sum())
-            records.append(LayerRecord(li.name, {
-                "ratio": round(ratio, 6), "sparsity": round(1 - kept / li.params, 6),
-                "params_after": kept}))
+            records.append(
+                LayerRecord(
+                    li.name,
+                    {
+                        "ratio": round(ratio, 6),
+                        "sparsity": round(1 - kept / li.params, 6),
+                        "params_after": kept,
+                    },
+                )
+            )
         return records
 
     def _apply_channels(self, model, infos, ratios, x) -> list[LayerRecord]:
@@ -260,9 +412,18 @@ class RLPrune(Compressor):
         records = []
         for li, ratio, k, c in zip(infos, ratios, kept, before):
             after = modules[li.name].weight.numel()
-            records.append(LayerRecord(li.name, {
-                "ratio": round(ratio, 6), "channels_before": c, "channels_after": k,
-                "sparsity": round(1 - after / li.params, 6), "params_after": after}))
+            records.append(
+                LayerRecord(
+                    li.name,
+                    {
+                        "ratio": round(ratio, 6),
+                        "channels_before": c,
+                        "channels_after": k,
+                        "sparsity": round(1 - after / li.params, 6),
+                        "params_after": after,
+                    },
+                )
+            )
         return records
 
 

@@ -57,10 +57,64 @@ def layer_state(static: torch.Tensor, budget: BudgetModel, prefix: list[float]) 
     t = len(prefix)
     total = budget.total
     removed = budget.removed(prefix + [0.0] * (len(budget.params) - t))
-    ahead = sum(budget.params[t + 1:])
-    dynamic = torch.tensor([removed / total, ahead / total, (budget.target - removed) / total,
-                            prefix[-1] if prefix else 0.0], dtype=torch.float32)
+    ahead = sum(budget.params[t + 1 :])
+    dynamic = torch.tensor(
+        [
+            removed / total,
+            ahead / total,
+            (budget.target - removed) / total,
+            prefix[-1] if prefix else 0.0,
+        ],
+        dtype=torch.float32,
+    )
     return torch.cat([static[t], dynamic])
+
+
+def clip_to_budget(budget: BudgetModel, prefix: list[float], ratio: float) -> float:
+    """The next layer's ``ratio`` clipped to what keeps the global target reachable after
+    ``prefix`` (AMC's action wall: every episode meets the target whatever is proposed)."""
+    lo, hi = budget.bounds(prefix)
+    return min(max(ratio, lo), hi)
+
+
+def project(budget: BudgetModel, proposal: list[float]) -> list[float]:
+    """A whole proposed ratio vector made to meet the target, layer by layer, exactly as a
+    rollout clips its actions (what the random and evolutionary searches use)."""
+    ratios: list[float] = []
+    for ratio in proposal:
+        ratios.append(clip_to_budget(budget, ratios, ratio))
+    return ratios
+
+
+def record_episode(
+    state: SearchState,
+    episode: int,
+    ratios: list[float],
+    acc: float,
+    loss: float,
+    reward_kind: str,
+    sigma: float,
+) -> float:
+    """Book one scored episode into ``state`` (best so far, history) and return its reward;
+    shared by every agent so their histories and best results mean the same thing."""
+    reward = acc if reward_kind == "accuracy" else -loss
+    # Ties on a small reward subset are common; the lower loss breaks them.
+    if (reward, -loss) > (state.best_reward, -state.best_loss):
+        state.best_reward, state.best_loss, state.best_accuracy = reward, loss, acc
+        state.best_ratios, state.best_episode = list(ratios), episode
+    state.history.append(
+        {
+            "episode": episode,
+            "reward": reward,
+            "accuracy": acc,
+            "loss": loss,
+            "best": state.best_reward,
+            "sigma": sigma,
+            "ratios": list(ratios),
+        }
+    )
+    state.episode = episode + 1
+    return reward
 
 
 Rollout = tuple[list[float], list[torch.Tensor], list[float]]
@@ -68,8 +122,15 @@ BatchScore = Callable[[list[list[float]]], list[tuple[float, float]]]
 """Scores several episodes' ratios at once (an executor's ``map`` over the scorer)."""
 
 
-def rollout(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator: torch.Generator,
-            random_actions: bool, sigma: float, prior: list[float] | None = None) -> Rollout:
+def rollout(
+    static: torch.Tensor,
+    budget: BudgetModel,
+    agent: DDPG,
+    generator: torch.Generator,
+    random_actions: bool,
+    sigma: float,
+    prior: list[float] | None = None,
+) -> Rollout:
     """One episode's ratios (clipped to the budget), the states seen, and the actions taken
     expressed in the actor's (0, 1) scale (what the critic learns from). Warm-up actions are
     uniform, or around ``prior`` with std ``sigma`` when one is given."""
@@ -86,8 +147,7 @@ def rollout(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator: t
         else:
             ratio = low + (high - low) * agent.act(state)
             ratio = truncated_normal(ratio, sigma * (high - low), low, high, generator)
-        lo, hi = budget.bounds(ratios)
-        ratio = min(max(ratio, lo), hi)
+        ratio = clip_to_budget(budget, ratios, ratio)
         ratios.append(ratio)
         states.append(state)
         actions.append((ratio - low) / (high - low) if high > low else 0.0)
@@ -106,8 +166,9 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def clone_policy(agent: DDPG, static: torch.Tensor, budget: BudgetModel, prior: list[float],
-                 steps: int = 200) -> None:
+def clone_policy(
+    agent: DDPG, static: torch.Tensor, budget: BudgetModel, prior: list[float], steps: int = 200
+) -> None:
     """Start the actor at the prior: fit it (and its target copy) to output the prior's ratios
     on the states of the prior's own episode (behaviour cloning, a few hundred Adam steps)."""
     low, high = budget.low, budget.high
@@ -126,13 +187,23 @@ def clone_policy(agent: DDPG, static: torch.Tensor, budget: BudgetModel, prior: 
     agent.actor_target.load_state_dict(agent.actor.state_dict())
 
 
-def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator: torch.Generator,
-               settings: SearchSettings, score: Callable[[list[float]], tuple[float, float]],
-               *, path: Path | None, key: str, resume: bool, desc: str,
-               progress: Callable[[Iterable[int], str, int], Iterable[int]],
-               on_episode: EpisodeCallback | None = None,
-               log: Callable[[str], None] | None = None,
-               score_batch: BatchScore | None = None) -> SearchState:
+def run_search(
+    static: torch.Tensor,
+    budget: BudgetModel,
+    agent: DDPG,
+    generator: torch.Generator,
+    settings: SearchSettings,
+    score: Callable[[list[float]], tuple[float, float]],
+    *,
+    path: Path | None,
+    key: str,
+    resume: bool,
+    desc: str,
+    progress: Callable[[Iterable[int], str, int], Iterable[int]],
+    on_episode: EpisodeCallback | None = None,
+    log: Callable[[str], None] | None = None,
+    score_batch: BatchScore | None = None,
+) -> SearchState:
     """Search the per-layer ratios. ``score(ratios)`` returns ``(accuracy, loss)`` on the
     reward subset. With ``path`` the search checkpoints after every episode and, when
     ``resume``, continues from a checkpoint of the same search.
@@ -163,17 +234,27 @@ def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator
         warm = episode < settings.warmup
         sigma = _sigma(settings, episode)
         if warm and score_batch is not None and episode not in ahead:
-            ahead = _score_warmup(range(episode, settings.warmup), static, budget, agent,
-                                  generator, settings, score_batch)
+            ahead = _score_warmup(
+                range(episode, settings.warmup),
+                static,
+                budget,
+                agent,
+                generator,
+                settings,
+                score_batch,
+            )
         rng: torch.Tensor | None = None
         if episode in ahead:
             (ratios, states, actions), (acc, loss), rng = ahead.pop(episode)
         else:
             with one_thread():
-                ratios, states, actions = rollout(static, budget, agent, generator, warm, sigma,
-                                                  settings.prior)
+                ratios, states, actions = rollout(
+                    static, budget, agent, generator, warm, sigma, settings.prior
+                )
             acc, loss = score(ratios)
-        reward = acc if settings.reward == "accuracy" else -loss
+        reward = record_episode(
+            state, episode, ratios, acc, loss, settings.reward, 0.0 if warm else sigma
+        )
         # AMC: every step of the episode gets the episode's reward; the last one is terminal.
         with one_thread():
             for t, (s, a) in enumerate(zip(states, actions)):
@@ -181,14 +262,6 @@ def run_search(static: torch.Tensor, budget: BudgetModel, agent: DDPG, generator
                 agent.buffer.add(s, a, reward, s if last else states[t + 1], last)
                 if not warm:
                     agent.update(generator)
-        # Ties on a small reward subset are common; the lower loss breaks them.
-        if (reward, -loss) > (state.best_reward, -state.best_loss):
-            state.best_reward, state.best_loss, state.best_accuracy = reward, loss, acc
-            state.best_ratios, state.best_episode = ratios, episode
-        state.history.append({"episode": episode, "reward": reward, "accuracy": acc,
-                              "loss": loss, "sigma": 0.0 if warm else sigma,
-                              "ratios": [round(r, 6) for r in ratios]})
-        state.episode = episode + 1
         state.search_time_s = time.perf_counter() - started
         if path is not None:
             saved = {"search": asdict(state) | {"resumed_from": None}, "agent": agent.scalars()}
@@ -207,19 +280,35 @@ def _sigma(settings: SearchSettings, episode: int) -> float:
     return settings.noise * settings.noise_decay ** max(episode - settings.warmup, 0)
 
 
-def _score_warmup(episodes: range, static: torch.Tensor, budget: BudgetModel, agent: DDPG,
-                  generator: torch.Generator, settings: SearchSettings,
-                  score_batch: BatchScore) -> dict[int, tuple[Rollout, tuple[float, float],
-                                                               torch.Tensor]]:
+def _score_warmup(
+    episodes: range,
+    static: torch.Tensor,
+    budget: BudgetModel,
+    agent: DDPG,
+    generator: torch.Generator,
+    settings: SearchSettings,
+    score_batch: BatchScore,
+) -> dict[int, tuple[Rollout, tuple[float, float], torch.Tensor]]:
     """Roll out the warm-up ``episodes`` in order (keeping the generator's state after each,
     for its checkpoint) and score them in one batch: episode -> (rollout, score, rng)."""
     rollouts: list[Rollout] = []
     states: list[torch.Tensor] = []
     with one_thread():
         for episode in episodes:
-            rollouts.append(rollout(static, budget, agent, generator, True,
-                                    _sigma(settings, episode), settings.prior))
+            rollouts.append(
+                rollout(
+                    static,
+                    budget,
+                    agent,
+                    generator,
+                    True,
+                    _sigma(settings, episode),
+                    settings.prior,
+                )
+            )
             states.append(generator.get_state())
     scores = score_batch([r[0] for r in rollouts])
-    return {e: (r, (float(a), float(b)), g)
-            for e, r, (a, b), g in zip(episodes, rollouts, scores, states, strict=True)}
+    return {
+        e: (r, (float(a), float(b)), g)
+        for e, r, (a, b), g in zip(episodes, rollouts, scores, states, strict=True)
+    }
