@@ -10,6 +10,8 @@ best. The perturbation is regenerated from a stored seed, so it costs no storage
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from typing import Any
 
 from netshrink import (
@@ -23,6 +25,7 @@ from netshrink import (
 from netshrink.plugins.bioclust.config import BioclustConfig
 from netshrink.plugins.bioclust.finetune import finetune_centroids
 from netshrink.plugins.bioclust.kmeans import Clustering, kmeans1d
+from netshrink.plugins.bioclust.options import layer_options as _search_options
 from netshrink.plugins.bioclust.search import (
     Candidate,
     CandidateScorer,
@@ -67,6 +70,13 @@ class Bioclust(Compressor):
         self.last_search: SearchResult | None = None
         """The last run's clustering and candidates (for benchmarks and analysis)."""
 
+    @classmethod
+    def layer_options(cls, module, name):
+        """Plain k-means (``noise_scale: 0``) at each width of
+        :data:`~netshrink.plugins.bioclust.options.SEARCH_BITS`, with the exact bytes of the
+        layer clustered alone (``plugins/bioclust/options.py``)."""
+        return _search_options(cls, module, name)
+
     def compress(self, model, layers, ctx: CompressionContext) -> StepResult:
         cfg = self.config
         targets = cluster_targets(model, layers, ctx, cfg, self.config_for)
@@ -75,9 +85,13 @@ class Bioclust(Compressor):
             loader = ctx.loader("val", batch_size=256, shuffle=False, limit=cfg.eval_limit)
             scorer = CandidateScorer(model, targets, cfg.distribution, loader, ctx.device)
             evaluate_many = functools.partial(_executor(cfg.executor, cfg.workers).map, scorer)
-        search = population_search(
-            targets, ctx, cfg, lambda: ctx.evaluate(model, "val", limit=cfg.eval_limit),
-            evaluate_many)
+        evaluate: Callable[[], float] = functools.partial(
+            ctx.evaluate, model, "val", limit=cfg.eval_limit)
+        if ctx.data is None and all(t.base_scale == 0 for t in targets):
+            # Plain k-means reads only the weights (e.g. a search's option bytes): nothing to
+            # select, so without data the unperturbed accuracy is simply not measured.
+            evaluate = _unmeasured
+        search = population_search(targets, ctx, cfg, evaluate, evaluate_many)
         self.last_search = search
         chosen = search.chosen
         assert chosen is not None
@@ -119,11 +133,11 @@ class Bioclust(Compressor):
             if accs:
                 generations.append({"generation": g, **stats(accs)})
         summary: dict[str, Any] = {
-            "val_acc_unperturbed": round(search.plain.val_acc, 6),
+            "val_acc_unperturbed": _rounded(search.plain.val_acc),
             "population": stats([c.val_acc for c in search.first_generation()]),
             "generations": generations,
             "chosen": "perturbed" if chosen.perturbed else "unperturbed",
-            "chosen_val_acc": round(chosen.val_acc, 6),
+            "chosen_val_acc": _rounded(chosen.val_acc),
             "chosen_candidate": None if not chosen.perturbed else chosen.describe(),
             "evaluations": 1 + len(search.candidates),
             # The whole population (seeds, scales, validation accuracy): the stability record,
@@ -135,6 +149,16 @@ class Bioclust(Compressor):
         if finetune_info is not None:
             summary["centroid_finetune"] = finetune_info
         return summary
+
+
+def _unmeasured() -> float:
+    """The accuracy of a reconstruction measured without data: not a number."""
+    return math.nan
+
+
+def _rounded(accuracy: float) -> float | None:
+    """An accuracy for the summary (None when it was not measured)."""
+    return None if math.isnan(accuracy) else round(accuracy, 6)
 
 
 def _executor(name: str, workers: int | None) -> Any:

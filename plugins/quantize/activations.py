@@ -12,7 +12,12 @@ pass over the validation split by an observer:
 - ``mse``: the min/max range shrunk by the ratio in 0.5..1.0 (step 0.025) whose fake-quantized
   subsample has the smallest squared error.
 
-Before calibration, a BatchNorm that directly follows such a layer (found by ``torch.fx``, or,
+The output grid of a layer whose output feeds only a ReLU (directly, or through a folded
+BatchNorm's ``nn.Identity``; found by ``torch.fx``) is calibrated on the ReLU's output: its zero
+point is 0, so rounding onto it *is* the ReLU, and the export drops the then redundant ``Relu``
+(:func:`netshrink.export.drop_clamped_relus`) so onnxruntime keeps the result in int8.
+
+Before calibration, a BatchNorm that directly follows a selected layer (found by ``torch.fx``, or,
 for a model fx cannot trace, as the next child of the same ``nn.Sequential``) is folded into it
 and replaced by ``nn.Identity``, as an int8 kernel computes it. The layer is then replaced by its
 ``Int8Input*`` counterpart (same tensors plus the scalar buffers ``act_scale``,
