@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from netshrink.executors import Executor, get_executor
     from netshrink.export import export_onnx, export_pt2
     from netshrink.fileio import atomic_write, cache_dir
-    from netshrink.layer_search import search
+    from netshrink.layer_search import option_bytes, search
     from netshrink.lowrank import (
         LowRank,
         rank_by_energy,
@@ -149,6 +149,7 @@ __all__ = [
     "load_model",
     "model_info",
     "model_tensors",
+    "option_bytes",
     "packed_nbytes",
     "rank_by_energy",
     "rank_by_ratio",
@@ -209,7 +210,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module"], "netshrink.modules"),
     **dict.fromkeys(["export_onnx", "export_pt2"], "netshrink.export"),
     **dict.fromkeys(["Executor", "get_executor"], "netshrink.executors"),
-    "search": "netshrink.layer_search",
+    **dict.fromkeys(["option_bytes", "search"], "netshrink.layer_search"),
     "resident_bytes": "netshrink.runtime",
     "wilson_interval": "netshrink.metrics",
     **dict.fromkeys(

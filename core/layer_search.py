@@ -209,6 +209,17 @@ class _Holder(nn.Module):
         self.layer = layer
 
 
+def option_bytes(cls: type[Compressor], module: nn.Module, config: dict[str, Any]) -> int:
+    """Exact stored bytes of ``module``'s tensors after ``cls`` compresses a copy of it alone
+    with ``config``, without data: what a compressor's ``layer_options`` reports for an option
+    whose bytes depend on what the encoder keeps (scales, clusters that survive k-means)."""
+    holder = nn.Module()
+    holder.add_module("layer", copy.deepcopy(module))
+    ctx = CompressionContext()
+    out = cls(config).compress(holder, [("layer", holder.layer)], ctx)
+    return sum(enc.payload_bytes for enc in ctx.encodings.complete(out.model).values())
+
+
 def check_layer_options(cls: type[Compressor], module: nn.Module) -> list[str]:
     """Problems with ``cls.layer_options`` on ``module`` (for conformance tests): each option
     must be a :class:`LayerOption` of ``cls`` whose declared bytes are the bytes ``cls``
@@ -952,6 +963,7 @@ __all__ = [
     "apply_candidate",
     "check_layer_options",
     "layer_candidates",
+    "option_bytes",
     "pareto",
     "pareto_table",
     "parse_budget",

@@ -10,13 +10,12 @@ fewer distinct values than ``k`` keeps fewer, and so fewer index bits) is known 
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from torch import nn
 
 import netshrink
-from netshrink import CompressionContext, Compressor, Dense
+from netshrink import Compressor, Dense
 
 #: Index bits a search offers per layer (k = 2, 4, 8, 16, 64 clusters). 1 bit goes below
 #: quantize's narrowest option; 2-4 bits meet quantize's widths with k-means levels instead of
@@ -39,16 +38,6 @@ def option_config(cls: type[Compressor], module: nn.Module, bits: int) -> dict[s
     return config
 
 
-def stored_bytes(cls: type[Compressor], module: nn.Module, config: dict[str, Any]) -> int:
-    """Exact stored bytes of ``module``'s tensors after ``cls`` compresses a copy of it alone
-    with ``config`` (plain k-means reads only the weights: no data needed)."""
-    holder = nn.Module()
-    holder.add_module("layer", copy.deepcopy(module))
-    ctx = CompressionContext()
-    out = cls(config).compress(holder, [("layer", holder.layer)], ctx)
-    return sum(enc.payload_bytes for enc in ctx.encodings.complete(out.model).values())
-
-
 def layer_options(
     cls: type[Compressor], module: nn.Module, name: str
 ) -> list[netshrink.LayerOption]:
@@ -60,7 +49,7 @@ def layer_options(
     options: list[netshrink.LayerOption] = []
     for bits in SEARCH_BITS:
         config = option_config(cls, module, bits)
-        stored = stored_bytes(cls, module, config)
+        stored = netshrink.option_bytes(cls, module, config)
         if stored >= dense or (options and stored == options[-1].bytes):
             continue
         options.append(cls.option(config, bytes=stored))
