@@ -29,6 +29,7 @@ from netshrink import (
     hookimpl,
     last_linear,
 )
+from netshrink.plugins.statprune.attention import Heads, find_attention, update_heads
 from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
 from netshrink.plugins.statprune.guard import Deadline, deadline, describe_module, failing_module
 from netshrink.plugins.statprune.stats import (
@@ -70,6 +71,11 @@ class StatPruneConfig(CompressorConfig):
         "joint", description="Layers whose outputs are tied to others (residual adds): 'joint' "
         "clusters the averaged statistics of all tied selected layers and prunes them together; "
         "'skip' leaves such channels alone.")
+    attention: Literal["head_dims", "heads", "skip"] = Field(
+        "head_dims", description="A fused qkv Linear of multi-head attention (timm ViT/DeiT): "
+        "'head_dims' removes the same dims from every head (q, k and v alike; the number of "
+        "heads is kept), 'heads' removes whole heads, 'skip' leaves attention widths alone. The "
+        "attention's num_heads/head_dim are updated.")
     verify: bool = Field(
         True, description="Run one forward pass after pruning; if it breaks, the step is refused "
         "naming the module that fails (the model is left unchanged).")
@@ -131,6 +137,7 @@ class StatPrune(Compressor):
         head = model.get_submodule(head_name) if head_name else None
         names = {id(m): n for n, m in model.named_modules()}
         selected = {id(m) for _, m in layers}
+        attention = find_attention(model)
         params_before = sum(p.numel() for p in model.parameters())
         limit.doing = "Torch-Pruning traced the model"
         try:
@@ -146,7 +153,8 @@ class StatPrune(Compressor):
             limit.check()
             rec = LayerRecord(lname)
             records[lname] = rec
-            rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done))
+            rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done,
+                                               attention))
             for other in rec.details.get("coupled_with", []):
                 records.setdefault(other, LayerRecord(other, {"pruned_with": lname}))
         if cfg.verify:
@@ -162,11 +170,17 @@ class StatPrune(Compressor):
         })
 
     def _prune_one(self, dg, module: nn.Module, head: nn.Module | None, selected: set[int],
-                   names: dict[int, str], ctx, index: int, done: set[int]) -> dict[str, Any]:
-        """Cluster and prune the group rooted at ``module``; returns the record's details."""
+                   names: dict[int, str], ctx, index: int, done: set[int],
+                   attention: dict[int, Heads]) -> dict[str, Any]:
+        """Cluster and prune the group rooted at ``module`` (a ``qkv`` in ``attention`` by its
+        heads); returns the record's details."""
         cfg = self.config
-        info = describe_group(dg, module)
+        info = describe_group(dg, module, attention)
         details: dict[str, Any] = {"channels_before": info.channels}
+        if info.heads is not None:
+            details.update(heads_before=info.heads.num_heads, head_dim_before=info.heads.head_dim)
+            if cfg.attention == "skip" and not info.irregular:
+                info.irregular = "attention widths are left alone (attention='skip')"
         tied = [m for m, _ in info.weighted if m is not module and not is_depthwise(m)]
         details["coupled_with"] = [names[id(m)] for m in tied if id(m) in selected]
         for m, _ in info.weighted:
@@ -175,6 +189,8 @@ class StatPrune(Compressor):
         if reason:
             return {**details, "skipped": reason, "channels_after": info.channels}
         table, strength = _joint_features(info, selected, cfg.features)
+        if info.heads is not None and cfg.attention == "heads":
+            return self._prune_heads(dg, info, table, strength, details, ctx.seed + index)
         g = info.channel_groups
         positions = info.channels // g
         if g > 1:  # same positions in every conv group, so groups stay equal-sized
@@ -191,13 +207,43 @@ class StatPrune(Compressor):
         idxs = sorted(int(p + j * positions) for j in range(g) for p in weak)
         if not idxs:
             return {**details, "removed": 0, "channels_after": info.channels}
-        fn = dg.get_pruner_of_module(module).prune_out_channels
-        group = dg.get_pruning_group(module, fn, idxs)
-        if not dg.check_pruning_group(group):
-            return {**details, "skipped": "Torch-Pruning rejected the group (it would empty a "
-                    "layer)", "channels_after": info.channels}
-        group.prune()
-        return {**details, "removed": len(idxs), "channels_after": info.channels - len(idxs)}
+        return {**details, **_remove(dg, module, info, idxs)}
+
+    def _prune_heads(self, dg, info: GroupInfo, table: np.ndarray, strength: np.ndarray,
+                     details: dict[str, Any], seed: int) -> dict[str, Any]:
+        """Cluster whole heads (each described by the mean statistics of its dims) and remove
+        the weak ones; at least ``min_keep_ratio`` of the heads (and one) stay."""
+        cfg = self.config
+        heads = info.channel_groups
+        table = standardise(table.reshape(heads, -1, table.shape[1]).mean(1))
+        strength = strength.reshape(heads, -1).mean(1)
+        budget = removal_budget(heads, cfg.min_keep_ratio, 1, 1)
+        weak, summary = weak_channels(table, strength, method=cfg.method, clusters=cfg.clusters,
+                                      drop_clusters=cfg.drop_clusters, max_remove=budget,
+                                      seed=seed)
+        details.update(summary)
+        width = info.channels // heads
+        idxs = sorted(int(h) * width + d for h in weak for d in range(width))
+        return {**details, **_remove(dg, info.heads.qkv, info, idxs, heads_removed=len(weak))}
+
+
+def _remove(dg, module: nn.Module, info: GroupInfo, idxs: list[int],
+            heads_removed: int = 0) -> dict[str, Any]:
+    """Prune ``idxs`` of the group (through its root) and update an attention's heads
+    (``heads_removed`` whole heads went); the record's outcome."""
+    if not idxs:
+        return {"removed": 0, "channels_after": info.channels}
+    root, fn = info.root or (module, dg.get_pruner_of_module(module).prune_out_channels)
+    group = dg.get_pruning_group(root, fn, idxs)
+    if not dg.check_pruning_group(group):
+        return {"skipped": "Torch-Pruning rejected the group (it would empty a layer)",
+                "channels_after": info.channels}
+    group.prune()
+    out: dict[str, Any] = {"removed": len(idxs), "channels_after": info.channels - len(idxs)}
+    if info.heads is not None:
+        update_heads(info.heads, info.heads.num_heads - heads_removed)
+        out.update(heads_after=info.heads.num_heads, head_dim_after=info.heads.head_dim)
+    return out
 
 
 def _refusal(info: GroupInfo, tied: list[nn.Module], head: nn.Module | None, selected: set[int],

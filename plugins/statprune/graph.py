@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from netshrink import NetshrinkError
+from netshrink.plugins.statprune.attention import Heads, unsupported
 from netshrink.plugins.statprune.guard import describe_module, failing_module
 
 
@@ -64,10 +65,19 @@ class GroupInfo:
     """Every module the group changes."""
     irregular: str | None = None
     """Why the channel mapping is not one-to-one (a split, slice or partial add), if it isn't."""
+    heads: Heads | None = None
+    """The attention whose ``qkv`` is the root: channels are then the attention dims
+    (``num_heads * head_dim``), index ``h * head_dim + d`` being dim ``d`` of head ``h``."""
+    root: tuple[nn.Module, object] | None = None
+    """Module and Torch-Pruning function a pruning group is rooted at, if not the root layer's
+    own outputs (for attention: the input of the layer after it)."""
 
 
-def describe_group(dg, module: nn.Module) -> GroupInfo:
-    """The coupling of ``module``'s output channels, discovered from a group over all channels."""
+def describe_group(dg, module: nn.Module, attention: dict[int, Heads] | None = None) -> GroupInfo:
+    """The coupling of ``module``'s output channels, discovered from a group over all channels;
+    a ``qkv`` in ``attention`` is described in the space of its heads (:func:`_attention`)."""
+    if attention and id(module) in attention:
+        return _attention(dg, attention[id(module)])
     channels = int(dg.get_out_channels(module))
     fn = dg.get_pruner_of_module(module).prune_out_channels
     group = dg.get_pruning_group(module, fn, list(range(channels)))
@@ -76,6 +86,11 @@ def describe_group(dg, module: nn.Module) -> GroupInfo:
     for dep, idxs in group:
         target = dep.target.module
         info.touches.append(target)
+        if _is_unbind(dep.target) and not info.irregular:
+            # a fused q/k/v split into heads in a module not recognised as attention
+            info.irregular = ("its outputs are split by torch.unbind (fused attention heads?) "
+                              "in a module netshrink does not recognise as attention (a 'qkv' "
+                              "Linear beside an int 'num_heads')")
         groups = getattr(target, "groups", 1)
         if isinstance(target, nn.Conv2d) and groups > 1 and not is_depthwise(target):
             info.channel_groups = math.lcm(info.channel_groups, int(groups))
@@ -95,4 +110,51 @@ def describe_group(dg, module: nn.Module) -> GroupInfo:
         raise NetshrinkError(
             f"{channels} channels cannot be split into {info.channel_groups} conv groups"
         )
+    return info
+
+
+def _is_unbind(node) -> bool:
+    import torch_pruning as tp
+
+    return getattr(node, "type", None) == tp.ops.OPTYPE.UNBIND
+
+
+def _attention(dg, heads: Heads) -> GroupInfo:
+    """The group of an attention's head dims, rooted at the input of the layer that consumes
+    the attention output (``proj``); each dim ties rows ``c``, ``D + c`` and ``2D + c`` of
+    ``qkv`` (q, k and v). Anything else Torch-Pruning finds there makes the group irregular."""
+    qkv = heads.qkv
+    dim = qkv.out_features // 3
+    info = GroupInfo(dim, heads=heads, channel_groups=heads.num_heads)
+    info.weighted = [(qkv, list(range(k * dim, (k + 1) * dim))) for k in range(3)]
+    info.irregular = unsupported(heads)
+    fn = dg.get_pruner_of_module(qkv).prune_out_channels
+    full = dg.get_pruning_group(qkv, fn, list(range(qkv.out_features)))
+    consumers = [dep.target.module for dep, idxs in full
+                 if dg.is_in_channel_pruning_fn(dep.handler)
+                 and isinstance(dep.target.module, (nn.Linear, nn.Conv2d))
+                 and len(idxs) == dim]
+    if len(consumers) != 1:
+        info.irregular = info.irregular or (
+            f"the attention output (width {dim}) feeds {len(consumers)} layers, not one "
+            "projection")
+        return info
+    proj = consumers[0]
+    info.root = (proj, dg.get_pruner_of_module(proj).prune_in_channels)
+    info.touches = [dep.target.module for dep, _ in full]
+    # One attention dim must map onto the same row of q, k and v and nothing else that has
+    # weights: checked on dim 0 and the last dim.
+    for c in (0, dim - 1):
+        group = dg.get_pruning_group(proj, info.root[1], [c])
+        rows = sorted(int(i) for dep, idxs in group if dep.target.module is qkv
+                      and dg.is_out_channel_pruning_fn(dep.handler) for i in idxs)
+        others = [m for m in (dep.target.module for dep, _ in group)
+                  if isinstance(m, nn.Module) and m is not qkv and m is not proj
+                  and any(True for _ in m.parameters(recurse=False))]
+        if rows != [c, dim + c, 2 * dim + c] or others:
+            info.irregular = info.irregular or (
+                f"Torch-Pruning maps attention dim {c} onto qkv rows {rows[:6]}"
+                + (f" and {type(others[0]).__name__}" if others else "")
+                + f", not [{c}, {dim + c}, {2 * dim + c}]")
+            break
     return info
