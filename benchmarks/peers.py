@@ -144,14 +144,18 @@ def torchao_weight_only(label: str, model: nn.Module, data: ns.DataSplits, epoch
 def nncf_weights(label: str, model: nn.Module, data: ns.DataSplits, epochs: int, knob: Knob,
                  seed: int, quick: bool) -> Point:
     """``nncf.compress_weights``: ``"INT8_ASYM"`` (per channel) or ``"INT4_SYM-gN"`` (groups
-    of N, NNCF's default backup keeps the last layer int8)."""
+    of N, ``-g-1`` per channel; NNCF's default backup keeps the last layer int8), with
+    ``+gptq`` / ``+scale_estimation`` / ``+awq`` appended to turn on those data-aware
+    algorithms (e.g. ``"INT4_SYM-g-1+gptq+scale_estimation"``)."""
     import nncf
 
     _quiet_nncf()
-    mode, _, group = str(knob).partition("-g")
+    spec, *flags = str(knob).split("+")
+    mode, _, group = spec.partition("-g")
     options: dict[str, Any] = {"mode": getattr(nncf.CompressWeightsMode, mode)}
     if group:
         options.update(group_size=int(group), ratio=1.0)
+    options.update({flag: True for flag in flags})
     dataset = nncf.Dataset(_calibration(data, 64))  # the torch backend traces with it
     compressed = nncf.compress_weights(copy.deepcopy(model).eval(), dataset=dataset, **options)
     # get_config cannot describe weight decompressors, so the state dict is what can be saved.

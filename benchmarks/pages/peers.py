@@ -83,13 +83,16 @@ def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
 # -- measuring ----------------------------------------------------------------------------------
 
 
-def _ours_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
+def ours_rows(model: Any, data: Any, b: h.Bench,
+              points: dict[str, tuple[str, list[dict[str, Any]]]] | None = None,
+              seeds: int | None = None) -> list[dict[str, Any]]:
+    """netshrink's rows: each of ``points`` (default: this page's) compressed once per seed."""
     rows = []
-    for label, (knob, steps) in ours(b.quick).items():
+    for label, (knob, steps) in (ours(b.quick) if points is None else points).items():
         print(f"  netshrink: {label}", file=sys.stderr, flush=True)
         row = {"method": label, "library": "netshrink", "curve": "netshrink", "knob": knob}
         try:
-            runs = h.compress(model, steps, data, b.seeds)
+            runs = h.compress(model, steps, data, seeds or b.seeds)
         except Exception as exc:  # a failing row is a finding, not a crash
             rows.append({**row, "error": p.failed(label, exc).notes})
             continue
@@ -116,12 +119,17 @@ def merge(name: str, knobs: tuple[Any, ...], curves: list[list[p.Point]]) -> lis
     return rows
 
 
-def _peer_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
+def peer_rows(model: Any, data: Any, b: h.Bench,
+              values: dict[str, tuple[Any, ...]] | None = None) -> list[dict[str, Any]]:
+    """Every peer curve (``values``: only these peers, at these knob values)."""
     rows = []
     for name, peer in p.PEERS.items():
+        if values is not None and name not in values:
+            continue
         print(f"  peer: {name}", file=sys.stderr, flush=True)
         seeds = range(b.seeds) if peer.finetunes else range(1)
-        knobs = peer.quick_values if b.quick else peer.values
+        knobs = (values[name] if values is not None
+                 else peer.quick_values if b.quick else peer.values)
         curves = [p.curve(name, model, data, epochs(b.quick), quick=b.quick, seed=s,
                           values=knobs)
                   for s in seeds]
@@ -219,7 +227,7 @@ def run(b: h.Bench) -> list[str]:
         dense = {"method": "dense (fp32 state_dict)", "library": "torch", "curve": "dense",
                  "knob": "—", "bytes": p.file_bytes(model.state_dict()),
                  "accs": [h.ns.accuracy(model, data)], "notes": "reference"}
-        rows = _ours_rows(model, data, b) + _peer_rows(model, data, b)
+        rows = ours_rows(model, data, b) + peer_rows(model, data, b)
         path, link = b.plot(f"peers_{m}.png")
         spec, data_name, _ = h.MODELS[m]
         h.save_plot(lambda ax, rows=rows, dense=dense, spec=spec: draw(ax, rows, dense, spec),
