@@ -23,7 +23,10 @@ ABOUT = [
     "whose input size its group divides; PyTorch dynamic int8 touches Linear layers only). "
     "Sizes are the bytes of the file each library's docs tell a user to save (AIMET: "
     "theoretical, bits × weight parameters + fp32 for the rest). Calibration uses the "
-    "validation split; accuracies are on the test split.",
+    "validation split; accuracies are on the test split. NNCF's data-aware options run "
+    "where its torch backend has them (scale estimation, AWQ); its GPTQ raised "
+    "`ParameterNotSupportedError: Torch backend does not support gptq` in a trial, so it is "
+    "not a row.",
 ]
 
 #: netshrink's points: label -> (knob, steps).
@@ -47,8 +50,8 @@ QUICK_OURS = ("quantize 8-bit/ch", "quantize 4-bit/ch gptq")
 #: 500, 1250, 500); NNCF refuses a group that does not, torchao leaves such a layer fp32.
 PEER_VALUES: dict[str, tuple[Any, ...]] = {
     "NNCF compress_weights": ("INT8_ASYM", "INT4_SYM-g-1", "INT4_SYM-g25",
-                              "INT4_SYM-g-1+gptq+scale_estimation",
-                              "INT4_SYM-g25+gptq+scale_estimation"),
+                              "INT4_SYM-g-1+scale_estimation",
+                              "INT4_SYM-g25+awq+scale_estimation"),
     "NNCF int8 PTQ": (300,),
     "AIMET QuantSim": (8, 4),
     "AIMET AdaRound": (4,),
