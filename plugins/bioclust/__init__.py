@@ -87,9 +87,10 @@ class Bioclust(Compressor):
             evaluate_many = functools.partial(_executor(cfg.executor, cfg.workers).map, scorer)
         evaluate: Callable[[], float] = functools.partial(
             ctx.evaluate, model, "val", limit=cfg.eval_limit)
-        if ctx.data is None and all(t.base_scale == 0 for t in targets):
-            # Plain k-means reads only the weights (e.g. a search's option bytes): nothing to
-            # select, so without data the unperturbed accuracy is simply not measured.
+        if all(t.base_scale == 0 for t in targets):
+            # Plain k-means (e.g. a search's options and its scan): no candidate to select, so
+            # the unperturbed reconstruction is not evaluated (with data or without); the
+            # report's accuracy after is still measured on the test split.
             evaluate = _unmeasured
         search = population_search(targets, ctx, cfg, evaluate, evaluate_many)
         self.last_search = search
