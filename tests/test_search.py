@@ -465,3 +465,21 @@ def test_scan_prints_progress_lines_unless_progress_is_off(grids, monkeypatch, c
 def test_a_budget_the_dense_model_fits_is_named(table):
     with pytest.raises(ConfigError, match=r"uncompressed model already fits it"):
         S.plan_recipe({"fc1": S.Candidate("fc1"), "fc2": S.Candidate("fc2")})
+
+
+def test_scan_checkpoint_key_covers_models_with_batchnorm():
+    """A model with 0-dim buffers (BatchNorm's num_batches_tracked) gets a state digest, and
+    the digest changes with any tensor, buffers included."""
+    import torch
+    from torch import nn
+
+    from netshrink.layer_search import _state_digest
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    before = _state_digest(model)
+    model[1].num_batches_tracked += 1
+    after = _state_digest(model)
+    assert before != after
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1.0
+    assert _state_digest(model) != after
