@@ -203,22 +203,16 @@ def test_budget_clipping_forces_the_last_layer():
         BudgetModel(infos, 0.99, 0.0, 0.9, channel=False)
 
 
+def _small_ddpg(seed: int) -> DDPG:
+    return DDPG(5, hidden=8, lr_actor=1e-2, lr_critic=1e-2, tau=0.5, discount=1.0,
+                batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=seed)
+
+
 def test_ddpg_pieces():
     gen = torch.Generator().manual_seed(0)
     samples = [truncated_normal(0.9, 0.5, 0.0, 1.0, gen) for _ in range(200)]
     assert all(0.0 <= s <= 1.0 for s in samples) and max(samples) > 0.95
-    agent = DDPG(
-        5,
-        hidden=8,
-        lr_actor=1e-2,
-        lr_critic=1e-2,
-        tau=0.5,
-        discount=1.0,
-        batch_size=4,
-        buffer_size=10,
-        baseline_alpha=0.5,
-        seed=0,
-    )
+    agent = _small_ddpg(seed=0)
     for i in range(12):  # the buffer wraps around
         agent.buffer.add(
             torch.rand(5, generator=gen), 0.5, float(i), torch.rand(5, generator=gen), i % 3 == 2
@@ -227,18 +221,7 @@ def test_ddpg_pieces():
     before = agent.actor_target.net[0].weight.clone()
     assert agent.update(gen)
     assert not torch.equal(before, agent.actor_target.net[0].weight)  # soft update moved it
-    clone = DDPG(
-        5,
-        hidden=8,
-        lr_actor=1e-2,
-        lr_critic=1e-2,
-        tau=0.5,
-        discount=1.0,
-        batch_size=4,
-        buffer_size=10,
-        baseline_alpha=0.5,
-        seed=1,
-    )
+    clone = _small_ddpg(seed=1)
     clone.load(agent.tensors(), agent.scalars())
     for p, q in zip(agent.critic.parameters(), clone.critic.parameters()):
         assert torch.equal(p, q)

@@ -217,26 +217,38 @@ def _cells(r: dict[str, Any], dense_bytes: float, n: int) -> list[str]:
             f"{dense_bytes / r['bytes']:.1f}x", h.acc_cell(r["accs"], n), r["notes"]]
 
 
+def dense_row(model: Any, data: Any) -> dict[str, Any]:
+    """The reference model as a row: its ``torch.save``-d state dict and test accuracy."""
+    return {"method": "dense (fp32 state_dict)", "library": "torch", "curve": "dense",
+            "knob": "—", "bytes": p.file_bytes(model.state_dict()),
+            "accs": [h.ns.accuracy(model, data)], "notes": "reference"}
+
+
+def section(b: h.Bench, m: str, heading: str, plot: str, dense: dict[str, Any],
+            rows: list[dict[str, Any]], n: int, extra: list[str] | None = None) -> list[str]:
+    """One model's part of a page: the heading, the table, the plot (``<plot>_<m>.png``),
+    ``extra`` lines, and whether netshrink dominates each peer curve."""
+    path, link = b.plot(f"{plot}_{m}.png")
+    spec = h.MODELS[m][0]
+    h.save_plot(lambda ax: draw(ax, rows, dense, spec), path, (9, 5.5))
+    return [
+        heading, "",
+        *h.table(["method", "library", "knob", "bytes on disk", "ratio vs dense",
+                  "test acc [95% CI]", "reload / notes"],
+                 [_cells(r, dense["bytes"], n) for r in [dense, *rows]]),
+        f"![bytes on disk against accuracy, {m}]({link})", "",
+        *(extra or []),
+        "Does netshrink dominate each peer curve?", "", *verdicts(rows, n), ""]
+
+
 def run(b: h.Bench) -> list[str]:
     """Per model: netshrink's points and every peer curve, the table, the plot, the verdicts."""
     lines: list[str] = []
     for m in QUICK_MODELS if b.quick else MODELS:
         print(f"[{m}]", file=sys.stderr, flush=True)
         model, data = h.reference(m)
-        n = len(data.test)
-        dense = {"method": "dense (fp32 state_dict)", "library": "torch", "curve": "dense",
-                 "knob": "—", "bytes": p.file_bytes(model.state_dict()),
-                 "accs": [h.ns.accuracy(model, data)], "notes": "reference"}
         rows = ours_rows(model, data, b) + peer_rows(model, data, b)
-        path, link = b.plot(f"peers_{m}.png")
         spec, data_name, _ = h.MODELS[m]
-        h.save_plot(lambda ax, rows=rows, dense=dense, spec=spec: draw(ax, rows, dense, spec),
-                    path, (9, 5.5))
-        lines += [
-            f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s))", "",
-            *h.table(["method", "library", "knob", "bytes on disk", "ratio vs dense",
-                      "test acc [95% CI]", "reload / notes"],
-                     [_cells(r, dense["bytes"], n) for r in [dense, *rows]]),
-            f"![bytes on disk against accuracy, {m}]({link})", "",
-            "Does netshrink dominate each peer curve?", "", *verdicts(rows, n), ""]
+        heading = f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s))"
+        lines += section(b, m, heading, "peers", dense_row(model, data), rows, len(data.test))
     return lines

@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from benchmarks import harness as h
-from benchmarks import peers as p
 from benchmarks.pages import peers as page
 
 TITLE = "Post-training quantization: netshrink's options against NNCF, AIMET, torchao, PyTorch"
@@ -104,22 +103,11 @@ def run(b: h.Bench) -> list[str]:
         print(f"[{m}]", file=sys.stderr, flush=True)
         model, data = h.reference(m)
         n = len(data.test)
-        dense = {"method": "dense (fp32 state_dict)", "library": "torch", "curve": "dense",
-                 "knob": "—", "bytes": p.file_bytes(model.state_dict()),
-                 "accs": [h.ns.accuracy(model, data)], "notes": "reference"}
         rows = (page.ours_rows(model, data, b, points(b.quick), seeds=1)
                 + page.peer_rows(model, data, b, QUICK_PEER_VALUES if b.quick else PEER_VALUES))
-        path, link = b.plot(f"ptq_{m}.png")
         spec, data_name, _ = h.MODELS[m]
-        h.save_plot(lambda ax, rows=rows, dense=dense, spec=spec: page.draw(ax, rows, dense, spec),
-                    path, (9, 5.5))
-        lines += [
-            f"## {m} (`{spec}` on `{data_name}`)", "",
-            *h.table(["method", "library", "knob", "bytes on disk", "ratio vs dense",
-                      "test acc [95% CI]", "reload / notes"],
-                     [page._cells(r, dense["bytes"], n) for r in [dense, *rows]]),
-            f"![bytes on disk against accuracy, {m}]({link})", "",
-            "netshrink 4-bit weights against NNCF's int4 (issue 21: lose no more, within the "
-            "interval, at fewer bytes):", "", *_four_bit_verdicts(rows, n), "",
-            "Does netshrink dominate each peer curve?", "", *page.verdicts(rows, n), ""]
+        verdicts = ["netshrink 4-bit weights against NNCF's int4 (issue 21: lose no more, "
+                    "within the interval, at fewer bytes):", "", *_four_bit_verdicts(rows, n), ""]
+        lines += page.section(b, m, f"## {m} (`{spec}` on `{data_name}`)", "ptq",
+                              page.dense_row(model, data), rows, n, verdicts)
     return lines
