@@ -1,7 +1,8 @@
 """How hard a dataset is for one model: train it and print val/test accuracy after every epoch.
 
-    NETSHRINK_THREADS=1 python -m benchmarks.shapes_difficulty SPEC DATA ref
-        netshrink.reference_model(SPEC, DATA): the exact reference recipe (cached)
+    NETSHRINK_THREADS=1 python -m benchmarks.shapes_difficulty SPEC DATA ref[:EPOCHS]
+        netshrink.reference_model(SPEC, DATA[, epochs=EPOCHS]): the exact reference recipe
+        (cached, so the benchmark pages reuse the model it trains)
     NETSHRINK_THREADS=1 python -m benchmarks.shapes_difficulty SPEC DATA EPOCHS
         the reference optimiser and schedule (Adam 1e-3, cosine over EPOCHS, batch 64, seed 0),
         printing test accuracy after every epoch so a long run can be stopped early
@@ -37,8 +38,9 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     data = ns.datasets.load(data_name)
     print(f"data {data} loaded in {time.time() - t0:.1f}s", flush=True)
-    if epochs == "ref":
-        model = ns.reference_model(spec, data)
+    if epochs.split(":")[0] == "ref":
+        ref_epochs = int(epochs.split(":")[1]) if ":" in epochs else None
+        model = ns.reference_model(spec, data, epochs=ref_epochs)
     else:
         n = int(epochs)
         torch.manual_seed(0)
