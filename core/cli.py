@@ -401,11 +401,14 @@ def _print_memory(path: Path) -> None:
 @click.option("--pareto", "pareto_budgets", multiple=True,
               help="Also search these budgets; write the Pareto table and PNG.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Measure the solver's plan whole against re-solves and uniform plans and "
+              "keep the best measured.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out",
               show_default=True, help="Folder for the artifact, its recipe and tables.")
 def search(model: str, data: str, budget: str, max_drop: float | None, max_macs: int | None,
            methods: tuple[str, ...], executor: str, workers: int | None, address: str | None,
-           finetune_epochs: int, pareto_budgets: tuple[str, ...], seed: int,
+           finetune_epochs: int, pareto_budgets: tuple[str, ...], seed: int, verify: bool,
            out_dir: str) -> None:
     """Search per-layer settings across methods under a size BUDGET (docs/search.md): write
     the artifact, a recipe that reproduces it byte for byte, and the tables."""
@@ -417,7 +420,7 @@ def search(model: str, data: str, budget: str, max_drop: float | None, max_macs:
     lines = run_command(model, data, budget, out_dir=out_dir, max_drop=max_drop,
                         max_macs=max_macs, methods=methods or None, executor=run,
                         workers=workers, finetune_epochs=finetune_epochs, seed=seed,
-                        pareto_budgets=pareto_budgets)
+                        pareto_budgets=pareto_budgets, verify=verify)
     for line in lines:
         console.print(line, highlight=False, markup=False)
 

@@ -7,9 +7,11 @@ measures the layer's exact stored bytes, its MACs and the validation loss and ac
 fixed validation subset, through an executor, checkpointing to the cache so an interrupted scan
 resumes. :func:`solve` picks one candidate per layer minimising the summed loss increase under
 the byte budget (a multiple-choice knapsack by dynamic programming; with a MACs budget too, a
-MILP through ``scipy.optimize.milp``). :func:`search` turns the choice into a recipe whose steps
-use per-layer ``overrides``, runs it with :func:`netshrink.compress` (so the same recipe
-reproduces the artifact byte for byte) and tightens the budget until the real artifact fits.
+MILP through ``scipy.optimize.milp``). :func:`search` measures the chosen plan whole against
+re-solves and uniform plans (layers interact; the summed loss is only a prediction) and keeps
+the best measured, turns it into a recipe whose steps use per-layer ``overrides``, runs it
+with :func:`netshrink.compress` (so the same recipe reproduces the artifact byte for byte) and
+tightens the budget until the real artifact fits.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -667,6 +669,188 @@ def recipe_yaml(recipe: Recipe) -> str:
 
 
 @dataclass
+class MeasuredPlan:
+    """One whole plan (a candidate per layer) applied together to the reference model, no
+    fine-tune, and measured on the scan's validation subset, next to what the scan predicted."""
+
+    label: str
+    """``solver``, ``re-solve N`` (interaction penalised) or ``uniform <option>``."""
+    plan: dict[str, Candidate]
+    layer_bytes: int
+    """Stored bytes of the searched layers, from the scan (what the layer budget bounds)."""
+    predicted_delta_loss: float
+    """The sum of the candidates' loss increases measured alone (what the solver minimises)."""
+    delta_loss: float
+    """The loss increase measured with every candidate applied together."""
+    accuracy: float
+    """Accuracy measured with every candidate applied together."""
+    chosen: bool = False
+
+    def row(self) -> dict[str, Any]:
+        """The plan as a JSON-able row (``SearchResult.save``'s ``measured_plans``)."""
+        return {
+            "label": self.label,
+            "plan": {layer: c.label for layer, c in self.plan.items()},
+            "layer_bytes": self.layer_bytes,
+            "predicted_delta_loss": self.predicted_delta_loss,
+            "measured_delta_loss": self.delta_loss,
+            "measured_accuracy": self.accuracy,
+            "chosen": self.chosen,
+        }
+
+
+_RESOLVE_ROUNDS = 3  # re-solves with an interaction penalty, at most, per budget try
+
+
+class _PlanMeter:
+    """Measures whole plans on the scan's validation subset, each plan once per search."""
+
+    def __init__(
+        self, reference: nn.Module, data: DataSplits, info: ModelInfo, table: Sensitivity,
+        seed: int,
+    ) -> None:
+        self.reference, self.data, self.info, self.table, self.seed = (
+            reference, data, info, table, seed,
+        )
+        self.inputs, self.targets = data.batch("val", table.n_val)
+        self.done: dict[tuple[str, ...], tuple[float, float]] = {}
+        self.extra = 0  # fresh measurements of plans other than the solver's
+
+    def measure(self, label: str, plan: dict[str, Candidate]) -> MeasuredPlan:
+        """Apply every candidate of ``plan`` to a copy of the reference, layer after layer,
+        each as the scan applied it alone, and measure the loss and accuracy."""
+        key = tuple(c.key for c in plan.values())
+        if key not in self.done:
+            model = copy.deepcopy(self.reference)
+            encodings = EncodingTable()
+            torch.manual_seed(self.seed)
+            for cand in plan.values():
+                model = apply_candidate(
+                    model, cand, encodings, data=self.data, info=self.info, seed=self.seed
+                )
+            loss, acc = _loss_accuracy(model, self.inputs, self.targets)
+            self.done[key] = (round(loss - self.table.base_loss, 6), acc)
+            fresh = True
+        else:
+            fresh = False
+        delta, acc = self.done[key]
+        predicted = round(sum(self.table.row(c)["loss"] - self.table.base_loss
+                              for c in plan.values()), 6)
+        found = MeasuredPlan(
+            label, dict(plan), sum(self.table.row(c)["bytes"] for c in plan.values()),
+            predicted, delta, acc,
+        )
+        if fresh:
+            _progress_line(
+                f"search: measured plan {label}: loss {delta:+.4f} (predicted {predicted:+.4f}),"
+                f" accuracy {100 * acc:.2f}% on {len(self.targets)} validation samples"
+            )
+        return found
+
+
+def _same(a: dict[str, Candidate], b: dict[str, Candidate]) -> bool:
+    return [c.key for c in a.values()] == [c.key for c in b.values()]
+
+
+def _uniform_plans(
+    table: Sensitivity, allowed: dict[str, list[Candidate]], layer_budget: int,
+    max_macs: int | None,
+) -> list[tuple[str, dict[str, Candidate]]]:
+    """Per candidate label offered anywhere: that candidate on every layer that offers it, the
+    others dense; those within the layer budget (and ``max_macs``), by predicted loss."""
+    labels = dict.fromkeys(c.label for cands in allowed.values() for c in cands if c.options)
+    plans = []
+    for label in labels:
+        plan = {
+            layer: next((c for c in cands if c.label == label), cands[0])
+            for layer, cands in allowed.items()
+        }
+        if sum(table.row(c)["bytes"] for c in plan.values()) > layer_budget:
+            continue
+        if max_macs is not None and sum(table.row(c)["macs"] for c in plan.values()) > max_macs:
+            continue
+        plans.append((label, plan))
+    return sorted(
+        plans, key=lambda lp: sum(table.row(c)["loss"] for c in lp[1].values())
+    )
+
+
+def _verify_plan(
+    meter: _PlanMeter,
+    allowed: dict[str, list[Candidate]],
+    plan: dict[str, Candidate],
+    solve_again: Callable[[dict[str, float]], dict[str, Candidate] | None],
+    *,
+    layer_budget: int,
+    max_macs: int | None,
+    max_drop: float | None,
+    max_alternatives: int,
+) -> tuple[dict[str, Candidate], list[MeasuredPlan], list[str]]:
+    """Measure the solver's ``plan`` whole and its alternatives (as :func:`search`'s
+    ``verify`` describes); return the plan to keep, every plan measured and the notes.
+    ``solve_again(penalty)`` solves with ``penalty`` (candidate key -> cost) added."""
+    table = meter.table
+    measured = [meter.measure("solver", plan)]
+
+    def room() -> bool:
+        return meter.extra < max_alternatives
+
+    def add(label: str, candidate: dict[str, Candidate]) -> MeasuredPlan | None:
+        """Measure ``candidate`` unless it is all dense or measured already this try."""
+        seen = next((m for m in measured if _same(m.plan, candidate)), None)
+        if seen is not None or not any(c.options for c in candidate.values()):
+            return seen
+        before = len(meter.done)
+        found = meter.measure(label, candidate)
+        meter.extra += len(meter.done) - before
+        measured.append(found)
+        return found
+
+    # The solver trusts the sum of losses measured alone; when the plan loses more, spread
+    # the unexplained loss over its compressed layers' candidates as a cost and solve again.
+    penalty: dict[str, float] = {}
+    current: MeasuredPlan | None = measured[0]
+    for round_ in range(1, _RESOLVE_ROUNDS + 1):
+        if current is None or not room() or current.delta_loss <= current.predicted_delta_loss:
+            break
+        compressed = [c for c in current.plan.values() if c.options]
+        share = (current.delta_loss - current.predicted_delta_loss) / max(1, len(compressed))
+        for cand in compressed:
+            penalty[cand.key] = penalty.get(cand.key, 0.0) + share
+        again = solve_again(penalty)
+        current = None if again is None else add(f"re-solve {round_}", again)
+    for label, uniform in _uniform_plans(table, allowed, layer_budget, max_macs):
+        if not room():
+            break
+        add(f"uniform {label}", uniform)
+
+    def drop(m: MeasuredPlan) -> float:
+        return 100 * (table.base_accuracy - m.accuracy)
+
+    within = [m for m in measured if max_drop is None or drop(m) <= max_drop]
+    best = min(within or measured, key=lambda m: m.delta_loss)  # ties: the earlier measured
+    best.chosen = True
+    notes = []
+    solver = measured[0]
+    if best is not solver:
+        how = ("more than" if solver.delta_loss > solver.predicted_delta_loss
+               else "against")
+        notes.append(
+            f"the solver's plan lost {solver.delta_loss:.4f} (validation loss, first "
+            f"{table.n_val} samples), {how} the predicted {solver.predicted_delta_loss:.4f}; "
+            f"kept {best.label}, which lost {best.delta_loss:.4f}"
+        )
+    if not within:
+        notes.append(
+            f"no measured plan stays within max_drop {max_drop} pp on the first {table.n_val} "
+            f"validation samples (the kept plan drops {drop(best):.2f} pp)"
+        )
+    for note in notes:
+        log.warning("search: %s", note)
+    return best.plan, measured, notes
+
+
+@dataclass
 class SearchResult:
     """What :func:`search` returns: the chosen candidate per layer, the recipe that reproduces
     it, the compressed result, and the honest figures."""
@@ -680,6 +864,9 @@ class SearchResult:
     predicted_delta_loss: float
     sensitivity: Sensitivity
     notes: list[str] = field(default_factory=list)
+    measured_plans: list[MeasuredPlan] = field(default_factory=list)
+    """The plans measured whole before compressing (``verify``): the solver's first, one of
+    them ``chosen``; empty with ``verify=False``."""
 
     @property
     def artifact_bytes(self) -> int:
@@ -696,7 +883,8 @@ class SearchResult:
 
     def save(self, out_dir: str | Path, stem: str = "model") -> dict[str, Path]:
         """Write ``<stem>.nsk`` (+ its report files), ``<stem>.search.yaml`` (the recipe) and
-        ``<stem>.search.json`` (plan and sensitivity table), each atomically."""
+        ``<stem>.search.json`` (plan, sensitivity table, the plans measured whole and the
+        notes), each atomically."""
         out = Path(out_dir)
         recipe_path = atomic_write(out / f"{stem}.search.yaml", recipe_yaml(self.recipe))
         summary = {
@@ -706,6 +894,7 @@ class SearchResult:
             "reference_val_accuracy": self.reference_val_accuracy,
             "plan": self.plan_rows(),
             "sensitivity": self.sensitivity.rows(),
+            "measured_plans": [m.row() for m in self.measured_plans],
             "notes": self.notes,
         }
         table_path = atomic_write(out / f"{stem}.search.json", json.dumps(summary, indent=2))
@@ -730,6 +919,8 @@ def search(
     checkpoint: bool | str | Path = True,
     sensitivity: Sensitivity | None = None,
     tries: int = 4,
+    verify: bool = True,
+    max_alternatives: int = 16,
 ) -> SearchResult:
     """Search per-layer settings across every method under ``budget`` (bytes, ``"40x"``,
     ``"120kB"``) and return a :class:`SearchResult`; ``result.recipe`` run by
@@ -739,7 +930,30 @@ def search(
     loses more, and notes when the final model does. The solver's budget for the layers is
     ``budget`` less the rest of the artifact (header, manifest, other tensors); if the real
     artifact still exceeds ``budget`` the layer budget shrinks by the excess and the solve
-    runs again (up to ``tries`` times), so the returned artifact is never over ``budget``."""
+    runs again (up to ``tries`` times), so the returned artifact is never over ``budget``.
+
+    ``verify`` (default on): the solver minimises the *sum* of the loss increases each
+    candidate caused alone, and layers interact. So before compressing, the solver's plan is
+    applied whole to the reference (every layer's candidate as the scan applied it, no
+    fine-tune) and measured on the scan's validation subset (the first ``val_limit``
+    samples), and so are alternatives within the same layer budget (and ``max_macs``):
+
+    - if the plan lost more than predicted, up to 3 re-solves, each adding the unexplained
+      loss (measured less predicted), shared equally, to the cost of the last plan's
+      compressed candidates;
+    - every *uniform* plan: one candidate (same compressor(s) and config) on every layer
+      that offers it, the other layers dense, by predicted loss.
+
+    At most ``max_alternatives`` plans besides the solver's are measured. The plan kept is the
+    one with the lowest measured increase of the validation cross-entropy loss over the
+    reference (ties: the solver's, then the first measured); with ``max_drop``, only plans
+    whose measured accuracy drop is within ``max_drop`` compete, unless none is (a note says
+    so). ``notes`` says when a plan other than the solver's was kept; every plan measured is
+    in ``measured_plans``. ``verify=False`` compresses the solver's plan unmeasured."""
+    if max_alternatives < 0:
+        raise ConfigError(
+            f"search field 'max_alternatives': must be at least 0, got {max_alternatives}"
+        )
     splits = load_data(data) if isinstance(data, str) else data
     table = sensitivity or scan(
         model, splits, methods=methods, select=select, val_limit=val_limit, seed=seed,
@@ -762,14 +976,27 @@ def search(
     layer_budget = limit - (dense_total - dense_layers)
     spec = model if isinstance(model, str) else None
     data_name = data if isinstance(data, str) else None
-    for attempt in range(max(1, tries)):
-        choice = solve(
-            [[_cost(table, c, dense_layers) for c in allowed[n]] for n in layers],
+    meter = _PlanMeter(reference, splits, info, table, seed) if verify else None
+    measured: list[MeasuredPlan] = []
+    verify_notes: list[str] = []
+
+    def solve_for(budget_now: int, penalty: dict[str, float]) -> list[int] | None:
+        return solve(
+            [[_cost(table, c, dense_layers) + penalty.get(c.key, 0.0) for c in allowed[n]]
+             for n in layers],
             [[table.row(c)["bytes"] for c in allowed[n]] for n in layers],
-            layer_budget,
+            budget_now,
             macs=[[table.row(c)["macs"] for c in allowed[n]] for n in layers],
             max_macs=max_macs,
         )
+
+    def as_plan(choice: list[int] | None) -> dict[str, Candidate] | None:
+        if choice is None:
+            return None
+        return {n: allowed[n][i] for n, i in zip(layers, choice, strict=True)}
+
+    for attempt in range(max(1, tries)):
+        choice = solve_for(layer_budget, {})
         if choice is None:
             smallest = dense_total - dense_layers + sum(
                 min(table.row(c)["bytes"] for c in allowed[n]) for n in layers
@@ -781,6 +1008,13 @@ def search(
                 + "); raise the budget, relax max_drop/max_macs, or add methods"
             )
         plan = {n: allowed[n][i] for n, i in zip(layers, choice, strict=True)}
+        if meter is not None:
+            plan, measured, verify_notes = _verify_plan(
+                meter, allowed, plan,
+                lambda penalty, now=layer_budget: as_plan(solve_for(now, penalty)),
+                layer_budget=layer_budget, max_macs=max_macs, max_drop=max_drop,
+                max_alternatives=max_alternatives,
+            )
         recipe = plan_recipe(
             plan, model=spec, data=data_name, seed=seed, finetune=finetune, head=info.head
         )
@@ -800,7 +1034,7 @@ def search(
         )
     val_acc = _loss_accuracy(result.model, *splits.batch("val", len(splits.val)))[1]
     ref_acc = _loss_accuracy(copy.deepcopy(reference), *splits.batch("val", len(splits.val)))[1]
-    notes = []
+    notes = list(verify_notes)
     if max_drop is not None and 100 * (ref_acc - val_acc) > max_drop:
         notes.append(
             f"validation accuracy dropped {100 * (ref_acc - val_acc):.2f} pp, more than "
@@ -809,7 +1043,8 @@ def search(
         log.warning("search: %s", notes[-1])
     predicted = sum(table.row(c)["loss"] - table.base_loss for c in plan.values())
     return SearchResult(
-        plan, recipe, result, limit, val_acc, ref_acc, round(predicted, 6), table, notes
+        plan, recipe, result, limit, val_acc, ref_acc, round(predicted, 6), table, notes,
+        measured,
     )
 
 
@@ -841,7 +1076,8 @@ def pareto(
     budgets: Sequence[int | str],
     **kwargs: Any,
 ) -> list[ParetoPoint]:
-    """Search at each of ``budgets`` with one shared scan; the points sorted by size."""
+    """Search at each of ``budgets`` with one shared scan (``kwargs`` as :func:`search`
+    takes them, ``verify`` included); the points sorted by size."""
     splits = load_data(data) if isinstance(data, str) else data
     scan_keys = ("methods", "select", "val_limit", "seed", "executor", "workers", "checkpoint")
     table = kwargs.pop("sensitivity", None) or scan(
@@ -918,12 +1154,13 @@ def run_command(
     val_limit: int = 512,
     seed: int = 0,
     pareto_budgets: Sequence[str] = (),
+    verify: bool = True,
 ) -> list[str]:
     """What ``netshrink search MODEL --data D --budget B`` does: scan (checkpointed in the
     cache), search, write ``<stem>.nsk`` with its report, ``<stem>.search.yaml`` and
     ``<stem>.search.json`` under ``out_dir``, and with ``pareto_budgets`` also
-    ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib). Returns the
-    lines to print."""
+    ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib); ``verify``
+    as in :func:`search`. Returns the lines to print."""
     finetune = {"epochs": finetune_epochs} if finetune_epochs > 0 else None
     table = scan(
         model, data, methods=methods, val_limit=val_limit, seed=seed, executor=executor,
@@ -931,7 +1168,7 @@ def run_command(
     )
     common: dict[str, Any] = {
         "max_drop": max_drop, "max_macs": max_macs, "finetune": finetune, "seed": seed,
-        "sensitivity": table,
+        "sensitivity": table, "verify": verify,
     }
     found = search(model, data, budget, **common)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split(":", 1)[-1]) or "model"
@@ -958,6 +1195,7 @@ def run_command(
 
 __all__ = [
     "Candidate",
+    "MeasuredPlan",
     "ParetoPoint",
     "SearchResult",
     "Sensitivity",

@@ -4,10 +4,12 @@ recipe that reproduces the artifact byte for byte, and the honest comparisons.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
 import random
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -255,6 +257,105 @@ def test_search_at_least_as_accurate_as_one_method_of_the_same_size(table, name,
     found = S.search(MODEL, DATA, size, sensitivity=table)
     assert found.artifact_bytes <= size
     assert found.val_accuracy >= accuracy, (found.plan_rows(), accuracy)
+
+
+# -- measuring the plan whole (verify) -----------------------------------------------------------
+
+
+def _worst_looks_free(table: S.Sensitivity) -> tuple[S.Sensitivity, S.Candidate]:
+    """A copy of ``table`` whose worst candidate (highest loss alone) looks better than free."""
+    worst = max((c for cands in table.candidates.values() for c in cands),
+                key=lambda c: table.row(c)["loss"])
+    measured = {key: dict(row) for key, row in table.measured.items()}
+    measured[worst.key]["loss"] = table.base_loss - 0.5
+    return dataclasses.replace(table, measured=measured), worst
+
+
+def test_verify_replaces_a_plan_that_loses_more_than_predicted(table, tmp_path, caplog):
+    fake, worst = _worst_looks_free(table)
+    trusted = S.search(MODEL, DATA, "10x", sensitivity=fake, verify=False)
+    assert trusted.plan[worst.layer] == worst and trusted.measured_plans == []
+    with caplog.at_level(logging.INFO, logger="netshrink"):
+        found = S.search(MODEL, DATA, "10x", sensitivity=fake)
+    solver, chosen = found.measured_plans[0], [m for m in found.measured_plans if m.chosen]
+    assert solver.label == "solver" and solver.plan[worst.layer] == worst and not solver.chosen
+    assert solver.delta_loss > solver.predicted_delta_loss
+    assert len(chosen) == 1 and chosen[0].plan == found.plan
+    assert found.plan[worst.layer] != worst
+    assert chosen[0].delta_loss < solver.delta_loss
+    assert found.val_accuracy > trusted.val_accuracy
+    expected = (f"the solver's plan lost {solver.delta_loss:.4f} (validation loss, first "
+                f"{fake.n_val} samples), more than the predicted "
+                f"{solver.predicted_delta_loss:.4f}; kept {chosen[0].label}, which lost "
+                f"{chosen[0].delta_loss:.4f}")
+    assert expected in found.notes
+    for m in found.measured_plans:  # one progress line per plan measured
+        assert f"search: measured plan {m.label}: loss {m.delta_loss:+.4f}" in caplog.text
+    # The recipe reproduces the kept plan's artifact byte for byte; the JSON lists the plans.
+    paths = found.save(tmp_path)
+    assert ns.compress(None, Recipe.from_file(paths["recipe"])).artifact == found.result.artifact
+    summary = json.loads(paths["table"].read_text())
+    rows = summary["measured_plans"]
+    assert [r["label"] for r in rows] == [m.label for m in found.measured_plans]
+    kept = [r for r in rows if r["chosen"]]
+    assert len(kept) == 1 and kept[0]["plan"] == {r["layer"]: r["choice"] for r in summary["plan"]}
+    assert set(rows[0]) == {"label", "plan", "layer_bytes", "predicted_delta_loss",
+                            "measured_delta_loss", "measured_accuracy", "chosen"}
+
+
+@pytest.mark.parametrize("budget", ["6x", "10x", "16x"])
+def test_kept_plan_measures_best_and_alternatives_are_uniform_or_resolved(table, budget):
+    found = S.search(MODEL, DATA, budget, sensitivity=table)
+    (chosen,) = [m for m in found.measured_plans if m.chosen]
+    assert chosen.plan == found.plan
+    assert all(chosen.delta_loss <= m.delta_loss for m in found.measured_plans)
+    assert len(found.measured_plans) <= 1 + 16
+    for m in found.measured_plans:
+        assert m.layer_bytes == sum(table.row(c)["bytes"] for c in m.plan.values())
+        if m.label.startswith("uniform "):
+            option = m.label.removeprefix("uniform ")
+            assert {c.label for c in m.plan.values()} <= {option, "dense"}
+            assert any(c.label == option for c in m.plan.values())
+        else:
+            assert re.fullmatch(r"solver|re-solve [1-3]", m.label), m.label
+
+
+class _StubMeter:
+    """Stands in for the plan meter: each label measures as ``results`` says."""
+
+    def __init__(self, table: S.Sensitivity, results: dict[str, tuple[float, float]]) -> None:
+        self.table, self.results, self.done, self.extra = table, results, {}, 0
+
+    def measure(self, label: str, plan: dict[str, S.Candidate]) -> S.MeasuredPlan:
+        self.done[label] = True
+        delta, accuracy = self.results.get(label, (9.0, 0.0))
+        return S.MeasuredPlan(label, plan, 0, 0.0, delta, accuracy)
+
+
+def _verify_stub(table, results, max_drop=None, max_alternatives=16):
+    plan = {layer: cands[1] for layer, cands in table.candidates.items()}
+    return S._verify_plan(
+        _StubMeter(table, results), table.candidates, plan, lambda penalty: None,
+        layer_budget=10**9, max_macs=None, max_drop=max_drop, max_alternatives=max_alternatives,
+    )
+
+
+def test_max_drop_prefers_measured_plans_within_it(table):
+    base = table.base_accuracy
+    results = {"solver": (0.1, base - 0.05), "uniform quantize(bits=8)": (0.2, base - 0.001)}
+    plan, measured, notes = _verify_stub(table, results)
+    assert measured[0].chosen and notes == []  # the lowest loss; no max_drop
+    plan, measured, notes = _verify_stub(table, results, max_drop=1.0)
+    (chosen,) = [m for m in measured if m.chosen]
+    assert chosen.label == "uniform quantize(bits=8)" and plan == chosen.plan
+    assert any("kept uniform quantize(bits=8), which lost 0.2000" in n for n in notes)
+    plan, measured, notes = _verify_stub(table, results, max_drop=0.01)
+    assert measured[0].chosen  # none within: the lowest loss, and a note says so
+    assert any("no measured plan stays within max_drop 0.01 pp" in n for n in notes)
+    _, measured, _ = _verify_stub(table, results, max_alternatives=2)
+    assert len(measured) == 3
+    with pytest.raises(ConfigError, match=r"'max_alternatives': must be at least 0, got -1"):
+        S.search(MODEL, DATA, "10x", sensitivity=table, max_alternatives=-1)
 
 
 # -- checkpoint, resume, executors ----------------------------------------------------------------
