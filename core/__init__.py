@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from netshrink import datasets
     from netshrink.adapters import ModelAdapter, ModelInfo, last_linear, model_info, set_model_info
     from netshrink.artifact import load, read_manifest
+    from netshrink.attention import (
+        AttentionGroup,
+        AttentionHeads,
+        attention_group,
+        find_attention,
+        update_heads,
+    )
     from netshrink.compressor import (
         Capabilities,
         Compressor,
@@ -90,6 +97,8 @@ __all__ = [
     "INT8_INPUT_TYPES",
     "ArrayDataset",
     "ArtifactError",
+    "AttentionGroup",
+    "AttentionHeads",
     "Capabilities",
     "CheckpointPolicy",
     "Codebook",
@@ -133,6 +142,7 @@ __all__ = [
     "__version__",
     "accuracy",
     "atomic_write",
+    "attention_group",
     "cache_dir",
     "compress",
     "datasets",
@@ -142,6 +152,7 @@ __all__ = [
     "export_onnx",
     "export_pt2",
     "failing_module",
+    "find_attention",
     "get_executor",
     "hookimpl",
     "last_linear",
@@ -164,6 +175,7 @@ __all__ = [
     "step",
     "train",
     "truncated_svd",
+    "update_heads",
     "wilson_interval",
 ]
 
@@ -176,6 +188,10 @@ _EXPORTS: dict[str, str] = {
         "netshrink.adapters",
     ),
     **dict.fromkeys(["load", "read_manifest"], "netshrink.artifact"),
+    **dict.fromkeys(
+        ["AttentionGroup", "AttentionHeads", "attention_group", "find_attention", "update_heads"],
+        "netshrink.attention",
+    ),
     **dict.fromkeys(
         ["Capabilities", "Compressor", "CompressorConfig", "LayerOption", "LayerRecord",
          "StepResult"],

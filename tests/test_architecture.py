@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"training", "lowrank"},
     {"compressor"},
     {"runtime"},  # the packed run-time form of encodings
-    {"selector", "adapters", "data", "encodings", "modules", "metrics"},  # contracts
+    {"selector", "adapters", "data", "encodings", "modules", "metrics", "attention"},  # contracts
     {"checkedfile", "config", "errors", "fileio", "progress", "version"},
 ]
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}

@@ -1,5 +1,6 @@
-"""statprune through multi-head attention (timm ViT/DeiT): heads and head dims stay consistent,
-the attention's num_heads/head_dim follow, and the artifact reloads with identical outputs."""
+"""Structured pruning through multi-head attention (timm ViT/DeiT): statprune, rlprune's channel
+mode and normsparse's removal of dead units keep heads and head dims consistent, the
+attention's num_heads/head_dim follow, and the artifact reloads with identical outputs."""
 
 from __future__ import annotations
 
@@ -159,3 +160,162 @@ def test_attention_that_cannot_be_pruned_is_refused_per_layer(attn, layer, reaso
     details = _statprune_toy(attn)
     assert reason in details[layer]["skipped"]
     assert details["fc1"].get("removed", 0) > 0  # other layers are still pruned
+
+
+# -- rlprune channel mode -----------------------------------------------------------------------
+
+SMALL_DEIT = f"timm:deit_tiny_patch16_224?input_size={SIDE}&depth=2"
+RL_FAST = {"granularity": "channel", "target_sparsity": 0.5, "episodes": 2, "warmup": 2,
+           "hidden": 8, "batch_size": 4}
+
+
+def _roundtrip(result, tmp_path, x: torch.Tensor) -> None:
+    """Saved and reloaded in this process: the same heads and the same outputs."""
+    pruned = result.model.eval()
+    with torch.no_grad():
+        expected = pruned(x)
+    loaded = ns.load(result.save(tmp_path / "vit.nsa", report=False)).eval()
+    assert [(a.num_heads, a.head_dim) for a in _attentions(loaded)] == \
+        [(a.num_heads, a.head_dim) for a in _attentions(pruned)]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+def test_rlprune_channel_mode_prunes_head_dims_alike(tmp_path):
+    data = _data()
+    model = ns.load_model(SMALL_DEIT, **data.model_options())
+    before = [(a.num_heads, a.head_dim) for a in _attentions(model)]
+    result = ns.compress(model, [ns.step("rlprune", checkpoint=str(tmp_path / "rl.safetensors"),
+                                         **RL_FAST)], data=data, seed=0, latency=False)
+    assert result.report.params_after < result.report.params_before
+    _consistent(result.model)
+    after = [(a.num_heads, a.head_dim) for a in _attentions(result.model)]
+    assert [h for h, _ in after] == [h for h, _ in before]  # heads kept, dims cut in each
+    assert all(d < d0 for (_, d), (_, d0) in zip(after, before))
+    details = {r.name: r.details for r in result.records}
+    assert details["blocks.0.attn.qkv"]["channels_after"] == 3 * 3 * after[0][1]
+    x, _ = data.batch("test", 4)
+    _roundtrip(result, tmp_path, x)
+    unfused = copy.deepcopy(result.model)  # the manual path agrees: scale followed head_dim
+    for attn in _attentions(unfused):
+        attn.fused_attn = False
+    with torch.no_grad():
+        assert torch.allclose(unfused(x), result.model(x), atol=1e-5)
+
+
+def _toy_data(side: int = 16) -> ns.DataSplits:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, side, side, generator=gen)
+    split = torch.utils.data.TensorDataset(x, torch.arange(8) % 10)
+    return ns.DataSplits(name="toy", train=split, val=split, test=split, num_classes=10,
+                         extra={"input_shape": (3, side, side)})
+
+
+def test_rlprune_refuses_attention_it_cannot_cut_before_any_episode(tmp_path):
+    from netshrink import CompressionContext, LayerSelector, ModelInfo, SelectionError
+    from netshrink.plugins.rlprune import RLPrune
+
+    torch.manual_seed(0)
+    model = Tokens(timm.layers.Attention(32, num_heads=4, qk_norm=True,
+                                         norm_layer=nn.LayerNorm))
+    info = ModelInfo("toy", input_shape=(3, 16, 16), num_classes=10, head="head")
+    ctx = CompressionContext(data=_toy_data(), info=info, seed=0, step_name="rlprune")
+    layers = LayerSelector(types=["Linear"]).resolve(model, head="head")
+    episodes = []
+    rl = RLPrune({**RL_FAST, "checkpoint": str(tmp_path / "rl.safetensors")},
+                 on_episode=lambda *args: episodes.append(args))
+    with pytest.raises(SelectionError,
+                       match=r"^rlprune channel mode refused \(nothing changed\): layer "
+                             r"'attn\.qkv' .*q_norm"):
+        rl.compress(model, layers, ctx)
+    assert episodes == []
+    assert model.attn.qkv.out_features == 96  # nothing changed
+
+
+# -- normsparse: removal of dead units ----------------------------------------------------------
+
+
+def _dead_rows(attn: nn.Module, positions: list[int], heads: list[int]) -> None:
+    """Zero the q, k and v rows of ``positions`` in every head and of all of ``heads``."""
+    width, dim = attn.head_dim, attn.num_heads * attn.head_dim
+    with torch.no_grad():
+        for k in range(3):
+            for h in range(attn.num_heads):
+                for p in range(width) if h in heads else positions:
+                    attn.qkv.weight[k * dim + h * width + p] = 0
+
+
+def test_normsparse_removes_dead_head_dims_and_heads_exactly():
+    from netshrink import CompressionContext
+    from netshrink.plugins.normsparse.removal import remove_dead_units
+
+    torch.manual_seed(0)
+    model = ns.load_model(SMALL_DEIT, num_classes=10).eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "head"]
+    first, second = (block.attn for block in model.blocks)
+    with torch.no_grad():
+        for m in model.modules():  # dead rows still output their bias: it must be folded
+            if isinstance(m, nn.Linear):
+                m.bias.uniform_(-0.5, 0.5)
+        first.qkv.weight[3] = 0  # q row 3 of head 0 only: kept (k and v still read it)
+        first.qkv.weight[[9, 192 + 9, 384 + 9]] = 0  # dim 9 of head 0 only: kept (equal heads)
+        model.blocks[0].mlp.fc1.weight[:10] = 0
+    _dead_rows(first, [5, 17], [])
+    _dead_rows(second, [], [1])
+    x = torch.randn(4, 3, SIDE, SIDE)
+    with torch.no_grad():
+        expected = model(x)
+    skipped: dict[str, str] = {}
+    removed = remove_dead_units(model, CompressionContext(info=ns.model_info(model)), layers,
+                                model.head, 1, True, skipped=skipped)
+    assert removed["blocks.0.attn.qkv"] == 3 * 3 * 2 and removed["blocks.1.attn.qkv"] == 3 * 64
+    assert removed["blocks.0.mlp.fc1"] == 10 and skipped == {}
+    assert (first.num_heads, first.head_dim, second.num_heads, second.head_dim) == (3, 62, 2, 64)
+    _consistent(model)
+    for fused in (True, False):
+        for attn in (first, second):
+            attn.fused_attn = fused
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_normsparse_end_to_end_through_attention(tmp_path):
+    data = _data()
+    model = ns.load_model(SMALL_DEIT, **data.model_options())
+    config = {"epochs": 4, "l1": 0.2, "lr_magnitude": 0.015, "threshold": 0.6, "batch_size": 4,
+              "schedule": "constant", "patience": None, "val_tolerance": 1.0}
+    result = ns.compress(model, [ns.step("normsparse", select={"types": ["Linear"]}, **config)],
+                         data=data, seed=0, latency=False)
+    details = {r.name: r.details for r in result.records}
+    assert details["blocks.0.mlp.fc1"]["neurons_removed"] > 0
+    assert any(details[f"blocks.{i}.attn.qkv"]["neurons_removed"] > 0 for i in range(2))
+    assert result.report.params_after < result.report.params_before
+    _consistent(result.model)
+    x, _ = data.batch("test", 4)
+    _roundtrip(result, tmp_path, x)
+
+
+@pytest.mark.parametrize("attn, layer, reason", [
+    (Unrecognised(), "attn.to_qkv", "torch.unbind"),
+    (timm.layers.Attention(32, num_heads=4, qk_norm=True, norm_layer=nn.LayerNorm), "attn.qkv",
+     "q_norm"),
+])
+def test_normsparse_keeps_dead_units_of_attention_it_cannot_cut(attn, layer, reason):
+    from netshrink import CompressionContext, ModelInfo
+    from netshrink.plugins.normsparse.removal import remove_dead_units
+
+    torch.manual_seed(0)
+    model = Tokens(attn).eval()
+    qkv = model.get_submodule(layer)
+    with torch.no_grad():
+        qkv.weight[::4] = 0
+        model.fc1.weight[:5] = 0
+    info = ModelInfo("toy", input_shape=(3, 16, 16), num_classes=10, head="head")
+    layers = [(layer, qkv), ("fc1", model.fc1)]
+    skipped: dict[str, str] = {}
+    removed = remove_dead_units(model, CompressionContext(info=info), layers, model.head, 1, True,
+                                skipped=skipped)
+    assert removed == {layer: 0, "fc1": 5}
+    assert reason in skipped[layer] and qkv.out_features == 96
+    with torch.no_grad():
+        model(torch.randn(2, 3, 16, 16))  # still runs

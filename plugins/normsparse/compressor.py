@@ -93,20 +93,24 @@ class NormSparse(Compressor):
                 weight.masked_fill_(mask.expand_as(weight), 0.0)
         pruned_val_acc = ctx.evaluate(model, "val")
 
-        removed = remove_dead_units(model, ctx, work, head, cfg.min_keep, cfg.remove_filters)
+        skipped: dict[str, str] = {}
+        removed = remove_dead_units(
+            model, ctx, work, head, cfg.min_keep, cfg.remove_filters, skipped=skipped
+        )
         records = []
         for rep in reps:
-            records.append(
-                self._record(
-                    model,
-                    rep,
-                    deads[rep.name],
-                    magnitudes[rep.name],
-                    removed[rep.name],
-                    params_before[rep.name],
-                    ctx,
-                )
+            record = self._record(
+                model,
+                rep,
+                deads[rep.name],
+                magnitudes[rep.name],
+                removed[rep.name],
+                params_before[rep.name],
+                ctx,
             )
+            if rep.name in skipped:
+                record.details["skipped"] = skipped[rep.name]
+            records.append(record)
         if head is not None and any(m is head for _, m in layers):
             records.append(
                 LayerRecord(head_name, {"protected_head": True})

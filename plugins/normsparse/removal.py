@@ -1,12 +1,30 @@
 """Physical removal of dead FC neurons and conv filters (Torch-Pruning's dependency graph does the
-surgery), and kernel-granular sparse storage of the remaining conv weights."""
+surgery), and kernel-granular sparse storage of the remaining conv weights.
+
+A fused ``qkv`` Linear of multi-head attention (timm ViT/DeiT) is cut in the space of its heads
+(:func:`netshrink.attention_group`): a head dim goes when its q, k and v rows are dead in every
+head, a whole head when all its rows are dead, so the heads stay equal and the function stays
+the same (dead q and k rows add one constant to every attention logit, dead v rows a constant
+output that is folded into the projection's bias; q is rescaled for the new ``head_dim``).
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from netshrink import CompressionContext, Dense, SelectionError, Sparse
+from netshrink import (
+    AttentionHeads,
+    CompressionContext,
+    Dense,
+    SelectionError,
+    Sparse,
+    attention_group,
+    find_attention,
+    update_heads,
+)
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -69,9 +87,12 @@ def remove_dead_units(
     head: nn.Module | None,
     min_keep: int,
     remove_filters: bool,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """Physically remove every all-zero neuron (Linear) or filter (conv) of ``layers`` whose
-    removal does not touch the head's outputs or unselected layers; returns removed counts.
+    removal does not touch the head's outputs or unselected layers; returns removed counts
+    (rows of a ``qkv``). Why a layer kept its dead units, when that is not the plain rules
+    above (an attention netshrink cannot cut), goes into ``skipped`` by layer name.
 
     Layers are visited in model order, so a filter that lost all its inputs upstream goes too.
     """
@@ -81,6 +102,8 @@ def remove_dead_units(
     dg = tp.DependencyGraph().build_dependency(
         model, example_inputs=ctx.example_input(), verbose=False
     )
+    attention = find_attention(model)
+    skipped = {} if skipped is None else skipped
     targets = {id(m): m for _, m in layers}
     removed: dict[str, int] = {}
     for name, module in layers:
@@ -88,12 +111,24 @@ def remove_dead_units(
         if module is head or (not is_linear and not remove_filters):
             removed[name] = 0
             continue
+        if id(module) in attention:
+            removed[name] = _remove_dead_head_dims(
+                model, dg, attention[id(module)], ctx, min_keep, name, skipped)
+            continue
         fn = tp.prune_linear_out_channels if is_linear else tp.prune_conv_out_channels
         dead = zero_units(module.weight)
         # Never empty a layer: the surviving units are the live ones plus, if too few, some
         # dead ones (kept as zeros).
         budget = int(module.weight.shape[0]) - min_keep
         candidates = torch.nonzero(dead).reshape(-1).tolist()[: max(budget, 0)]
+        if candidates and _splits_heads(dg.get_pruning_group(module, fn, candidates[:1])):
+            # fused q/k/v in a module not recognised as attention: rows cannot go one by one
+            skipped[name] = (
+                "its outputs are split into heads by torch.unbind in a module netshrink does not "
+                "recognise as attention (a 'qkv' Linear beside an int 'num_heads'); dead units "
+                "kept as zeros")
+            removed[name] = 0
+            continue
         eligible = [
             i
             for i in candidates
@@ -108,6 +143,71 @@ def remove_dead_units(
                 eligible = []
         removed[name] = len(eligible)
     return removed
+
+
+def _splits_heads(group) -> bool:
+    """Whether Torch-Pruning's ``group`` passes through a ``torch.unbind`` (fused heads)."""
+    import torch_pruning as tp
+
+    return any(getattr(item.dep.target, "type", None) == tp.ops.OPTYPE.UNBIND for item in group)
+
+
+def _remove_dead_head_dims(
+    model: nn.Module,
+    dg,
+    heads: AttentionHeads,
+    ctx: CompressionContext,
+    min_keep: int,
+    name: str,
+    skipped: dict[str, str],
+) -> int:
+    """Remove the dead whole heads and the head dims dead in every other head of an attention's
+    ``qkv`` (q, k and v rows all zero), keeping at least one head, one dim and ``min_keep``
+    rows; returns the qkv rows removed."""
+    group = attention_group(dg, heads)
+    if group.reason is not None or group.root is None:
+        if bool(zero_units(heads.qkv.weight).any()):
+            skipped[name] = f"attention head dims cannot be removed: {group.reason}; dead " \
+                            "units kept as zeros"
+        return 0
+    count, width = heads.num_heads, heads.head_dim
+    dead = zero_units(heads.qkv.weight).reshape(3, count, width).all(0)  # (heads, head dims)
+    gone = [h for h in range(count) if bool(dead[h].all())]
+    if len(gone) == count:
+        gone.pop()  # keep one head (dead: its constant output is the same either way)
+    kept = [h for h in range(count) if h not in gone]
+    old_default = width ** -0.5
+    scale = getattr(heads.module, "scale", old_default)
+    positions = [p for p in range(width) if bool(dead[kept, p].all())]
+    if positions and (not isinstance(scale, float) or abs(scale - old_default) > 1e-9):
+        # the fused path always scales by head_dim ** -0.5: q can follow only that scale
+        skipped[name] = f"its attention scale {scale} is not head_dim ** -0.5; only whole " \
+                        "dead heads are removed"
+        positions = []
+    positions = positions[: width - 1]  # keep one dim
+    while positions and 3 * len(kept) * (width - len(positions)) < min_keep:
+        positions.pop()
+    while gone and 3 * (count - len(gone)) * (width - len(positions)) < min_keep:
+        gone.pop()
+    idxs = heads.dims(positions, gone)
+    if not idxs:
+        return 0
+    module, fn = group.root
+    pruning = dg.get_pruning_group(module, fn, idxs)
+    if not dg.check_pruning_group(pruning):
+        return 0
+    rows = heads.qkv.out_features
+    _fold_constant_inputs(model, pruning, ctx.example_input(batch=16))
+    pruning.prune()
+    update_heads(heads, count - len(gone))
+    if heads.head_dim != width:
+        # logits were scaled by width ** -0.5 and are now by head_dim ** -0.5: rescale q
+        factor = math.sqrt(heads.head_dim / width)
+        with torch.no_grad():
+            heads.qkv.weight[: heads.dim].mul_(factor)
+            if heads.qkv.bias is not None:
+                heads.qkv.bias[: heads.dim].mul_(factor)
+    return rows - heads.qkv.out_features
 
 
 def _fold_constant_inputs(model: nn.Module, group, x: torch.Tensor) -> None:

@@ -16,6 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netshrink import (
+    AttentionHeads,
+    SelectionError,
+    attention_group,
+    find_attention,
+    update_heads,
+)
+
 STATIC_FEATURES = ("index", "type", "in_channels", "out_channels", "kernel", "stride", "params",
                    "macs")
 DYNAMIC_FEATURES = ("pruned_so_far", "params_after", "budget_left", "previous_action")
@@ -200,19 +208,40 @@ class WeightPruner:
 
 def link_channel_sources(model: nn.Module, infos: list[LayerInfo], example: torch.Tensor) -> None:
     """Set each layer's ``source``: the selected layer whose output-channel pruning also prunes
-    this layer's input channels (found with Torch-Pruning's dependency graph)."""
+    this layer's input channels (found with Torch-Pruning's dependency graph). A selected
+    ``qkv`` of multi-head attention is followed from its attention dims
+    (:func:`netshrink.attention_group`); one netshrink cannot prune consistently is refused
+    here, before any episode, with a :class:`SelectionError` naming the layer."""
     import torch_pruning as tp
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1], verbose=False)
+    attention = find_attention(model)
     index = {id(li.module): i for i, li in enumerate(infos)}
     for i, li in enumerate(infos):
-        group = graph.get_pruning_group(li.module, out_pruning_fn(li.module), idxs=[0])
+        heads = attention.get(id(li.module))
+        if heads is not None:
+            root, fn = _attention_root(graph, heads, li.name)
+            group = graph.get_pruning_group(root, fn, idxs=[0])
+        else:
+            group = graph.get_pruning_group(li.module, out_pruning_fn(li.module), idxs=[0])
         for item in group:
             dep = item.dep if hasattr(item, "dep") else item[0]
             j = index.get(id(dep.target.module))
             if (j is not None and j != i and infos[j].source is None
                     and graph.is_in_channel_pruning_fn(dep.handler)):
                 infos[j].source = i
+
+
+def _attention_root(graph, heads: AttentionHeads, name: str) -> tuple[nn.Module, Callable]:
+    """Where a group of ``heads``' attention dims is rooted (the input of its projection), or a
+    :class:`SelectionError` naming layer ``name`` if its head dims cannot be pruned."""
+    group = attention_group(graph, heads)
+    if group.reason is not None or group.root is None:
+        raise SelectionError(
+            f"rlprune channel mode refused (nothing changed): layer {name!r} is the fused qkv "
+            f"of a multi-head attention ({type(heads.module).__name__}) whose head dims cannot "
+            f"be pruned: {group.reason}; exclude it from 'select' or use granularity='weight'")
+    return group.root
 
 
 def out_pruning_fn(module: nn.Module) -> Callable:
@@ -228,14 +257,24 @@ def prune_channels(model: nn.Module, names: list[str], ratios: list[float],
                    originals: list[int], example: torch.Tensor) -> list[int]:
     """Remove the lowest-L1 output channels of each named layer of ``model`` (in place) through
     Torch-Pruning's dependency graph, so every coupled layer shrinks with it. Returns the
-    channels kept per layer."""
+    channels kept per layer.
+
+    A fused ``qkv`` of multi-head attention loses the same head dims in every head (q, k and v
+    rows alike, and the projection's inputs), so heads stay equal; its ``num_heads`` stays,
+    ``head_dim`` and the default ``scale`` follow (:func:`netshrink.update_heads`)."""
     import torch_pruning as tp
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1], verbose=False)
+    attention = find_attention(model)
     modules = dict(model.named_modules())
     kept = []
     for name, ratio, orig in zip(names, ratios, originals):
         module = modules[name]
+        heads = attention.get(id(module))
+        if heads is not None:
+            _prune_head_dims(graph, heads, name, ratio, orig)
+            kept.append(int(module.weight.shape[0]))
+            continue
         weight = module.weight.detach()
         current = weight.shape[0]
         keep = max(1, min(current, orig - round(ratio * orig)))
@@ -248,6 +287,24 @@ def prune_channels(model: nn.Module, names: list[str], ratios: list[float],
                 group.prune()
         kept.append(int(module.weight.shape[0]))
     return kept
+
+
+def _prune_head_dims(graph, heads: AttentionHeads, name: str, ratio: float, orig: int) -> None:
+    """Remove ``ratio`` of the head dims of ``heads`` (``orig``: its qkv's original rows), the
+    same positions in every head: those with the lowest L1 norm of their q, k and v rows summed
+    over the heads."""
+    root, fn = _attention_root(graph, heads, name)
+    original_dim = orig // (3 * heads.num_heads)
+    keep = max(1, min(heads.head_dim, original_dim - round(ratio * original_dim)))
+    drop = heads.head_dim - keep
+    if drop <= 0:
+        return
+    norms = heads.qkv.weight.detach().abs().sum(1).reshape(3 * heads.num_heads, heads.head_dim)
+    positions = norms.sum(0).argsort(stable=True)[:drop].tolist()
+    group = graph.get_pruning_group(root, fn, idxs=heads.dims(positions))
+    if graph.check_pruning_group(group):
+        group.prune()
+        update_heads(heads, heads.num_heads)
 
 
 class RewardFn:

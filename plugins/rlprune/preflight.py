@@ -58,8 +58,8 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
         with _time_limit(seconds, what):
             try:
                 link()
-            except TimeoutError:
-                raise
+            except (TimeoutError, SelectionError):
+                raise  # a SelectionError already names the layer (e.g. an attention's qkv)
             except Exception as exc:
                 found = failing_module(model, example[:1])
                 at = f" in module {found[0]}" if found else " (an op it does not handle)"
@@ -74,7 +74,7 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
                 originals = [int(modules[n].weight.shape[0]) for n in names]
                 try:
                     prune_channels(work, names, [ratio] * len(names), originals, example)
-                except TimeoutError:
+                except (TimeoutError, SelectionError):
                     raise
                 except Exception as exc:
                     raise SelectionError(

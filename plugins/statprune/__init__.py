@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from netshrink import (
+    AttentionHeads,
     Capabilities,
     Compressor,
     CompressorConfig,
@@ -26,10 +27,11 @@ from netshrink import (
     NetshrinkError,
     SelectionError,
     StepResult,
+    find_attention,
     hookimpl,
     last_linear,
+    update_heads,
 )
-from netshrink.plugins.statprune.attention import Heads, find_attention, update_heads
 from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
 from netshrink.plugins.statprune.guard import Deadline, deadline, describe_module, failing_module
 from netshrink.plugins.statprune.stats import (
@@ -171,7 +173,7 @@ class StatPrune(Compressor):
 
     def _prune_one(self, dg, module: nn.Module, head: nn.Module | None, selected: set[int],
                    names: dict[int, str], ctx, index: int, done: set[int],
-                   attention: dict[int, Heads]) -> dict[str, Any]:
+                   attention: dict[int, AttentionHeads]) -> dict[str, Any]:
         """Cluster and prune the group rooted at ``module`` (a ``qkv`` in ``attention`` by its
         heads); returns the record's details."""
         cfg = self.config

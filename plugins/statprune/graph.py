@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from netshrink import NetshrinkError
-from netshrink.plugins.statprune.attention import Heads, unsupported
+from netshrink import AttentionHeads, NetshrinkError, attention_group
 from netshrink.plugins.statprune.guard import describe_module, failing_module
 
 
@@ -65,7 +64,7 @@ class GroupInfo:
     """Every module the group changes."""
     irregular: str | None = None
     """Why the channel mapping is not one-to-one (a split, slice or partial add), if it isn't."""
-    heads: Heads | None = None
+    heads: AttentionHeads | None = None
     """The attention whose ``qkv`` is the root: channels are then the attention dims
     (``num_heads * head_dim``), index ``h * head_dim + d`` being dim ``d`` of head ``h``."""
     root: tuple[nn.Module, object] | None = None
@@ -73,7 +72,8 @@ class GroupInfo:
     own outputs (for attention: the input of the layer after it)."""
 
 
-def describe_group(dg, module: nn.Module, attention: dict[int, Heads] | None = None) -> GroupInfo:
+def describe_group(dg, module: nn.Module,
+                   attention: dict[int, AttentionHeads] | None = None) -> GroupInfo:
     """The coupling of ``module``'s output channels, discovered from a group over all channels;
     a ``qkv`` in ``attention`` is described in the space of its heads (:func:`_attention`)."""
     if attention and id(module) in attention:
@@ -119,42 +119,13 @@ def _is_unbind(node) -> bool:
     return getattr(node, "type", None) == tp.ops.OPTYPE.UNBIND
 
 
-def _attention(dg, heads: Heads) -> GroupInfo:
+def _attention(dg, heads: AttentionHeads) -> GroupInfo:
     """The group of an attention's head dims, rooted at the input of the layer that consumes
-    the attention output (``proj``); each dim ties rows ``c``, ``D + c`` and ``2D + c`` of
-    ``qkv`` (q, k and v). Anything else Torch-Pruning finds there makes the group irregular."""
-    qkv = heads.qkv
-    dim = qkv.out_features // 3
-    info = GroupInfo(dim, heads=heads, channel_groups=heads.num_heads)
+    the attention output (``proj``; :func:`netshrink.attention_group`); each dim ties rows
+    ``c``, ``D + c`` and ``2D + c`` of ``qkv`` (q, k and v)."""
+    qkv, dim = heads.qkv, heads.dim
+    group = attention_group(dg, heads)
+    info = GroupInfo(dim, heads=heads, channel_groups=heads.num_heads, root=group.root,
+                     irregular=group.reason)
     info.weighted = [(qkv, list(range(k * dim, (k + 1) * dim))) for k in range(3)]
-    info.irregular = unsupported(heads)
-    fn = dg.get_pruner_of_module(qkv).prune_out_channels
-    full = dg.get_pruning_group(qkv, fn, list(range(qkv.out_features)))
-    consumers = [dep.target.module for dep, idxs in full
-                 if dg.is_in_channel_pruning_fn(dep.handler)
-                 and isinstance(dep.target.module, (nn.Linear, nn.Conv2d))
-                 and len(idxs) == dim]
-    if len(consumers) != 1:
-        info.irregular = info.irregular or (
-            f"the attention output (width {dim}) feeds {len(consumers)} layers, not one "
-            "projection")
-        return info
-    proj = consumers[0]
-    info.root = (proj, dg.get_pruner_of_module(proj).prune_in_channels)
-    info.touches = [dep.target.module for dep, _ in full]
-    # One attention dim must map onto the same row of q, k and v and nothing else that has
-    # weights: checked on dim 0 and the last dim.
-    for c in (0, dim - 1):
-        group = dg.get_pruning_group(proj, info.root[1], [c])
-        rows = sorted(int(i) for dep, idxs in group if dep.target.module is qkv
-                      and dg.is_out_channel_pruning_fn(dep.handler) for i in idxs)
-        others = [m for m in (dep.target.module for dep, _ in group)
-                  if isinstance(m, nn.Module) and m is not qkv and m is not proj
-                  and any(True for _ in m.parameters(recurse=False))]
-        if rows != [c, dim + c, 2 * dim + c] or others:
-            info.irregular = info.irregular or (
-                f"Torch-Pruning maps attention dim {c} onto qkv rows {rows[:6]}"
-                + (f" and {type(others[0]).__name__}" if others else "")
-                + f", not [{c}, {dim + c}, {2 * dim + c}]")
-            break
     return info
