@@ -386,6 +386,10 @@ def _print_memory(path: Path) -> None:
               help="Validation accuracy (pp) one option alone may lose; worse options are dropped.")
 @click.option("--max-macs", type=click.IntRange(min=1), default=None,
               help="MACs budget of the searched layers (solved with scipy's MILP).")
+@click.option("--max-latency", default=None,
+              help="Latency budget of the whole model in the packed runtime at batch 1: seconds "
+              "(0.002), a time (2ms, 150us) or a share of the dense model's measured latency "
+              "(80%). Times every candidate in the scan; solved with scipy's MILP.")
 @click.option("--method", "methods", multiple=True,
               help="Compressors to consider (repeat; default: every one that offers options).")
 @click.option("--executor", default="local", show_default=True,
@@ -407,9 +411,9 @@ def _print_memory(path: Path) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out",
               show_default=True, help="Folder for the artifact, its recipe and tables.")
 def search(model: str, data: str, budget: str, max_drop: float | None, max_macs: int | None,
-           methods: tuple[str, ...], executor: str, workers: int | None, address: str | None,
-           finetune_epochs: int, pareto_budgets: tuple[str, ...], seed: int, verify: bool,
-           out_dir: str) -> None:
+           max_latency: str | None, methods: tuple[str, ...], executor: str,
+           workers: int | None, address: str | None, finetune_epochs: int,
+           pareto_budgets: tuple[str, ...], seed: int, verify: bool, out_dir: str) -> None:
     """Search per-layer settings across methods under a size BUDGET (docs/search.md): write
     the artifact, a recipe that reproduces it byte for byte, and the tables."""
 
@@ -418,7 +422,8 @@ def search(model: str, data: str, budget: str, max_drop: float | None, max_macs:
 
     run = get_executor(executor, workers, address=address)
     lines = run_command(model, data, budget, out_dir=out_dir, max_drop=max_drop,
-                        max_macs=max_macs, methods=methods or None, executor=run,
+                        max_macs=max_macs, max_latency=max_latency,
+                        methods=methods or None, executor=run,
                         workers=workers, finetune_epochs=finetune_epochs, seed=seed,
                         pareto_budgets=pareto_budgets, verify=verify)
     for line in lines:

@@ -5,13 +5,15 @@ settings; options of a pruning compressor and a value-encoding one combine (prun
 quantize). :func:`scan` applies each candidate *alone* to the reference model (no fine-tune) and
 measures the layer's exact stored bytes, its MACs and the validation loss and accuracy on a
 fixed validation subset, through an executor, checkpointing to the cache so an interrupted scan
-resumes. :func:`solve` picks one candidate per layer minimising the summed loss increase under
-the byte budget (a multiple-choice knapsack by dynamic programming; with a MACs budget too, a
-MILP through ``scipy.optimize.milp``). :func:`search` measures the chosen plan whole against
-re-solves and uniform plans (layers interact; the summed loss is only a prediction) and keeps
-the best measured, turns it into a recipe whose steps use per-layer ``overrides``, runs it
-with :func:`netshrink.compress` (so the same recipe reproduces the artifact byte for byte) and
-tightens the budget until the real artifact fits.
+resumes; asked for a latency budget, it also times each candidate's layer as the packed runtime
+runs it. :func:`solve` picks one candidate per layer minimising the summed loss increase under
+the byte budget (a multiple-choice knapsack by dynamic programming; with a MACs or latency
+budget too, a MILP through ``scipy.optimize.milp``). :func:`search` measures the chosen plan
+whole against re-solves and uniform plans (layers interact; the summed loss is only a
+prediction) and keeps the best measured, turns it into a recipe whose steps use per-layer
+``overrides``, runs it with :func:`netshrink.compress` (so the same recipe reproduces the
+artifact byte for byte) and tightens the budget until the real artifact fits (and, with a
+latency budget, until the artifact loaded in the packed runtime, timed whole, does).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import math
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,16 +37,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.benchmark as tbench
 import yaml
 from torch import nn
 
 from netshrink.adapters import ModelInfo
-from netshrink.artifact import artifact_bytes
+from netshrink.artifact import artifact_bytes, load
 from netshrink.compressor import Compressor, LayerOption
 from netshrink.context import CompressionContext
 from netshrink.data import DataSplits
 from netshrink.datasets import load as load_data
-from netshrink.encodings import EncodingTable
+from netshrink.encodings import Encoding, EncodingTable
 from netshrink.errors import ConfigError, NetshrinkError
 from netshrink.executors import Executor, get_executor
 from netshrink.fileio import atomic_write, cache_dir
@@ -52,6 +56,7 @@ from netshrink.pipeline import CompressionResult, _info_for, _resolve_model, _se
 from netshrink.progress import enabled as progress_enabled
 from netshrink.recipe import Recipe
 from netshrink.registry import compressors, get_compressor
+from netshrink.runtime import is_packable, pack_tensor
 from netshrink.selector import LayerSelector
 from netshrink.training import FinetuneConfig
 
@@ -194,8 +199,16 @@ def _pattern(layer: str) -> str:
 
 def layer_bytes(model: nn.Module, table: EncodingTable, layer: str) -> int:
     """Exact stored bytes of the tensors of ``layer`` (its own and its submodules')."""
+    return sum(e.payload_bytes for e in _layer_encodings(model, table, layer).values())
+
+
+def _layer_encodings(model: nn.Module, table: EncodingTable, layer: str) -> dict[str, Encoding]:
+    """The encodings of ``layer``'s tensors (its own and its submodules'), by name relative to
+    the layer (``weight``, ``0.bias``)."""
     prefix = f"{layer}."
-    return sum(e.payload_bytes for n, e in table.complete(model).items() if n.startswith(prefix))
+    return {
+        n.removeprefix(prefix): e for n, e in table.complete(model).items() if n.startswith(prefix)
+    }
 
 
 def layer_macs(macs: dict[str, int], layer: str) -> int:
@@ -244,6 +257,132 @@ def check_layer_options(cls: type[Compressor], module: nn.Module) -> list[str]:
     return problems
 
 
+# -- latency -------------------------------------------------------------------------------------
+
+#: Seconds each latency figure is timed for (``Timer.blocked_autorange``'s ``min_run_time``).
+LATENCY_MIN_RUN_S = 0.2
+
+_LATENCY = re.compile(r"^\s*(\d+(?:\.\d+)?(?:e-?\d+)?)\s*(%|s|ms|us)?\s*$", re.IGNORECASE)
+_SECONDS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
+
+
+@torch.inference_mode()
+def _time_module(module: nn.Module, args: tuple[Any, ...]) -> float:
+    """Seconds per call of ``module(*args)`` in eval mode: the median block of
+    ``torch.utils.benchmark.Timer.blocked_autorange`` at this process's torch thread count
+    (tests replace this function with a deterministic one)."""
+    was_training = module.training
+    module.eval()
+    try:
+        timer = tbench.Timer(
+            "module(*args)", globals={"module": module, "args": args},
+            num_threads=torch.get_num_threads(),
+        )
+        return float(timer.blocked_autorange(min_run_time=LATENCY_MIN_RUN_S).median)
+    finally:
+        module.train(was_training)
+
+
+def _as_record(enc: Encoding) -> tuple[dict[str, Any], Callable[[Any], torch.Tensor]]:
+    """``enc``'s manifest record and a reader of its arrays, as an artifact stores them (flat
+    arrays, read back by reference)."""
+    arrays: list[torch.Tensor] = []
+
+    def write(array: torch.Tensor) -> int:
+        arrays.append(array.detach().cpu().contiguous().reshape(-1).clone())
+        return len(arrays) - 1
+
+    record = enc.to_record(write)
+    return record, arrays.__getitem__
+
+
+def packed_layer(module: nn.Module, encodings: dict[str, Encoding]) -> nn.Module:
+    """A copy of ``module`` as ``netshrink.load(..., runtime="packed")`` runs it: each of its
+    tensors whose encoding is packable (``encodings``, by name relative to ``module``) goes
+    through :func:`netshrink.runtime.pack_tensor` from its manifest record, as the loader
+    does (an int8 / int4 / CSR kernel module, or decoding on the fly); the rest stay dense."""
+    holder = _Holder(copy.deepcopy(module))
+    for name, enc in encodings.items():
+        if is_packable(enc):
+            record, read = _as_record(enc)
+            pack_tensor(holder, f"layer.{name}", record, read, Encoding.from_record(record, read))
+    return holder.layer
+
+
+def _latency_example(inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    """The first validation input repeated to ``batch`` rows (what latency is timed on)."""
+    return inputs[:1].expand(batch, *inputs.shape[1:]).contiguous()
+
+
+@torch.no_grad()
+def _layer_inputs(
+    model: nn.Module, layers: Sequence[str], example: torch.Tensor
+) -> dict[str, tuple[Any, ...]]:
+    """The positional inputs each of ``layers`` receives (its first call) when ``model`` runs
+    ``example``: the real input shapes each layer is timed on."""
+    found: dict[str, tuple[Any, ...]] = {}
+
+    def grab(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name not in found:
+                found[name] = tuple(
+                    a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args
+                )
+
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(grab(n)) for n in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    missing = [n for n in layers if n not in found]
+    if missing:
+        raise NetshrinkError(
+            f"search: layers {missing[:4]} did not run in a forward pass of the model, so their "
+            "latency cannot be timed; leave them out of 'select'"
+        )
+    return found
+
+
+def _packed_latency(artifact: bytes, example: torch.Tensor) -> float:
+    """Seconds per call of the artifact loaded with ``runtime="packed"`` on ``example``."""
+    with tempfile.TemporaryDirectory(prefix="netshrink-search-") as folder:
+        path = Path(folder) / "model.nsk"
+        path.write_bytes(artifact)
+        model = load(path, runtime="packed")
+    return _time_module(model, (example,))
+
+
+def parse_latency(max_latency: float | str, dense_latency: float) -> float:
+    """The latency budget in seconds per batch: a number of seconds (``0.002``), a string with
+    a unit (``"0.002"``, ``"2ms"``, ``"150us"``, ``"0.5s"``), or a percentage of the dense
+    model's measured latency ``dense_latency`` (``"80%"``; above 100% allows a slower model)."""
+    bad = (
+        f"search field 'max_latency': {max_latency!r} is not a latency; give seconds per batch "
+        "(0.002), a time with a unit ('2ms', '150us') or a share of the dense model's measured "
+        "latency ('80%')"
+    )
+    if isinstance(max_latency, bool) or not isinstance(max_latency, (int, float, str)):
+        raise ConfigError(bad)
+    if isinstance(max_latency, str):
+        match = _LATENCY.match(max_latency)
+        if not match:
+            raise ConfigError(bad)
+        value, unit = float(match.group(1)), (match.group(2) or "s").lower()
+    else:
+        value, unit = float(max_latency), "s"
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"search field 'max_latency': must be positive, got {max_latency!r}")
+    if unit == "%":
+        return value / 100 * dense_latency
+    return value * _SECONDS[unit]
+
+
 # -- the sensitivity scan ------------------------------------------------------------------------
 
 
@@ -257,6 +396,8 @@ class _ScanInputs:
     inputs: torch.Tensor
     targets: torch.Tensor
     seed: int
+    latency: bool = False
+    """Also hand back the candidate's layer and encodings (timed in the calling process)."""
 
 
 @torch.no_grad()
@@ -283,12 +424,21 @@ def _scan_one(shared: _ScanInputs, candidate: Candidate) -> dict[str, Any]:
     )
     loss, acc = _loss_accuracy(model, shared.inputs, shared.targets)
     macs = count_macs(model, shared.inputs[:1])
-    return {
+    row: dict[str, Any] = {
         "bytes": layer_bytes(model, table, candidate.layer),
         "macs": layer_macs(macs, candidate.layer),
         "loss": round(loss, 6),
         "accuracy": acc,
     }
+    if shared.latency:
+        layer = candidate.layer
+        row[_TIMING] = (model.get_submodule(layer), _layer_encodings(model, table, layer))
+    return row
+
+
+# The key of a scan row that carries the candidate's layer and its encodings back to the calling
+# process, which times the layer (one machine and thread count for every figure) and drops it.
+_TIMING = "_timing"
 
 
 @dataclass
@@ -297,29 +447,50 @@ class Sensitivity:
 
     candidates: dict[str, list[Candidate]]
     measured: dict[str, dict[str, Any]]
-    """Candidate key -> ``bytes``, ``macs``, ``loss``, ``accuracy`` (dense included)."""
+    """Candidate key -> ``bytes``, ``macs``, ``loss``, ``accuracy`` (dense included), and
+    ``latency`` (seconds per batch of ``latency_batch``, the layer alone as the packed runtime
+    runs it) when the scan timed latency."""
     base_loss: float
     base_accuracy: float
     n_val: int
+    model_latency: float | None = None
+    """Seconds per batch of ``latency_batch`` inputs of the whole dense reference model (when
+    the scan timed latency)."""
+    latency_batch: int | None = None
+    """The batch size latency was timed at (None: latency not timed)."""
 
     def row(self, candidate: Candidate) -> dict[str, Any]:
         """What ``candidate`` measured."""
         return self.measured[candidate.key]
 
+    @property
+    def has_latency(self) -> bool:
+        """Whether the scan timed latency (every candidate and the whole dense model)."""
+        return self.model_latency is not None and all(
+            "latency" in self.row(c) for cands in self.candidates.values() for c in cands
+        )
+
     def rows(self) -> list[dict[str, Any]]:
-        """A flat table: layer, candidate, bytes, MACs, loss change, accuracy change (pp)."""
-        return [
-            {
-                "layer": c.layer,
-                "candidate": c.label,
-                "bytes": self.row(c)["bytes"],
-                "macs": self.row(c)["macs"],
-                "delta_loss": round(self.row(c)["loss"] - self.base_loss, 6),
-                "delta_acc_pp": round(100 * (self.row(c)["accuracy"] - self.base_accuracy), 3),
-            }
-            for cands in self.candidates.values()
-            for c in cands
-        ]
+        """A flat table: layer, candidate, bytes, MACs, loss change, accuracy change (pp), and
+        ``latency`` (seconds per batch) when the scan timed it."""
+        timed = self.has_latency
+        out = []
+        for cands in self.candidates.values():
+            for c in cands:
+                row = {
+                    "layer": c.layer,
+                    "candidate": c.label,
+                    "bytes": self.row(c)["bytes"],
+                    "macs": self.row(c)["macs"],
+                    "delta_loss": round(self.row(c)["loss"] - self.base_loss, 6),
+                    "delta_acc_pp": round(
+                        100 * (self.row(c)["accuracy"] - self.base_accuracy), 3
+                    ),
+                }
+                if timed:
+                    row["latency"] = self.row(c)["latency"]
+                out.append(row)
+        return out
 
 
 def _state_digest(model: nn.Module) -> str:
@@ -333,12 +504,18 @@ def _state_digest(model: nn.Module) -> str:
 
 
 def _checkpoint_key(
-    model: nn.Module, data: DataSplits, val_limit: int, seed: int, keys: list[str]
+    model: nn.Module, data: DataSplits, val_limit: int, seed: int, keys: list[str],
+    latency: str | None = None,
 ) -> str:
-    text = json.dumps(
-        [_CHECKPOINT_VERSION, _state_digest(model), data.name, len(data.val), val_limit, seed, keys]
-    )
-    return hashlib.sha256(text.encode()).hexdigest()
+    """The scan's identity; ``latency`` (how latency is timed) is part of it only when the scan
+    times latency, so a timed scan never reuses an untimed one's checkpoint and an untimed
+    scan keeps the key it always had."""
+    body: list[Any] = [
+        _CHECKPOINT_VERSION, _state_digest(model), data.name, len(data.val), val_limit, seed, keys
+    ]
+    if latency is not None:
+        body.append(latency)
+    return hashlib.sha256(json.dumps(body).encode()).hexdigest()
 
 
 def _entries_digest(entries: dict[str, Any]) -> str:
@@ -391,16 +568,29 @@ def scan(
     workers: int | None = None,
     checkpoint: bool | str | Path = True,
     chunk: int = 16,
+    latency: bool = False,
+    latency_batch: int = 1,
 ) -> Sensitivity:
     """Measure every layer × candidate alone on the first ``val_limit`` validation samples.
 
     Work goes through ``executor`` (``local``, ``process`` or an :class:`Executor`) in chunks
     of ``chunk`` candidates; after each, a progress line is logged and (``checkpoint`` True: in
     the cache; a path: there) the results so far are written, so a rerun after an interruption
-    measures only what is missing."""
+    measures only what is missing.
+
+    ``latency`` (off by default: it adds about :data:`LATENCY_MIN_RUN_S` seconds per
+    candidate): also time each candidate's layer alone as the packed runtime runs it
+    (:func:`packed_layer`) on the input it receives in the reference model for a batch of
+    ``latency_batch`` copies of the first validation sample, and the whole dense model on that
+    batch (``torch.utils.benchmark``, in this process, whatever the executor)."""
     splits = load_data(data) if isinstance(data, str) else data
     if val_limit < 1:
         raise ConfigError(f"search field 'val_limit': must be at least 1, got {val_limit}")
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
+        raise ConfigError(
+            f"search field 'latency_batch': must be an integer of at least 1, got "
+            f"{latency_batch!r}"
+        )
     reference = _reference(model, splits, seed)
     info = _info_for(reference, splits)
     chosen = _selector(select).resolve(
@@ -409,14 +599,22 @@ def scan(
     candidates = layer_candidates(reference, chosen, methods)
     run = get_executor(executor, workers)
     inputs, targets = splits.batch("val", min(val_limit, len(splits.val)))
-    shared = _ScanInputs(reference, splits, info, inputs, targets, seed)
+    shared = _ScanInputs(reference, splits, info, inputs, targets, seed, latency)
     base_loss, base_acc = _loss_accuracy(copy.deepcopy(reference), inputs, targets)
+    timing = None
+    if latency:
+        example = _latency_example(inputs, latency_batch)
+        layer_inputs = _layer_inputs(reference, list(candidates), example)
+        timing = f"latency batch={latency_batch} threads={torch.get_num_threads()}"
 
     todo = [c for cands in candidates.values() for c in cands]
-    key = _checkpoint_key(reference, splits, len(targets), seed, [c.key for c in todo])
+    key = _checkpoint_key(reference, splits, len(targets), seed, [c.key for c in todo], timing)
     path = _checkpoint_path(checkpoint, key)
     measured = read_checkpoint(path, key) if path else {}
-    missing = [c for c in todo if c.key not in measured]
+    # A row without a latency (a file written by hand or by an older scan) is measured again.
+    missing = [
+        c for c in todo if c.key not in measured or (latency and "latency" not in measured[c.key])
+    ]
     if path and measured:
         log.info(
             "search: resuming the scan from %s (%d of %d done)", path, len(measured), len(todo)
@@ -426,6 +624,11 @@ def scan(
     for first in range(0, len(missing), max(1, chunk)):
         part = missing[first : first + max(1, chunk)]
         for cand, result in zip(part, run.map(task, part), strict=True):
+            if latency:
+                module, encodings = result.pop(_TIMING)
+                result["latency"] = _time_module(
+                    packed_layer(module, encodings), layer_inputs[cand.layer]
+                )
             measured[cand.key] = result
         if path:
             write_checkpoint(path, key, measured)
@@ -433,7 +636,11 @@ def scan(
             f"search: scanned {len(todo) - len(missing) + first + len(part)}/{len(todo)} "
             f"candidates ({run.name} executor, {time.perf_counter() - started:.1f}s)"
         )
-    return Sensitivity(candidates, measured, round(base_loss, 6), base_acc, len(targets))
+    model_latency = _time_module(reference, (example,)) if latency else None
+    return Sensitivity(
+        candidates, measured, round(base_loss, 6), base_acc, len(targets), model_latency,
+        latency_batch if latency else None,
+    )
 
 
 def _reference(model: nn.Module | str, data: DataSplits, seed: int) -> nn.Module:
@@ -474,19 +681,27 @@ def solve(
     *,
     macs: Sequence[Sequence[int]] | None = None,
     max_macs: int | None = None,
+    latency: Sequence[Sequence[float]] | None = None,
+    max_latency: float | None = None,
     resolution: int = 4096,
 ) -> list[int] | None:
     """One choice per group minimising the summed cost with summed size ≤ ``budget`` (and
-    summed ``macs`` ≤ ``max_macs`` if given); the chosen index per group, or None when no
-    choice fits.
+    summed ``macs`` ≤ ``max_macs``, summed ``latency`` ≤ ``max_latency`` if given); the chosen
+    index per group, or None when no choice fits.
 
-    Without a MACs budget: dynamic programming over sizes in ``budget / resolution`` buckets,
-    each size rounded *up* (a choice found always fits exactly; ties go to the earlier
-    option). With one: a MILP through ``scipy.optimize.milp``."""
-    if budget < 0:
+    Without a MACs or latency budget: dynamic programming over sizes in ``budget /
+    resolution`` buckets, each size rounded *up* (a choice found always fits exactly; ties go
+    to the earlier option). With one: a MILP through ``scipy.optimize.milp``, one row per
+    budget."""
+    if budget < 0 or (max_latency is not None and max_latency < 0):
         return None
-    if max_macs is not None:
-        return _solve_milp(costs, sizes, budget, macs or [], max_macs)
+    if max_macs is not None or max_latency is not None:
+        rows: list[tuple[Sequence[Sequence[float]], float]] = []
+        if max_macs is not None:
+            rows.append((macs or [], max_macs))
+        if max_latency is not None:
+            rows.append((latency or [], max_latency))
+        return _solve_milp(costs, sizes, budget, rows)
     unit = max(1, math.ceil(budget / resolution))
     capacity = budget // unit
     best = np.zeros(capacity + 1)  # best[c]: least cost of the groups so far within c units
@@ -520,26 +735,34 @@ def _solve_milp(
     costs: Sequence[Sequence[float]],
     sizes: Sequence[Sequence[int]],
     budget: int,
-    macs: Sequence[Sequence[int]],
-    max_macs: int,
+    extra: Sequence[tuple[Sequence[Sequence[float]], float]],
 ) -> list[int] | None:
+    """The MILP: one choice per group, bytes ≤ ``budget`` and, per ``(values, limit)`` of
+    ``extra`` (MACs, latency), the summed values ≤ ``limit``."""
     try:
         from scipy.optimize import Bounds, LinearConstraint, milp
     except ImportError:
-        raise ConfigError("a MACs budget needs scipy (pip install scipy)") from None
+        raise ConfigError("a MACs or latency budget needs scipy (pip install scipy)") from None
     flat = [(g, i) for g, group in enumerate(costs) for i in range(len(group))]
     n = len(flat)
     one = np.zeros((len(costs), n))
     for j, (g, _) in enumerate(flat):
         one[g, j] = 1
-    rows = np.array([[sizes[g][i] for g, i in flat], [macs[g][i] for g, i in flat]], dtype=float)
+    rows = [[float(sizes[g][i]) for g, i in flat]]
+    limits = [float(budget)]
+    for values, limit in extra:
+        # Each row scaled by its limit: latencies are microseconds, and the solver's absolute
+        # feasibility tolerance (1e-7) must stay far below a row's resolution.
+        scale = float(limit) if limit > 0 else 1.0
+        rows.append([values[g][i] / scale for g, i in flat])
+        limits.append(limit / scale)
     res = milp(
         c=np.array([costs[g][i] for g, i in flat]),
         integrality=np.ones(n),
         bounds=Bounds(0, 1),
         constraints=[
             LinearConstraint(one, 1, 1),
-            LinearConstraint(rows, -np.inf, np.array([budget, max_macs], dtype=float)),
+            LinearConstraint(np.array(rows), -np.inf, np.array(limits)),
         ],
     )
     if res.x is None:
@@ -754,10 +977,11 @@ def _same(a: dict[str, Candidate], b: dict[str, Candidate]) -> bool:
 
 def _uniform_plans(
     table: Sensitivity, allowed: dict[str, list[Candidate]], layer_budget: int,
-    max_macs: int | None,
+    max_macs: int | None, max_latency: float | None = None,
 ) -> list[tuple[str, dict[str, Candidate]]]:
     """Per candidate label offered anywhere: that candidate on every layer that offers it, the
-    others dense; those within the layer budget (and ``max_macs``), by predicted loss."""
+    others dense; those within the layer budget (and ``max_macs``, and the layers' latency
+    budget ``max_latency``), by predicted loss."""
     labels = dict.fromkeys(c.label for cands in allowed.values() for c in cands if c.options)
     plans = []
     for label in labels:
@@ -768,6 +992,10 @@ def _uniform_plans(
         if sum(table.row(c)["bytes"] for c in plan.values()) > layer_budget:
             continue
         if max_macs is not None and sum(table.row(c)["macs"] for c in plan.values()) > max_macs:
+            continue
+        if max_latency is not None and (
+            sum(table.row(c)["latency"] for c in plan.values()) > max_latency
+        ):
             continue
         plans.append((label, plan))
     return sorted(
@@ -785,10 +1013,13 @@ def _verify_plan(
     max_macs: int | None,
     max_drop: float | None,
     max_alternatives: int,
+    max_latency: float | None = None,
 ) -> tuple[dict[str, Candidate], list[MeasuredPlan], list[str]]:
     """Measure the solver's ``plan`` whole and its alternatives (as :func:`search`'s
     ``verify`` describes); return the plan to keep, every plan measured and the notes.
-    ``solve_again(penalty)`` solves with ``penalty`` (candidate key -> cost) added."""
+    ``solve_again(penalty)`` solves with ``penalty`` (candidate key -> cost) added;
+    ``max_latency`` is the searched layers' latency budget (uniform plans over it are
+    skipped)."""
     table = meter.table
     measured = [meter.measure("solver", plan)]
 
@@ -819,7 +1050,7 @@ def _verify_plan(
             penalty[cand.key] = penalty.get(cand.key, 0.0) + share
         again = solve_again(penalty)
         current = None if again is None else add(f"re-solve {round_}", again)
-    for label, uniform in _uniform_plans(table, allowed, layer_budget, max_macs):
+    for label, uniform in _uniform_plans(table, allowed, layer_budget, max_macs, max_latency):
         if not room():
             break
         add(f"uniform {label}", uniform)
@@ -851,6 +1082,35 @@ def _verify_plan(
 
 
 @dataclass
+class SearchLatency:
+    """The latency side of a search with ``max_latency``: seconds per batch of ``batch``
+    copies of the first validation sample, for the whole model."""
+
+    batch: int
+    budget: float
+    """``max_latency`` in seconds (a percentage resolved against ``dense``)."""
+    dense: float
+    """The dense reference model, timed whole by the scan."""
+    fixed: float
+    """The part of ``dense`` outside the searched layers: ``dense`` less the searched layers'
+    dense latencies timed alone (at least 0); added to every plan's prediction."""
+    predicted: float
+    """``fixed`` plus the chosen candidates' latencies timed alone (what the solver bounds)."""
+    measured: float | None = None
+    """The artifact loaded with ``runtime="packed"``, timed whole."""
+    tries: int = 0
+    """Compressions whose packed model was timed (a retry shrinks the layers' budget)."""
+
+    def row(self) -> dict[str, Any]:
+        """The figures as a JSON-able row (``SearchResult.save``'s ``latency``)."""
+        return {
+            "batch": self.batch, "budget_s": self.budget, "dense_s": self.dense,
+            "fixed_s": self.fixed, "predicted_s": self.predicted, "measured_s": self.measured,
+            "tries": self.tries,
+        }
+
+
+@dataclass
 class SearchResult:
     """What :func:`search` returns: the chosen candidate per layer, the recipe that reproduces
     it, the compressed result, and the honest figures."""
@@ -867,6 +1127,8 @@ class SearchResult:
     measured_plans: list[MeasuredPlan] = field(default_factory=list)
     """The plans measured whole before compressing (``verify``): the solver's first, one of
     them ``chosen``; empty with ``verify=False``."""
+    latency: SearchLatency | None = None
+    """With ``max_latency``: the budget, the predicted and the measured packed latency."""
 
     @property
     def artifact_bytes(self) -> int:
@@ -874,17 +1136,22 @@ class SearchResult:
         return len(self.result.artifact)
 
     def plan_rows(self) -> list[dict[str, Any]]:
-        """Per layer: the chosen candidate, its bytes and measured-alone loss change."""
-        return [
-            {"layer": layer, "choice": c.label, "bytes": self.sensitivity.row(c)["bytes"],
-             "delta_loss": round(self.sensitivity.row(c)["loss"] - self.sensitivity.base_loss, 6)}
-            for layer, c in self.plan.items()
-        ]
+        """Per layer: the chosen candidate, its bytes and measured-alone loss change (and its
+        latency alone, seconds per batch, when the search had a latency budget)."""
+        table = self.sensitivity
+        rows = []
+        for layer, c in self.plan.items():
+            row = {"layer": layer, "choice": c.label, "bytes": table.row(c)["bytes"],
+                   "delta_loss": round(table.row(c)["loss"] - table.base_loss, 6)}
+            if self.latency is not None:
+                row["latency"] = table.row(c)["latency"]
+            rows.append(row)
+        return rows
 
     def save(self, out_dir: str | Path, stem: str = "model") -> dict[str, Path]:
         """Write ``<stem>.nsk`` (+ its report files), ``<stem>.search.yaml`` (the recipe) and
-        ``<stem>.search.json`` (plan, sensitivity table, the plans measured whole and the
-        notes), each atomically."""
+        ``<stem>.search.json`` (plan, sensitivity table, the plans measured whole, the
+        latency figures and the notes), each atomically."""
         out = Path(out_dir)
         recipe_path = atomic_write(out / f"{stem}.search.yaml", recipe_yaml(self.recipe))
         summary = {
@@ -895,6 +1162,7 @@ class SearchResult:
             "plan": self.plan_rows(),
             "sensitivity": self.sensitivity.rows(),
             "measured_plans": [m.row() for m in self.measured_plans],
+            "latency": None if self.latency is None else self.latency.row(),
             "notes": self.notes,
         }
         table_path = atomic_write(out / f"{stem}.search.json", json.dumps(summary, indent=2))
@@ -909,6 +1177,8 @@ def search(
     *,
     max_drop: float | None = None,
     max_macs: int | None = None,
+    max_latency: float | str | None = None,
+    latency_batch: int = 1,
     methods: Sequence[str] | None = None,
     select: LayerSelector | dict[str, Any] | None = None,
     finetune: FinetuneConfig | dict[str, Any] | None = None,
@@ -932,11 +1202,22 @@ def search(
     artifact still exceeds ``budget`` the layer budget shrinks by the excess and the solve
     runs again (up to ``tries`` times), so the returned artifact is never over ``budget``.
 
+    ``max_latency`` (see :func:`parse_latency`: seconds per batch, ``"2ms"``, or ``"80%"`` of
+    the dense model's measured latency) bounds the whole model's latency on a batch of
+    ``latency_batch`` inputs in the packed runtime: the scan times each candidate's layer
+    alone (``scan(latency=True)``; a ``sensitivity`` given must have been scanned so, at the
+    same batch) and the solver bounds the sum over the searched layers plus the rest of the
+    dense model (its whole latency less the searched layers' dense ones). The artifact is then
+    loaded with ``runtime="packed"`` and timed whole (``result.latency``); if it is over the
+    budget the layers' latency budget shrinks by the ratio and the search runs again, within
+    the same ``tries``, after which a note says so (timings on a shared machine are noisy).
+
     ``verify`` (default on): the solver minimises the *sum* of the loss increases each
     candidate caused alone, and layers interact. So before compressing, the solver's plan is
     applied whole to the reference (every layer's candidate as the scan applied it, no
     fine-tune) and measured on the scan's validation subset (the first ``val_limit``
-    samples), and so are alternatives within the same layer budget (and ``max_macs``):
+    samples), and so are alternatives within the same layer budget (and ``max_macs``,
+    ``max_latency``):
 
     - if the plan lost more than predicted, up to 3 re-solves, each adding the unexplained
       loss (measured less predicted), shared equally, to the cost of the last plan's
@@ -958,6 +1239,7 @@ def search(
     table = sensitivity or scan(
         model, splits, methods=methods, select=select, val_limit=val_limit, seed=seed,
         executor=executor, workers=workers, checkpoint=checkpoint,
+        latency=max_latency is not None, latency_batch=latency_batch,
     )
     reference = _reference(model, splits, seed)
     info = _info_for(reference, splits)
@@ -974,13 +1256,16 @@ def search(
     limit = parse_budget(budget, dense_total)
     dense_layers = sum(table.row(allowed[layer][0])["bytes"] for layer in layers)
     layer_budget = limit - (dense_total - dense_layers)
+    timing = None if max_latency is None else _latency_budget(table, layers, max_latency,
+                                                               latency_batch)
+    layer_latency = None if timing is None else timing.budget - timing.fixed
     spec = model if isinstance(model, str) else None
     data_name = data if isinstance(data, str) else None
     meter = _PlanMeter(reference, splits, info, table, seed) if verify else None
-    measured: list[MeasuredPlan] = []
-    verify_notes: list[str] = []
 
-    def solve_for(budget_now: int, penalty: dict[str, float]) -> list[int] | None:
+    def solve_for(
+        budget_now: int, latency_now: float | None, penalty: dict[str, float]
+    ) -> list[int] | None:
         return solve(
             [[_cost(table, c, dense_layers) + penalty.get(c.key, 0.0) for c in allowed[n]]
              for n in layers],
@@ -988,6 +1273,10 @@ def search(
             budget_now,
             macs=[[table.row(c)["macs"] for c in allowed[n]] for n in layers],
             max_macs=max_macs,
+            latency=None if latency_now is None else [
+                [table.row(c)["latency"] for c in allowed[n]] for n in layers
+            ],
+            max_latency=latency_now,
         )
 
     def as_plan(choice: list[int] | None) -> dict[str, Candidate] | None:
@@ -995,25 +1284,31 @@ def search(
             return None
         return {n: allowed[n][i] for n, i in zip(layers, choice, strict=True)}
 
+    kept: _Try | None = None
+    latency_notes: list[str] = []
     for attempt in range(max(1, tries)):
-        choice = solve_for(layer_budget, {})
+        choice = solve_for(layer_budget, layer_latency, {})
         if choice is None:
-            smallest = dense_total - dense_layers + sum(
-                min(table.row(c)["bytes"] for c in allowed[n]) for n in layers
-            )
-            raise ConfigError(
-                f"search field 'budget': no choice of the scanned options fits {limit:,} bytes "
-                f"(about {smallest:,} bytes is the smallest reachable"
-                + (f" with max_drop {max_drop}" if max_drop is not None else "")
-                + "); raise the budget, relax max_drop/max_macs, or add methods"
-            )
+            if kept is not None:  # only a shrunk latency budget gets here: keep the last fit
+                latency_notes.append(
+                    f"no plan fits the searched layers' latency budget shrunk to "
+                    f"{_ms(layer_latency)} after the packed model measured over max_latency; "
+                    "kept the last plan that fit the byte budget"
+                )
+                break
+            raise _nothing_fits(table, allowed, limit, layer_budget, dense_total - dense_layers,
+                                max_drop, timing)
         plan = {n: allowed[n][i] for n, i in zip(layers, choice, strict=True)}
+        measured: list[MeasuredPlan] = []
+        verify_notes: list[str] = []
         if meter is not None:
             plan, measured, verify_notes = _verify_plan(
                 meter, allowed, plan,
-                lambda penalty, now=layer_budget: as_plan(solve_for(now, penalty)),
+                lambda penalty, now=layer_budget, fast=layer_latency: as_plan(
+                    solve_for(now, fast, penalty)
+                ),
                 layer_budget=layer_budget, max_macs=max_macs, max_drop=max_drop,
-                max_alternatives=max_alternatives,
+                max_alternatives=max_alternatives, max_latency=layer_latency,
             )
         recipe = plan_recipe(
             plan, model=spec, data=data_name, seed=seed, finetune=finetune, head=info.head
@@ -1024,17 +1319,43 @@ def search(
             "search: try %d: artifact %d bytes for a budget of %d (%+d)",
             attempt + 1, len(result.artifact), limit, excess,
         )
-        if excess <= 0:
+        if excess > 0:
+            layer_budget -= excess
+            continue
+        kept = _Try(plan, recipe, result, measured, verify_notes)
+        if timing is None or layer_latency is None:
             break
-        layer_budget -= excess
-    else:
+        timing.tries += 1
+        timing.predicted = timing.fixed + sum(table.row(c)["latency"] for c in plan.values())
+        timing.measured = _packed_latency(
+            result.artifact, _latency_example(splits.batch("val", 1)[0], timing.batch)
+        )
+        _progress_line(
+            f"search: try {attempt + 1}: packed model {_ms(timing.measured)} per batch of "
+            f"{timing.batch} (predicted {_ms(timing.predicted)}, max_latency "
+            f"{_ms(timing.budget)})"
+        )
+        if timing.measured <= timing.budget:
+            break
+        layer_latency *= timing.budget / timing.measured
+    if kept is None:
         raise NetshrinkError(
             f"search: after {tries} tries the artifact is still {excess:,} bytes over the "
             f"budget of {limit:,} bytes; raise the budget or 'tries'"
         )
+    plan, recipe, result = kept.plan, kept.recipe, kept.result
+    if timing is not None and timing.measured is not None and timing.measured > timing.budget:
+        latency_notes.append(
+            f"the packed model measured {_ms(timing.measured)} per batch of {timing.batch}, "
+            f"over max_latency {_ms(timing.budget)} (predicted {_ms(timing.predicted)} from "
+            f"the layers timed alone) after {timing.tries} timed tries; timings on a shared "
+            "machine are noisy, and layers timed alone do not add up exactly"
+        )
+    for note in latency_notes:
+        log.warning("search: %s", note)
     val_acc = _loss_accuracy(result.model, *splits.batch("val", len(splits.val)))[1]
     ref_acc = _loss_accuracy(copy.deepcopy(reference), *splits.batch("val", len(splits.val)))[1]
-    notes = list(verify_notes)
+    notes = [*kept.verify_notes, *latency_notes]
     if max_drop is not None and 100 * (ref_acc - val_acc) > max_drop:
         notes.append(
             f"validation accuracy dropped {100 * (ref_acc - val_acc):.2f} pp, more than "
@@ -1044,7 +1365,71 @@ def search(
     predicted = sum(table.row(c)["loss"] - table.base_loss for c in plan.values())
     return SearchResult(
         plan, recipe, result, limit, val_acc, ref_acc, round(predicted, 6), table, notes,
-        measured,
+        kept.measured, timing,
+    )
+
+
+@dataclass
+class _Try:
+    """One compression of a search that fit the byte budget."""
+
+    plan: dict[str, Candidate]
+    recipe: Recipe
+    result: CompressionResult
+    measured: list[MeasuredPlan]
+    verify_notes: list[str]
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.3f} ms"
+
+
+def _latency_budget(
+    table: Sensitivity, layers: list[str], max_latency: float | str, batch: int
+) -> SearchLatency:
+    """The whole-model latency budget and the part of the dense model no layer choice
+    changes, from a scan that timed latency at ``batch``."""
+    if not table.has_latency or table.model_latency is None:
+        raise ConfigError(
+            "search field 'max_latency': the sensitivity scan has no latency figures; scan with "
+            "latency=True (search scans so itself when no sensitivity is given)"
+        )
+    if table.latency_batch != batch:
+        raise ConfigError(
+            f"search field 'latency_batch': {batch} differs from the batch the scan timed "
+            f"({table.latency_batch}); scan again with latency_batch={batch}"
+        )
+    limit = parse_latency(max_latency, table.model_latency)
+    dense_layers = sum(table.row(table.candidates[n][0])["latency"] for n in layers)
+    fixed = max(0.0, table.model_latency - dense_layers)
+    return SearchLatency(batch, limit, table.model_latency, fixed, table.model_latency)
+
+
+def _nothing_fits(
+    table: Sensitivity, allowed: dict[str, list[Candidate]], limit: int, layer_budget: int,
+    rest: int, max_drop: float | None, timing: SearchLatency | None,
+) -> ConfigError:
+    """The error when no choice fits: the fastest latency reachable within the bytes when some
+    choice fits them (the latency budget is what cannot be met), else the smallest size."""
+    with_drop = f" with max_drop {max_drop}" if max_drop is not None else ""
+    groups = list(allowed.values())
+    if timing is not None:
+        seconds = [[table.row(c)["latency"] for c in cands] for cands in groups]
+        sizes = [[table.row(c)["bytes"] for c in cands] for cands in groups]
+        fastest = solve(seconds, sizes, layer_budget)  # the least latency within the bytes
+        if fastest is not None:
+            reachable = timing.fixed + sum(seconds[g][i] for g, i in enumerate(fastest))
+            return ConfigError(
+                f"search field 'max_latency': no choice of the scanned options fits "
+                f"{_ms(timing.budget)} per batch of {timing.batch} within {limit:,} bytes "
+                f"(about {_ms(reachable)} is the fastest reachable there{with_drop}; dense "
+                f"{_ms(timing.dense)}); raise max_latency or the budget, or add methods"
+            )
+    smallest = rest + sum(min(table.row(c)["bytes"] for c in cands) for cands in groups)
+    return ConfigError(
+        f"search field 'budget': no choice of the scanned options fits {limit:,} bytes "
+        f"(about {smallest:,} bytes is the smallest reachable{with_drop}); raise the budget, "
+        "relax max_drop/max_macs/max_latency, or add methods"
     )
 
 
@@ -1077,11 +1462,13 @@ def pareto(
     **kwargs: Any,
 ) -> list[ParetoPoint]:
     """Search at each of ``budgets`` with one shared scan (``kwargs`` as :func:`search`
-    takes them, ``verify`` included); the points sorted by size."""
+    takes them, ``verify`` and ``max_latency`` included); the points sorted by size."""
     splits = load_data(data) if isinstance(data, str) else data
-    scan_keys = ("methods", "select", "val_limit", "seed", "executor", "workers", "checkpoint")
+    scan_keys = ("methods", "select", "val_limit", "seed", "executor", "workers", "checkpoint",
+                 "latency_batch")
     table = kwargs.pop("sensitivity", None) or scan(
-        model, splits, **{k: kwargs[k] for k in scan_keys if k in kwargs}
+        model, splits, latency=kwargs.get("max_latency") is not None,
+        **{k: kwargs[k] for k in scan_keys if k in kwargs},
     )
     points = []
     for budget in budgets:
@@ -1147,6 +1534,7 @@ def run_command(
     out_dir: str | Path = "out",
     max_drop: float | None = None,
     max_macs: int | None = None,
+    max_latency: float | str | None = None,
     methods: Sequence[str] | None = None,
     executor: str | None = None,
     workers: int | None = None,
@@ -1160,15 +1548,17 @@ def run_command(
     cache), search, write ``<stem>.nsk`` with its report, ``<stem>.search.yaml`` and
     ``<stem>.search.json`` under ``out_dir``, and with ``pareto_budgets`` also
     ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib); ``verify``
-    as in :func:`search`. Returns the lines to print."""
+    and ``max_latency`` (batch 1) as in :func:`search`. Returns the lines to print."""
     finetune = {"epochs": finetune_epochs} if finetune_epochs > 0 else None
+    if max_latency is not None:  # a bad value is refused before the scan, not after it
+        parse_latency(max_latency, 1.0)
     table = scan(
         model, data, methods=methods, val_limit=val_limit, seed=seed, executor=executor,
-        workers=workers,
+        workers=workers, latency=max_latency is not None,
     )
     common: dict[str, Any] = {
-        "max_drop": max_drop, "max_macs": max_macs, "finetune": finetune, "seed": seed,
-        "sensitivity": table, "verify": verify,
+        "max_drop": max_drop, "max_macs": max_macs, "max_latency": max_latency,
+        "finetune": finetune, "seed": seed, "sensitivity": table, "verify": verify,
     }
     found = search(model, data, budget, **common)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split(":", 1)[-1]) or "model"
@@ -1180,6 +1570,13 @@ def run_command(
         f"accuracy {100 * found.val_accuracy:.2f}% (reference "
         f"{100 * found.reference_val_accuracy:.2f}%)"
     )
+    if found.latency is not None:
+        timed = found.latency
+        lines.append(
+            f"latency {_ms(timed.measured)} per batch of {timed.batch}, packed runtime "
+            f"(max_latency {_ms(timed.budget)}; predicted {_ms(timed.predicted)}; dense "
+            f"{_ms(timed.dense)})"
+        )
     lines += [f"note: {note}" for note in found.notes]
     lines.append(f"wrote {paths['artifact']}, {paths['recipe']}, {paths['table']}")
     if pareto_budgets:
@@ -1194,18 +1591,22 @@ def run_command(
 
 
 __all__ = [
+    "LATENCY_MIN_RUN_S",
     "Candidate",
     "MeasuredPlan",
     "ParetoPoint",
+    "SearchLatency",
     "SearchResult",
     "Sensitivity",
     "apply_candidate",
     "check_layer_options",
     "layer_candidates",
     "option_bytes",
+    "packed_layer",
     "pareto",
     "pareto_table",
     "parse_budget",
+    "parse_latency",
     "plan_recipe",
     "plot_pareto",
     "read_checkpoint",

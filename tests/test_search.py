@@ -584,3 +584,285 @@ def test_scan_checkpoint_key_covers_models_with_batchnorm():
     with torch.no_grad():
         model[0].weight[0, 0, 0, 0] += 1.0
     assert _state_digest(model) != after
+
+
+# -- a measured-latency budget (issue 17) ----------------------------------------------------------
+
+#: The fake timer's unit: a plain Linear costs one, a packed one (kernel or decoded on the fly)
+#: ten, whatever the machine's load.
+_TICK = 1e-4
+
+
+def _fake_time(module: nn.Module, args: tuple) -> float:
+    """A deterministic stand-in for ``S._time_module``: 1 tick per plain Linear, 10 per Linear
+    the packed runtime replaced (int8 / int4 / CSR kernel) or decodes on the fly."""
+    from torch.nn.utils import parametrize
+
+    from netshrink.runtime import CsrLinear, Int4WeightLinear, Int8WeightLinear
+
+    ticks = 0
+    for m in module.modules():
+        if isinstance(m, (Int8WeightLinear, Int4WeightLinear, CsrLinear)) or (
+            parametrize.is_parametrized(m)
+        ):
+            ticks += 10
+        elif type(m) is nn.Linear:
+            ticks += 1
+    return ticks * _TICK
+
+
+def _brute_rows(costs, rows, limits):
+    """The least summed cost of one choice per group whose summed ``rows`` (a tuple per
+    choice) stay within ``limits`` (None: no limit), by trying every choice."""
+    best = None
+    for pick in itertools.product(*[range(len(c)) for c in costs]):
+        sums = [sum(rows[g][i][k] for g, i in enumerate(pick)) for k in range(len(limits))]
+        if any(lim is not None and v > lim for v, lim in zip(sums, limits, strict=True)):
+            continue
+        cost = sum(costs[g][i] for g, i in enumerate(pick))
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.fixture(scope="module")
+def lat_table(grids) -> S.Sensitivity:
+    """The scan of ``table`` with latency timed by the fake timer."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(S, "_time_module", _fake_time)
+    try:
+        return S.scan(MODEL, DATA, methods=METHODS, checkpoint=False, latency=True)
+    finally:
+        mp.undo()
+
+
+def _is_whole(module: nn.Module) -> bool:
+    return hasattr(module, "fc3")
+
+
+def test_scan_times_each_candidate_as_the_packed_runtime_runs_it(grids, monkeypatch):
+    from torch.nn.utils import parametrize
+
+    from netshrink.runtime import CsrLinear, Int8WeightLinear
+
+    seen: list[tuple[str, tuple[int, ...]]] = []
+
+    def spy(module, args):
+        if not _is_whole(module):
+            kind = ("parametrized" if parametrize.is_parametrized(module)
+                    else type(module).__name__)
+            seen.append((kind, tuple(args[0].shape)))
+        return _fake_time(module, args)
+
+    monkeypatch.setattr(S, "_time_module", spy)
+    kwargs = {"methods": ("magnitude",), "select": {"names": ["fc2"]}, "checkpoint": False}
+    timed = S.scan(MODEL, DATA, latency=True, latency_batch=3, **kwargs)
+    # dense; 50% sparse decodes on the fly; 10% dense runs as CSR; on fc2's real input shape
+    assert seen == [("Linear", (3, 300)), ("parametrized", (3, 300)), ("CsrLinear", (3, 300))]
+    labels = [c.label for c in timed.candidates["fc2"]]
+    assert [r["latency"] for r in timed.rows()] == [_TICK, 10 * _TICK, 10 * _TICK]
+    assert timed.model_latency == 3 * _TICK and timed.latency_batch == 3
+    # A scan without a latency budget times nothing and has no latency column.
+    seen.clear()
+    plain = S.scan(MODEL, DATA, **kwargs)
+    assert seen == [] and not plain.has_latency and plain.model_latency is None
+    assert all("latency" not in r for r in plain.rows())
+    assert {c.label for c in plain.candidates["fc2"]} == set(labels)
+    # The packed module computes what the compressed layer computes, through the kernel.
+    torch.manual_seed(0)
+    for name, config, kernel in (("magnitude", {"sparsity": 0.9}, CsrLinear),
+                                 ("quantize", {"bits": 8}, Int8WeightLinear)):
+        layer = nn.Linear(300, 100)
+        option = next(o for o in registry.get_compressor(name).layer_options(layer, "layer")
+                      if o.config == config)
+        encodings = ns.EncodingTable()
+        held = S.apply_candidate(S._Holder(layer), S.Candidate("layer", (option,)), encodings)
+        packed = S.packed_layer(held.layer, S._layer_encodings(held, encodings, "layer"))
+        assert isinstance(packed, kernel) and type(held.layer) is nn.Linear
+        x = torch.randn(4, 300)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), held.layer(x), rtol=1e-4, atol=1e-4)
+
+
+def test_latency_rows_and_checkpoint_key(grids, tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_time_module", _fake_time)
+    path = tmp_path / "scan.json"
+    kwargs = {"methods": ("magnitude",), "checkpoint": path}
+    S.scan(MODEL, DATA, **kwargs)  # untimed: its checkpoint is not for a timed scan
+    counting = _Counting()
+    timed = S.scan(MODEL, DATA, executor=counting, latency=True, **kwargs)
+    assert counting.items == 6 and timed.has_latency
+    counting = _Counting()
+    assert S.scan(MODEL, DATA, executor=counting, latency=True, **kwargs).measured == (
+        timed.measured
+    )
+    assert counting.items == 0  # resumed whole: same key
+    counting = _Counting()
+    S.scan(MODEL, DATA, executor=counting, latency=True, latency_batch=2, **kwargs)
+    assert counting.items == 6  # another batch, another key
+    # An entry without a latency (written by an older scan) is measured again.
+    S.scan(MODEL, DATA, latency=True, **kwargs)
+    body = json.loads(path.read_text())
+    first = next(iter(body["entries"]))
+    del body["entries"][first]["latency"]
+    S.write_checkpoint(path, body["key"], body["entries"])
+    counting = _Counting()
+    again = S.scan(MODEL, DATA, executor=counting, latency=True, **kwargs)
+    assert counting.items == 1 and again.measured == timed.measured
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0.002, 0.002), (1, 1.0), ("0.002", 0.002), ("2ms", 0.002), (" 150 us", 150e-6),
+     ("0.5s", 0.5), ("80%", 0.8 * 0.01), ("250%", 2.5 * 0.01), ("1e-3", 1e-3)],
+)
+def test_parse_latency(value, expected):
+    assert S.parse_latency(value, 0.01) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", ["fast", "-2ms", "0%", "0", 0, -1.0, True, "2 min", [1]])
+def test_parse_latency_refuses(value):
+    with pytest.raises(ConfigError, match=r"search field 'max_latency'"):
+        S.parse_latency(value, 0.01)
+
+
+def test_milp_with_a_latency_budget_is_exact():
+    pytest.importorskip("scipy")
+    rng = random.Random(11)
+    for round_ in range(20):
+        sizes = [[rng.randint(1, 300) for _ in range(3)] for _ in range(3)]
+        macs = [[rng.randint(1, 300) for _ in range(3)] for _ in range(3)]
+        seconds = [[rng.uniform(1e-6, 1e-4) for _ in range(3)] for _ in range(3)]
+        costs = [[round(rng.uniform(0, 1), 4) for _ in range(3)] for _ in range(3)]
+        budget, max_latency = rng.randint(200, 700), rng.uniform(5e-5, 2e-4)
+        max_macs = rng.randint(200, 700) if round_ % 2 else None
+        best = _brute_rows(costs, [list(zip(*g, strict=True))
+                                   for g in zip(sizes, macs, seconds, strict=True)],
+                           (budget, max_macs, max_latency))
+        chosen = S.solve(costs, sizes, budget, macs=macs, max_macs=max_macs, latency=seconds,
+                         max_latency=max_latency)
+        if best is None:
+            assert chosen is None
+            continue
+        assert sum(seconds[g][i] for g, i in enumerate(chosen)) <= max_latency * (1 + 1e-6)
+        assert sum(sizes[g][i] for g, i in enumerate(chosen)) <= budget
+        assert sum(costs[g][i] for g, i in enumerate(chosen)) == pytest.approx(best)
+    assert S.solve([[0.0]], [[1]], 10, latency=[[1e-3]], max_latency=-1e-9) is None
+
+
+def test_latency_budget_forbids_the_slow_options(lat_table, monkeypatch, tmp_path):
+    monkeypatch.setattr(S, "_time_module", _fake_time)
+    fixed = lat_table.model_latency - 2 * _TICK  # fc3: the head is not searched
+    assert fixed == pytest.approx(_TICK)
+    free = S.search(MODEL, DATA, "8x", sensitivity=lat_table, verify=False)
+    assert free.latency is None
+    assert max(lat_table.row(c)["latency"] for c in free.plan.values()) == 10 * _TICK
+    # 180% of the dense model (3 ticks) leaves 4.4 ticks for fc1 and fc2: no packed option fits.
+    fast = S.search(MODEL, DATA, "8x", sensitivity=lat_table, verify=False,
+                    max_latency="180%")
+    chosen = [lat_table.row(c)["latency"] for c in fast.plan.values()]
+    assert all(t <= 2 * _TICK for t in chosen), fast.plan_rows()
+    assert fast.artifact_bytes <= fast.budget_bytes
+    # The solver's pick is the best choice under both budgets (brute force over the scan).
+    cands = [lat_table.candidates[n] for n in ("fc1", "fc2")]
+    rest = sum(lat_table.row(c[0])["bytes"] for c in cands)
+    reference = ns.reference_model(MODEL, ns.datasets.load(DATA))
+    dense = len(artifact_bytes(reference, ns.EncodingTable(), ns.model_info(reference), None))
+    layer_budget = fast.budget_bytes - (dense - rest)
+    best = _brute_rows(
+        [[S._cost(lat_table, c, rest) for c in g] for g in cands],
+        [[(lat_table.row(c)["bytes"], 0, lat_table.row(c)["latency"]) for c in g] for g in cands],
+        (layer_budget, None, 1.8 * 3 * _TICK - fixed),
+    )
+    assert sum(S._cost(lat_table, c, rest) for c in fast.plan.values()) == pytest.approx(best)
+    figures = fast.latency
+    assert figures is not None and figures.budget == pytest.approx(1.8 * 3 * _TICK)
+    assert figures.predicted == pytest.approx(fixed + sum(chosen))
+    assert figures.measured == pytest.approx(figures.predicted)  # the fake adds up exactly
+    assert figures.tries == 1 and fast.notes == []
+    summary = json.loads(fast.save(tmp_path)["table"].read_text())
+    assert summary["latency"]["measured_s"] == pytest.approx(figures.measured)
+    assert summary["latency"]["budget_s"] == pytest.approx(figures.budget)
+    assert all("latency" in row for row in summary["plan"] + summary["sensitivity"])
+    # Below the fastest within the bytes (svd on both: 1 + 2 + 2 ticks) is refused, named.
+    with pytest.raises(ConfigError, match=r"'max_latency': .*\(about 0\.500 ms is the fastest"):
+        S.search(MODEL, DATA, "8x", sensitivity=lat_table, verify=False, max_latency="0.3ms")
+
+
+def test_plans_measured_whole_keep_to_the_latency_budget(lat_table, monkeypatch):
+    monkeypatch.setattr(S, "_time_module", _fake_time)
+    # Uniform plans over the layers' latency budget are not measured: only svd's fit 4 ticks.
+    uniform = S._uniform_plans(lat_table, lat_table.candidates, 10**9, None, 4 * _TICK)
+    assert uniform and all(label.startswith("svd(") for label, _ in uniform)
+    assert len(S._uniform_plans(lat_table, lat_table.candidates, 10**9, None)) > len(uniform)
+    # At 1.3x a uniform plan (one layer dense) fits the bytes; at 180%, only svd's the latency.
+    found = S.search(MODEL, DATA, "1.3x", sensitivity=lat_table, max_latency="180%")
+    labels = [m.label for m in found.measured_plans]
+    assert any(label.startswith("uniform svd(") for label in labels), labels
+    assert not any(label.startswith("uniform quantize(") for label in labels), labels
+    for m in found.measured_plans:  # the solver's, its re-solves and the uniform plans
+        assert sum(lat_table.row(c)["latency"] for c in m.plan.values()) <= 4.4 * _TICK
+
+
+def test_a_slow_packed_model_shrinks_the_latency_budget_then_notes(lat_table, monkeypatch,
+                                                                    caplog):
+    extra = {"calls": 0, "always": False}
+
+    def slower_whole(module, args):
+        """The packed model whole measures 10 ticks more than its layers add up to (the first
+        time, or always)."""
+        if _is_whole(module):
+            extra["calls"] += 1
+            if extra["calls"] == 1 or extra["always"]:
+                return _fake_time(module, args) + 10 * _TICK
+        return _fake_time(module, args)
+
+    monkeypatch.setattr(S, "_time_module", slower_whole)
+    kwargs = {"sensitivity": lat_table, "verify": False, "max_latency": 13.5 * _TICK}
+    with caplog.at_level(logging.INFO, logger="netshrink"):
+        found = S.search(MODEL, DATA, "8x", tries=3, **kwargs)
+    # Try 1: one packed option fits 13.5 ticks and measured over; the shrunk budget does not.
+    assert found.latency is not None and found.latency.tries == 2, caplog.text
+    assert "search: try 1: packed model" in caplog.text
+    assert all(lat_table.row(c)["latency"] <= 2 * _TICK for c in found.plan.values())
+    assert found.latency.measured <= found.latency.budget and found.notes == []
+    extra.update(calls=0, always=True)
+    found = S.search(MODEL, DATA, "8x", tries=3, **kwargs)
+    assert found.artifact_bytes <= found.budget_bytes
+    assert found.latency.measured > found.latency.budget
+    assert any("over max_latency 1.350 ms" in n and "noisy" in n for n in found.notes)
+    assert found.latency.tries <= 3
+
+
+def test_latency_budget_needs_a_timed_scan(table, lat_table):
+    with pytest.raises(ConfigError, match=r"'max_latency': the sensitivity scan has no latency"):
+        S.search(MODEL, DATA, "8x", sensitivity=table, max_latency="80%")
+    with pytest.raises(ConfigError, match=r"'latency_batch': 64 differs .* timed \(1\)"):
+        S.search(MODEL, DATA, "8x", sensitivity=lat_table, max_latency="80%", latency_batch=64)
+    with pytest.raises(ConfigError, match=r"'latency_batch': must be an integer .* got 0"):
+        S.scan(MODEL, DATA, latency=True, latency_batch=0, checkpoint=False)
+
+
+def test_cli_max_latency(monkeypatch):
+    from click.testing import CliRunner
+
+    from netshrink.cli import cli
+
+    got: dict[str, Any] = {}
+
+    def fake_run(model, data, budget, **kwargs):
+        got.update(kwargs)
+        return ["ok"]
+
+    monkeypatch.setattr(S, "run_command", fake_run)
+    for flag, seconds in (("80%", 0.8 * 0.005), ("0.002", 0.002), ("2ms", 0.002)):
+        out = CliRunner().invoke(cli, ["search", MODEL, "--data", DATA, "--budget", "8x",
+                                       "--max-latency", flag])
+        assert out.exit_code == 0, out.output
+        assert S.parse_latency(got["max_latency"], 0.005) == pytest.approx(seconds)
+    CliRunner().invoke(cli, ["search", MODEL, "--data", DATA, "--budget", "8x"])
+    assert got["max_latency"] is None
+    monkeypatch.undo()
+    out = CliRunner().invoke(cli, ["search", MODEL, "--data", DATA, "--budget", "8x",
+                                   "--max-latency", "soon"])
+    assert out.exit_code == 2
+    assert "search field 'max_latency': 'soon' is not a latency" in out.output
