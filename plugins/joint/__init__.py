@@ -35,7 +35,13 @@ from netshrink.plugins.joint.allocate import (
 from netshrink.plugins.joint.budget import dense_bytes, fixed_bytes
 from netshrink.plugins.joint.config import DEFAULT_RATIO, JointConfig
 from netshrink.plugins.joint.quant import encode_bias, encode_weight
-from netshrink.plugins.joint.train import LayerPlan, attach, detach, joint_train
+from netshrink.plugins.joint.train import (
+    LayerPlan,
+    attach,
+    detach,
+    joint_train,
+    latent_weights,
+)
 
 __all__ = ["Joint", "JointConfig"]
 
@@ -63,7 +69,6 @@ class Joint(Compressor):
     def compress(self, model, layers, ctx) -> StepResult:
         cfg = self.config
         seed = ctx.seed if cfg.seed is None else cfg.seed
-        data = ctx.require_data()
         weights = {name: module.weight for name, module in layers}
         priors = {name: _prior(ctx.encoding_of(f"{name}.weight")) for name, _ in layers}
 
@@ -88,23 +93,11 @@ class Joint(Compressor):
             )
 
         # 2. Allocation from a Gauss-Newton sensitivity and a knapsack (see allocate.py for why).
-        loader = data.loader("train", batch_size=32, seed=seed)
-        calib = calibrate(model, dict(layers), loader, cfg.calib_batches, ctx.device, seed)
-        options: dict[str, list[Candidate]] = {}
-        for name, module in ctx.progress(layers, desc="sensitivity", total=len(layers)):
-            lcfg = self.config_for(name)
-            options[name] = candidates(
-                weights[name],
-                lambda d, m=module, c=calib[name]: predicted_dloss(m, c, d),
-                lcfg.sparsities,
-                lcfg.bit_choices(),
-                cfg.per_channel,
-                priors[name],
-            )
-        if cfg.allocation == "uniform":
-            choice = allocate_uniform(options, budget)
-        else:
-            choice = allocate_fisher(options, budget)
+        def allocate(current: dict[str, torch.Tensor], desc: str) -> dict[str, Candidate]:
+            return self._allocate(model, layers, current, priors, budget, ctx, seed, desc)
+
+        choice = allocate(weights, "sensitivity")
+        history = {name: [_entry(0, c)] for name, c in choice.items()}
 
         # 3. Joint training with masks and fake quantization.
         plans = [
@@ -118,9 +111,20 @@ class Joint(Compressor):
             )
             for name, module in layers
         ]
+
+        def reallocate(step: int) -> None:
+            """Sensitivity of the model as it trains now, and a new choice under the budget."""
+            new = allocate(latent_weights(plans), f"re-allocation after step {step}")
+            for plan in plans:
+                c = choice[plan.name] = new[plan.name]
+                plan.sparsity, plan.bits = c.sparsity, c.bits
+                history[plan.name].append(_entry(step, c))
+
         attach(plans, cfg.bias)
         try:
-            history = joint_train(model, plans, ctx, cfg, seed)
+            trained = joint_train(
+                model, plans, ctx, cfg, seed, reallocate if cfg.reallocate else None
+            )
         finally:
             exported = detach(plans)
 
@@ -145,6 +149,9 @@ class Joint(Compressor):
                         "target_sparsity": plan.sparsity,
                         "weight_bytes": enc.payload_bytes,
                         "predicted_dloss": float(f"{choice[plan.name].dloss:.4g}"),
+                        # One entry per allocation: before training (step 0), then each
+                        # re-allocation; the last one is the allocation exported.
+                        "allocation_history": history[plan.name],
                     },
                 )
             )
@@ -154,9 +161,52 @@ class Joint(Compressor):
             "weight_budget_bytes": budget,
             "estimated_artifact_bytes": size,
             "trimmed_weights": trimmed,
-            "joint_best_val_acc": history.get("best_val_acc"),
+            "joint_best_val_acc": trained.get("best_val_acc"),
+            "reallocated_at_steps": trained.get("reallocated_at", []),
         }
         return StepResult(model, records, summary)
+
+    def _allocate(
+        self,
+        model: torch.nn.Module,
+        layers: list[tuple[str, torch.nn.Module]],
+        weights: dict[str, torch.Tensor],
+        priors: dict[str, torch.Tensor | None],
+        budget: int,
+        ctx,
+        seed: int,
+        desc: str,
+    ) -> dict[str, Candidate]:
+        """Per-layer (sparsity, bits) under ``budget``: the sensitivity of ``model`` as it is now
+        (calibration batches of the training split), candidates cut from ``weights``."""
+        cfg = self.config
+        loader = ctx.require_data().loader("train", batch_size=32, seed=seed)
+        calib = calibrate(model, dict(layers), loader, cfg.calib_batches, ctx.device, seed)
+        options: dict[str, list[Candidate]] = {}
+        for name, module in ctx.progress(layers, desc=desc, total=len(layers)):
+            lcfg = self.config_for(name)
+            options[name] = candidates(
+                weights[name],
+                lambda d, m=module, c=calib[name]: predicted_dloss(m, c, d),
+                lcfg.sparsities,
+                lcfg.bit_choices(),
+                cfg.per_channel,
+                priors[name],
+            )
+        if cfg.allocation == "uniform":
+            return allocate_uniform(options, budget)
+        return allocate_fisher(options, budget)
+
+
+def _entry(step: int, choice: Candidate) -> dict[str, float | int]:
+    """One allocation of one layer, as the layer record keeps it."""
+    return {
+        "step": step,
+        "sparsity": choice.sparsity,
+        "bits": choice.bits,
+        "bytes": choice.bytes,
+        "predicted_dloss": float(f"{choice.dloss:.4g}"),
+    }
 
 
 def _prior(encoding) -> torch.Tensor | None:

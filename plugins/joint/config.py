@@ -57,6 +57,15 @@ class JointConfig(CompressorConfig):
         le=10_000,
         description="How many times masks and scales are recomputed while sparsity ramps up.",
     )
+    reallocate: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Re-allocations during training: the per-layer sensitivity is measured "
+        "again on the current (masked, fake-quantized) model and sparsity and bits are chosen "
+        "again under the same byte budget, at evenly spaced points of the sparsity ramp "
+        "(0: allocate once, before training; needs epochs >= 1).",
+    )
     distill: bool = Field(
         True, description="Distil from the uncompressed model (soft targets) when it is given."
     )
@@ -108,6 +117,11 @@ class JointConfig(CompressorConfig):
             raise ValueError(
                 f"min_bits must be <= max_bits, got min_bits={self.min_bits}, "
                 f"max_bits={self.max_bits}"
+            )
+        if self.reallocate and self.epochs == 0:
+            raise ValueError(
+                "reallocate needs training (it re-allocates during the epochs), got "
+                f"reallocate={self.reallocate} with epochs=0; set epochs >= 1 or reallocate: 0"
             )
         return self
 

@@ -4,6 +4,7 @@ rounded, instead of being pruned, fine-tuned, then quantized after the fact."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,11 @@ def _latent(module: nn.Module) -> torch.Tensor:
     return module.parametrizations.weight.original
 
 
+def latent_weights(plans: list[LayerPlan]) -> dict[str, torch.Tensor]:
+    """The trained weights behind the masks and rounding (what the next masks are cut from)."""
+    return {plan.name: _latent(plan.module).detach() for plan in plans}
+
+
 def _scale(weight: torch.Tensor, mask: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
     masked = (weight * mask).detach()
     if plan.bits == 1 or plan.channels == 1:
@@ -85,6 +91,27 @@ def refit_scales(plans: list[LayerPlan]) -> None:
         for plan in plans:
             param = plan.module.parametrizations.weight[0]
             param.scale.copy_(_scale(_latent(plan.module), param.mask, plan))
+
+
+def apply_plans(plans: list[LayerPlan], progress: float) -> None:
+    """After a re-allocation: each layer trains with its plan's bit-width from now on, its mask
+    at ``progress`` of the ramp to its (new) target sparsity, and a scale refitted to both."""
+    with torch.no_grad():
+        for plan in plans:
+            param = plan.module.parametrizations.weight[0]
+            param.bits = plan.bits
+            # A new buffer, not a copy: the scale's shape follows the bits (1 bit: 2 centroids).
+            param.scale = _scale(_latent(plan.module), param.mask, plan)
+    set_masks(plans, progress)
+
+
+def reallocation_steps(ramp: int, count: int) -> list[int]:
+    """The optimizer steps after which to re-allocate: ``count`` points evenly inside the
+    sparsity ramp of ``ramp`` steps (``k·ramp/(count+1)``), at most one per step. Never after
+    the ramp: the checkpoint only keeps states from the end of the ramp on, so every kept
+    state has the final allocation, and the last allocation still gets the rest of the ramp
+    and the fixed-mask phase to train."""
+    return sorted({max(1, round(k * ramp / (count + 1))) for k in range(1, count + 1)})
 
 
 def attach(plans: list[LayerPlan], bias_mode: str) -> None:
@@ -122,10 +149,20 @@ def detach(plans: list[LayerPlan]) -> dict[str, tuple[torch.Tensor, torch.Tensor
 
 
 def joint_train(
-    model: nn.Module, plans: list[LayerPlan], ctx, cfg: JointConfig, seed: int
+    model: nn.Module,
+    plans: list[LayerPlan],
+    ctx,
+    cfg: JointConfig,
+    seed: int,
+    reallocate: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with the parametrizations attached; keeps the best validation state once
-    every layer has reached its target sparsity. Returns the history."""
+    every layer has reached its target sparsity. Returns the history (``reallocated_at``: the
+    steps re-allocated after).
+
+    ``reallocate(step)``, called ``cfg.reallocate`` times during the ramp (see
+    :func:`reallocation_steps`), sets new ``sparsity``/``bits`` on the plans; the masks and
+    quantizers follow at once (:func:`apply_plans`)."""
     if cfg.epochs == 0:
         set_masks(plans, 1.0)
         return {"val_acc": [], "loss": [], "best_val_acc": ctx.evaluate(model, "val")}
@@ -133,6 +170,8 @@ def joint_train(
     total = cfg.epochs * len(data.loader("train", batch_size=cfg.batch_size))
     ramp = max(1, round(cfg.prune_fraction * total))
     every = max(1, ramp // cfg.mask_updates)
+    realloc_at = set(reallocation_steps(ramp, cfg.reallocate)) if reallocate else set()
+    done: list[int] = []
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)  # stepped per batch
 
@@ -143,6 +182,10 @@ def joint_train(
     def ramp_masks(state: TrainState) -> None:
         """The learning rate, then the masks and scales the next step trains with."""
         sched.step()
+        if state.step in realloc_at:
+            reallocate(state.step)
+            apply_plans(plans, state.step / ramp)
+            done.append(state.step)
         if state.step < ramp and state.step % every == 0:
             set_masks(plans, state.step / ramp)
         elif state.step == ramp:
@@ -150,7 +193,7 @@ def joint_train(
 
     set_masks(plans, 0.0)  # the first step's masks
     shared = {"epochs", "batch_size", "distill", "kd_temperature", "kd_alpha"}
-    return train(
+    history = train(
         model,
         data,
         FinetuneConfig(**cfg.model_dump(include=shared)),
@@ -164,3 +207,4 @@ def joint_train(
         # Candidates only once every layer has its target sparsity (never the incoming weights).
         checkpoint=CheckpointPolicy(key=lambda acc, state: acc if state.step >= ramp else None),
     )
+    return {**history, "reallocated_at": done}
