@@ -13,6 +13,7 @@ from benchmarks.pages import (
     rlprune,
     runtime,
     search,
+    search_chains,
     statprune_tucker,
 )
 
@@ -27,5 +28,6 @@ PAGES = {
     "rlprune": rlprune,
     "runtime": runtime,
     "search": search,
+    "search_chains": search_chains,
     "statprune_tucker": statprune_tucker,
 }

@@ -1,0 +1,96 @@
+"""Page ``search_chains``: the per-layer search against every chain shipped in recipes/, at the
+chain's size and with as many fine-tune epochs as the chain's fine-tunes add up to."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import netshrink as ns
+from benchmarks import harness as h
+
+TITLE = "Search against the shipped chains"
+OUT = "benchmarks/search_chains.md"
+SEEDS = 3
+#: Shipped chains -> the harness model they were written for, on their own data (digits32): on
+#: shapes32 normsparse's 30 training epochs of vgg_small alone would take about five hours here.
+CHAINS = {"chain_normsparse_bioclust_vgg_small.yaml": "vgg_small",
+          "chain_rlprune_sigmaprune_quantize_vgg_small.yaml": "vgg_small",
+          "chain_statprune_tucker_joint_resnet_small.yaml": "resnet_small"}
+QUICK_CHAINS = {"chain_rlprune_sigmaprune_quantize_vgg_small.yaml": "vgg_small"}
+ABOUT = [
+    "Each chain of `recipes/chain_*.yaml` runs as shipped, once per seed, on the model and data "
+    "it was written for (`digits32`, 360 test images: intervals are wide). "
+    "`netshrink.search` then runs with the chain's smallest artifact (over the seeds) as its "
+    "budget, over the default option grids (`magnitude`, `quantize`, `svd`, `bioclust` as "
+    "plain k-means), fine-tuned for as many epochs as the chain's own fine-tunes add up to "
+    "(lr 1e-3), once per seed on one shared scan. The chains' methods also train on their own "
+    "(normsparse's L1 epochs, joint's epochs, rlprune's search), which the search does not get. "
+    "Verdicts compare the 95% intervals: 'indistinguishable' when they overlap. A size the "
+    "search's options cannot reach is a row that says so.",
+]
+
+
+def chains(quick: bool) -> dict[str, str]:
+    """Chain recipe -> harness model of the page."""
+    return QUICK_CHAINS if quick else CHAINS
+
+
+def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Every chain the page compresses (the searches follow from them)."""
+    return {f"{m} / {name}": (m, h.recipe_steps(name)) for name, m in chains(quick).items()}
+
+
+def finetune_epochs(steps: list[dict[str, Any]]) -> int:
+    """The fine-tune epochs a chain's steps add up to (its methods' own training not counted)."""
+    return sum(int((s.get("finetune") or {}).get("epochs", 0)) for s in steps)
+
+
+def chain_row(name: str, steps: list[dict[str, Any]], model: Any, data: ns.DataSplits,
+              seeds: int, table: Any) -> tuple[list[str], Any]:
+    """One chain (``seeds`` seeds) against the search at its smallest artifact; the row and
+    the scan table (shared by every chain of the model)."""
+    n = len(data.test)
+    chain = h.compress(model, steps, data, seeds)
+    size = min(r.report.storage_bytes for r in chain.results)
+    epochs = finetune_epochs(steps)
+    finetune = {"epochs": epochs, "lr": 1e-3} if epochs else None
+    found = []
+    for seed in range(seeds):
+        try:
+            found.append(ns.search(model, data, size, sensitivity=table, seed=seed,
+                                   finetune=finetune))
+        except ns.ConfigError as exc:  # a size the options cannot reach is a finding
+            return [name, f"{size:,}", chain.acc(), "not reachable", epochs, "", "",
+                    str(exc).split(": ", 1)[-1]], table
+        table = found[-1].sensitivity
+    accs = [f.result.report.accuracy_after for f in found]
+    return [
+        name, f"{size:,}", chain.acc(), f"{max(f.artifact_bytes for f in found):,}", epochs,
+        h.acc_cell(accs, n), h.acc_compare(accs, chain.accs, n),
+        "; ".join(f"{r['layer']}: {r['choice']}" for r in found[0].plan_rows()),
+    ], table
+
+
+def run(b: h.Bench) -> list[str]:
+    """One table per model: each chain against the search at the chain's size."""
+    by_model: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for label, (model_key, steps) in cases(b.quick).items():
+        by_model.setdefault(model_key, []).append((label.split(" / ", 1)[1], steps))
+    for model_key in by_model:  # before the fresh cache below, which would retrain them
+        h.reference(model_key)
+    body: list[str] = []
+    with h.fresh_cache(b.tmp):  # no scan checkpoint of an earlier run is reused
+        for model_key, recipes in by_model.items():
+            model, data = h.reference(model_key)
+            table, rows = None, []
+            for name, steps in recipes:
+                print(f"{model_key}: {name}", file=sys.stderr, flush=True)
+                row, table = chain_row(name, steps, model, data, b.seeds, table)
+                rows.append(row)
+            body += [f"## {model_key} ({ns.model_info(model).spec}, {data.name})", ""]
+            body += h.table(["chain", "its smallest bytes", "its test acc [95% CI]",
+                             "searched bytes (largest seed)", "search fine-tune epochs",
+                             "searched test acc [95% CI]", "searched vs chain",
+                             "searched choice per layer (seed 0)"], rows)
+    return body
