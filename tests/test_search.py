@@ -19,7 +19,14 @@ from torch import nn
 
 import netshrink as ns
 from netshrink import layer_search as S
-from netshrink import registry
+from netshrink import (
+    registry,
+    search_candidates,
+    search_latency,
+    search_run,
+    search_scan,
+    search_verify,
+)
 from netshrink.artifact import artifact_bytes
 from netshrink.compressor import LayerOption
 from netshrink.errors import ConfigError, RecipeError
@@ -39,7 +46,7 @@ def grids() -> Iterator[None]:
     ``layer_options`` will be (plugins/quantize/options.py) when it does not declare them yet."""
     mp = pytest.MonkeyPatch()
     quantize = registry.get_compressor("quantize")
-    if not S._declares_options(quantize):
+    if not search_candidates._declares_options(quantize):
         mp.setattr(quantize, "layer_options", classmethod(qopts.layer_options), raising=False)
     mp.setattr(qopts, "SEARCH_BITS", (8, 4, 2))
     mp.setattr(registry.get_compressor("magnitude"), "search_sparsities", (0.5, 0.9))
@@ -247,7 +254,8 @@ def test_max_drop_drops_options_that_alone_lose_more(table):
 def _single_method(name: str, config: dict[str, Any]) -> tuple[int, float]:
     result = ns.compress(MODEL, [ns.Step(compressor=name, config=config)], DATA, latency=False)
     splits = ns.datasets.load(DATA)
-    return len(result.artifact), S._loss_accuracy(result.model, *splits.batch("val", 10_000))[1]
+    accuracy = search_scan._loss_accuracy(result.model, *splits.batch("val", 10_000))[1]
+    return len(result.artifact), accuracy
 
 
 @pytest.mark.parametrize(("name", "config"), [("quantize", {"bits": 4}),
@@ -334,7 +342,7 @@ class _StubMeter:
 
 def _verify_stub(table, results, max_drop=None, max_alternatives=16):
     plan = {layer: cands[1] for layer, cands in table.candidates.items()}
-    return S._verify_plan(
+    return search_verify._verify_plan(
         _StubMeter(table, results), table.candidates, plan, lambda penalty: None,
         layer_budget=10**9, max_macs=None, max_drop=max_drop, max_alternatives=max_alternatives,
     )
@@ -574,7 +582,7 @@ def test_scan_checkpoint_key_covers_models_with_batchnorm():
     import torch
     from torch import nn
 
-    from netshrink.layer_search import _state_digest
+    from netshrink.search_checkpoint import _state_digest
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     before = _state_digest(model)
@@ -594,8 +602,9 @@ _TICK = 1e-4
 
 
 def _fake_time(module: nn.Module, args: tuple) -> float:
-    """A deterministic stand-in for ``S._time_module``: 1 tick per plain Linear, 10 per Linear
-    the packed runtime replaced (int8 / int4 / CSR kernel) or decodes on the fly."""
+    """A deterministic stand-in for ``search_latency._time_module``: 1 tick per plain Linear,
+    10 per Linear the packed runtime replaced (int8 / int4 / CSR kernel) or decodes on the
+    fly."""
     from torch.nn.utils import parametrize
 
     from netshrink.runtime import CsrLinear, Int4WeightLinear, Int8WeightLinear
@@ -628,7 +637,7 @@ def _brute_rows(costs, rows, limits):
 def lat_table(grids) -> S.Sensitivity:
     """The scan of ``table`` with latency timed by the fake timer."""
     mp = pytest.MonkeyPatch()
-    mp.setattr(S, "_time_module", _fake_time)
+    mp.setattr(search_latency, "_time_module", _fake_time)
     try:
         return S.scan(MODEL, DATA, methods=METHODS, checkpoint=False, latency=True)
     finally:
@@ -653,7 +662,7 @@ def test_scan_times_each_candidate_as_the_packed_runtime_runs_it(grids, monkeypa
             seen.append((kind, tuple(args[0].shape)))
         return _fake_time(module, args)
 
-    monkeypatch.setattr(S, "_time_module", spy)
+    monkeypatch.setattr(search_latency, "_time_module", spy)
     kwargs = {"methods": ("magnitude",), "select": {"names": ["fc2"]}, "checkpoint": False}
     timed = S.scan(MODEL, DATA, latency=True, latency_batch=3, **kwargs)
     # dense; 50% sparse decodes on the fly; 10% dense runs as CSR; on fc2's real input shape
@@ -675,8 +684,12 @@ def test_scan_times_each_candidate_as_the_packed_runtime_runs_it(grids, monkeypa
         option = next(o for o in registry.get_compressor(name).layer_options(layer, "layer")
                       if o.config == config)
         encodings = ns.EncodingTable()
-        held = S.apply_candidate(S._Holder(layer), S.Candidate("layer", (option,)), encodings)
-        packed = S.packed_layer(held.layer, S._layer_encodings(held, encodings, "layer"))
+        held = S.apply_candidate(
+            search_candidates._Holder(layer), S.Candidate("layer", (option,)), encodings
+        )
+        packed = S.packed_layer(
+            held.layer, search_candidates._layer_encodings(held, encodings, "layer")
+        )
         assert isinstance(packed, kernel) and type(held.layer) is nn.Linear
         x = torch.randn(4, 300)
         with torch.no_grad():
@@ -684,7 +697,7 @@ def test_scan_times_each_candidate_as_the_packed_runtime_runs_it(grids, monkeypa
 
 
 def test_latency_rows_and_checkpoint_key(grids, tmp_path, monkeypatch):
-    monkeypatch.setattr(S, "_time_module", _fake_time)
+    monkeypatch.setattr(search_latency, "_time_module", _fake_time)
     path = tmp_path / "scan.json"
     kwargs = {"methods": ("magnitude",), "checkpoint": path}
     S.scan(MODEL, DATA, **kwargs)  # untimed: its checkpoint is not for a timed scan
@@ -750,7 +763,7 @@ def test_milp_with_a_latency_budget_is_exact():
 
 
 def test_latency_budget_forbids_the_slow_options(lat_table, monkeypatch, tmp_path):
-    monkeypatch.setattr(S, "_time_module", _fake_time)
+    monkeypatch.setattr(search_latency, "_time_module", _fake_time)
     fixed = lat_table.model_latency - 2 * _TICK  # fc3: the head is not searched
     assert fixed == pytest.approx(_TICK)
     free = S.search(MODEL, DATA, "8x", sensitivity=lat_table, verify=False)
@@ -769,11 +782,12 @@ def test_latency_budget_forbids_the_slow_options(lat_table, monkeypatch, tmp_pat
     dense = len(artifact_bytes(reference, ns.EncodingTable(), ns.model_info(reference), None))
     layer_budget = fast.budget_bytes - (dense - rest)
     best = _brute_rows(
-        [[S._cost(lat_table, c, rest) for c in g] for g in cands],
+        [[search_run._cost(lat_table, c, rest) for c in g] for g in cands],
         [[(lat_table.row(c)["bytes"], 0, lat_table.row(c)["latency"]) for c in g] for g in cands],
         (layer_budget, None, 1.8 * 3 * _TICK - fixed),
     )
-    assert sum(S._cost(lat_table, c, rest) for c in fast.plan.values()) == pytest.approx(best)
+    chosen_cost = sum(search_run._cost(lat_table, c, rest) for c in fast.plan.values())
+    assert chosen_cost == pytest.approx(best)
     figures = fast.latency
     assert figures is not None and figures.budget == pytest.approx(1.8 * 3 * _TICK)
     assert figures.predicted == pytest.approx(fixed + sum(chosen))
@@ -789,11 +803,12 @@ def test_latency_budget_forbids_the_slow_options(lat_table, monkeypatch, tmp_pat
 
 
 def test_plans_measured_whole_keep_to_the_latency_budget(lat_table, monkeypatch):
-    monkeypatch.setattr(S, "_time_module", _fake_time)
+    monkeypatch.setattr(search_latency, "_time_module", _fake_time)
     # Uniform plans over the layers' latency budget are not measured: only svd's fit 4 ticks.
-    uniform = S._uniform_plans(lat_table, lat_table.candidates, 10**9, None, 4 * _TICK)
+    uniform_plans = search_verify._uniform_plans
+    uniform = uniform_plans(lat_table, lat_table.candidates, 10**9, None, 4 * _TICK)
     assert uniform and all(label.startswith("svd(") for label, _ in uniform)
-    assert len(S._uniform_plans(lat_table, lat_table.candidates, 10**9, None)) > len(uniform)
+    assert len(uniform_plans(lat_table, lat_table.candidates, 10**9, None)) > len(uniform)
     # At 1.3x a uniform plan (one layer dense) fits the bytes; at 180%, only svd's the latency.
     found = S.search(MODEL, DATA, "1.3x", sensitivity=lat_table, max_latency="180%")
     labels = [m.label for m in found.measured_plans]
@@ -816,7 +831,7 @@ def test_a_slow_packed_model_shrinks_the_latency_budget_then_notes(lat_table, mo
                 return _fake_time(module, args) + 10 * _TICK
         return _fake_time(module, args)
 
-    monkeypatch.setattr(S, "_time_module", slower_whole)
+    monkeypatch.setattr(search_latency, "_time_module", slower_whole)
     kwargs = {"sensitivity": lat_table, "verify": False, "max_latency": 13.5 * _TICK}
     with caplog.at_level(logging.INFO, logger="netshrink"):
         found = S.search(MODEL, DATA, "8x", tries=3, **kwargs)

@@ -1,0 +1,268 @@
+"""The sensitivity scan: every layer × candidate applied alone to the reference model and
+measured (bytes, MACs, validation loss and accuracy, and latency when asked), through an
+executor, checkpointed so an interrupted scan resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from netshrink import search_latency
+from netshrink.adapters import ModelInfo
+from netshrink.data import DataSplits
+from netshrink.datasets import load as load_data
+from netshrink.encodings import EncodingTable
+from netshrink.errors import ConfigError
+from netshrink.executors import Executor, get_executor
+from netshrink.metrics import count_macs
+from netshrink.pipeline import _info_for, _resolve_model, _settled
+from netshrink.progress import enabled as progress_enabled
+from netshrink.search_candidates import (
+    Candidate,
+    _layer_encodings,
+    apply_candidate,
+    layer_bytes,
+    layer_candidates,
+    layer_macs,
+)
+from netshrink.search_checkpoint import (
+    _checkpoint_key,
+    _checkpoint_path,
+    read_checkpoint,
+    write_checkpoint,
+)
+from netshrink.search_latency import _latency_example, _layer_inputs, packed_layer
+from netshrink.selector import LayerSelector
+
+log = logging.getLogger("netshrink")
+
+
+@dataclass
+class _ScanInputs:
+    """What every scan task needs (pickled once per worker chunk by a process pool)."""
+
+    model: nn.Module
+    data: DataSplits | None
+    info: ModelInfo | None
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    seed: int
+    latency: bool = False
+    """Also hand back the candidate's layer and encodings (timed in the calling process)."""
+
+
+@torch.no_grad()
+def _loss_accuracy(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, float]:
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(targets), 256):
+        out = model(inputs[start : start + 256])
+        y = targets[start : start + 256]
+        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    return loss / len(targets), correct / len(targets)
+
+
+def _scan_one(shared: _ScanInputs, candidate: Candidate) -> dict[str, Any]:
+    """Apply ``candidate`` alone to a copy of the reference model; measure it."""
+    model = copy.deepcopy(shared.model)
+    table = EncodingTable()
+    torch.manual_seed(shared.seed)
+    model = apply_candidate(
+        model, candidate, table, data=shared.data, info=shared.info, seed=shared.seed
+    )
+    loss, acc = _loss_accuracy(model, shared.inputs, shared.targets)
+    macs = count_macs(model, shared.inputs[:1])
+    row: dict[str, Any] = {
+        "bytes": layer_bytes(model, table, candidate.layer),
+        "macs": layer_macs(macs, candidate.layer),
+        "loss": round(loss, 6),
+        "accuracy": acc,
+    }
+    if shared.latency:
+        layer = candidate.layer
+        row[_TIMING] = (model.get_submodule(layer), _layer_encodings(model, table, layer))
+    return row
+
+
+# The key of a scan row that carries the candidate's layer and its encodings back to the calling
+# process, which times the layer (one machine and thread count for every figure) and drops it.
+_TIMING = "_timing"
+
+
+@dataclass
+class Sensitivity:
+    """The scan's result: per layer, its candidates and what each measured alone."""
+
+    candidates: dict[str, list[Candidate]]
+    measured: dict[str, dict[str, Any]]
+    """Candidate key -> ``bytes``, ``macs``, ``loss``, ``accuracy`` (dense included), and
+    ``latency`` (seconds per batch of ``latency_batch``, the layer alone as the packed runtime
+    runs it) when the scan timed latency."""
+    base_loss: float
+    base_accuracy: float
+    n_val: int
+    model_latency: float | None = None
+    """Seconds per batch of ``latency_batch`` inputs of the whole dense reference model (when
+    the scan timed latency)."""
+    latency_batch: int | None = None
+    """The batch size latency was timed at (None: latency not timed)."""
+
+    def row(self, candidate: Candidate) -> dict[str, Any]:
+        """What ``candidate`` measured."""
+        return self.measured[candidate.key]
+
+    @property
+    def has_latency(self) -> bool:
+        """Whether the scan timed latency (every candidate and the whole dense model)."""
+        return self.model_latency is not None and all(
+            "latency" in self.row(c) for cands in self.candidates.values() for c in cands
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """A flat table: layer, candidate, bytes, MACs, loss change, accuracy change (pp), and
+        ``latency`` (seconds per batch) when the scan timed it."""
+        timed = self.has_latency
+        out = []
+        for cands in self.candidates.values():
+            for c in cands:
+                row = {
+                    "layer": c.layer,
+                    "candidate": c.label,
+                    "bytes": self.row(c)["bytes"],
+                    "macs": self.row(c)["macs"],
+                    "delta_loss": round(self.row(c)["loss"] - self.base_loss, 6),
+                    "delta_acc_pp": round(
+                        100 * (self.row(c)["accuracy"] - self.base_accuracy), 3
+                    ),
+                }
+                if timed:
+                    row["latency"] = self.row(c)["latency"]
+                out.append(row)
+        return out
+
+
+def scan(
+    model: nn.Module | str,
+    data: DataSplits | str,
+    *,
+    methods: Sequence[str] | None = None,
+    select: LayerSelector | dict[str, Any] | None = None,
+    val_limit: int = 512,
+    seed: int = 0,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
+    checkpoint: bool | str | Path = True,
+    chunk: int = 16,
+    latency: bool = False,
+    latency_batch: int = 1,
+) -> Sensitivity:
+    """Measure every layer × candidate alone on the first ``val_limit`` validation samples.
+
+    Work goes through ``executor`` (``local``, ``process`` or an :class:`Executor`) in chunks
+    of ``chunk`` candidates; after each, a progress line is logged and (``checkpoint`` True: in
+    the cache; a path: there) the results so far are written, so a rerun after an interruption
+    measures only what is missing.
+
+    ``latency`` (off by default: it adds about :data:`LATENCY_MIN_RUN_S` seconds per
+    candidate): also time each candidate's layer alone as the packed runtime runs it
+    (:func:`packed_layer`) on the input it receives in the reference model for a batch of
+    ``latency_batch`` copies of the first validation sample, and the whole dense model on that
+    batch (``torch.utils.benchmark``, in this process, whatever the executor)."""
+    splits = load_data(data) if isinstance(data, str) else data
+    if val_limit < 1:
+        raise ConfigError(f"search field 'val_limit': must be at least 1, got {val_limit}")
+    if isinstance(latency_batch, bool) or not isinstance(latency_batch, int) or latency_batch < 1:
+        raise ConfigError(
+            f"search field 'latency_batch': must be an integer of at least 1, got "
+            f"{latency_batch!r}"
+        )
+    reference = _reference(model, splits, seed)
+    info = _info_for(reference, splits)
+    chosen = _selector(select).resolve(
+        reference, head=info.head, default_types=["Linear", "Conv2d"]
+    )
+    candidates = layer_candidates(reference, chosen, methods)
+    run = get_executor(executor, workers)
+    inputs, targets = splits.batch("val", min(val_limit, len(splits.val)))
+    shared = _ScanInputs(reference, splits, info, inputs, targets, seed, latency)
+    base_loss, base_acc = _loss_accuracy(copy.deepcopy(reference), inputs, targets)
+    timing = None
+    if latency:
+        example = _latency_example(inputs, latency_batch)
+        layer_inputs = _layer_inputs(reference, list(candidates), example)
+        timing = f"latency batch={latency_batch} threads={torch.get_num_threads()}"
+
+    todo = [c for cands in candidates.values() for c in cands]
+    key = _checkpoint_key(reference, splits, len(targets), seed, [c.key for c in todo], timing)
+    path = _checkpoint_path(checkpoint, key)
+    measured = read_checkpoint(path, key) if path else {}
+    # A row without a latency (a file written by hand or by an older scan) is measured again.
+    missing = [
+        c for c in todo if c.key not in measured or (latency and "latency" not in measured[c.key])
+    ]
+    if path and measured:
+        log.info(
+            "search: resuming the scan from %s (%d of %d done)", path, len(measured), len(todo)
+        )
+    started = time.perf_counter()
+    task = functools.partial(_scan_one, shared)
+    for first in range(0, len(missing), max(1, chunk)):
+        part = missing[first : first + max(1, chunk)]
+        for cand, result in zip(part, run.map(task, part), strict=True):
+            if latency:
+                module, encodings = result.pop(_TIMING)
+                result["latency"] = search_latency._time_module(
+                    packed_layer(module, encodings), layer_inputs[cand.layer]
+                )
+            measured[cand.key] = result
+        if path:
+            write_checkpoint(path, key, measured)
+        _progress_line(
+            f"search: scanned {len(todo) - len(missing) + first + len(part)}/{len(todo)} "
+            f"candidates ({run.name} executor, {time.perf_counter() - started:.1f}s)"
+        )
+    model_latency = search_latency._time_module(reference, (example,)) if latency else None
+    return Sensitivity(
+        candidates, measured, round(base_loss, 6), base_acc, len(targets), model_latency,
+        latency_batch if latency else None,
+    )
+
+
+def _reference(model: nn.Module | str, data: DataSplits, seed: int) -> nn.Module:
+    """The reference model as a run starts from it (a module given is copied, not touched)."""
+    source = copy.deepcopy(model) if isinstance(model, nn.Module) else model
+    return _settled(_resolve_model(source, data, seed))
+
+
+def _progress_line(line: str) -> None:
+    """Log ``line``; also print it to stderr unless progress output is off
+    (``NETSHRINK_PROGRESS=0``), so a long scan on the command line shows where it is."""
+    log.info("%s", line)
+    if progress_enabled() is not False:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _selector(select: LayerSelector | dict[str, Any] | None) -> LayerSelector:
+    if select is None or isinstance(select, LayerSelector):
+        return select or LayerSelector()
+    return LayerSelector.model_validate(select)
+
+
+__all__ = [
+    "Sensitivity",
+    "scan",
+]
