@@ -3,6 +3,7 @@ tables, plots, fresh-process isolation. Pages use the public ``netshrink`` API o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -18,6 +19,7 @@ from unittest import mock
 import torch
 import torch.utils.benchmark as tbench
 from torch import nn
+from torch.utils.data import Subset
 
 import netshrink as ns
 
@@ -260,12 +262,42 @@ class Bench:
         return path, path.relative_to(self.page.parent).as_posix()
 
 
+# -- what the stand-alone ablation scripts share ----------------------------------------------
+
+#: ``--quick`` data sizes of the ablation scripts (they check the script, not its figures).
+QUICK_SPLITS = {"train": 2000, "val": 1000, "test": 2000}
+SAME = "equal within the 95% intervals"
+
+
+def set_threads() -> None:
+    """Use ``NETSHRINK_THREADS`` torch threads when it is set (timing on a shared machine)."""
+    if os.environ.get("NETSHRINK_THREADS"):
+        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
+
+
+def subset(data: ns.DataSplits, sizes: dict[str, int]) -> ns.DataSplits:
+    """``data`` with only the first ``sizes[split]`` examples of each split."""
+    return dataclasses.replace(data, **{split: Subset(data.split(split), range(
+        min(n, len(data.split(split))))) for split, n in sizes.items()})
+
+
+def span(values: Sequence[int], scale: float = 1.0, fmt: str = ",.0f") -> str:
+    """One value, or ``min–max`` when the seeds differ."""
+    lo, hi = min(values) / scale, max(values) / scale
+    return f"{lo:{fmt}}" if lo == hi else f"{lo:{fmt}}–{hi:{fmt}}"
+
+
+def verdict(a: Sequence[float], b: Sequence[float], n: int) -> str:
+    """:func:`acc_compare` in words: higher / lower, or equal within the intervals."""
+    out = acc_compare(a, b, n)
+    return SAME if out == "indistinguishable" else out
+
+
 # -- a fresh interpreter per measurement -------------------------------------------------------
 
 
 def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
-    if os.environ.get("NETSHRINK_THREADS"):
-        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
+    set_threads()
     try:
         out = fn(*args)
     except Exception as exc:  # a failing measurement is a row of the page, not a crash

@@ -48,7 +48,6 @@ import netshrink as ns
 from benchmarks import harness as h
 from benchmarks.__main__ import commit
 from benchmarks.pages.joint import TARGETS
-from benchmarks.statprune_ablation import QUICK_SPLITS, span, subset, verdict
 
 
 def steps(ratio: float, epochs: int, reallocate: int) -> list[dict[str, Any]]:
@@ -99,12 +98,11 @@ def main(argv: list[str] | None = None) -> None:
                      f"{args.epochs}")
     if args.reallocate < 1:
         parser.error(f"--reallocate must be at least 1, got {args.reallocate}")
-    if os.environ.get("NETSHRINK_THREADS"):
-        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
+    h.set_threads()
     rev, t0 = commit(), time.perf_counter()
     dense, data = h.reference(args.model)
     if args.quick:
-        data = subset(data, QUICK_SPLITS)
+        data = h.subset(data, h.QUICK_SPLITS)
     n = len(data.test)
 
     runs: dict[str, h.Runs] = {}
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for label, r in runs.items():
         sizes = [x.report.storage_bytes for x in r.results]
-        rows.append([label, span(sizes), f"{r.mean(lambda x: x.report.compression_ratio):.1f}x",
+        rows.append([label, h.span(sizes), f"{r.mean(lambda x: x.report.compression_ratio):.1f}x",
                      f"{r.mean(weight_ratio):.1f}x", r.acc(), f"{r.wall:.0f}"])
     once, again = runs.values()
     realloc = again.first
@@ -128,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     rep = once.first.report
 
     spec, data_name, _ = h.MODELS[args.model]
-    mode = (f" — quick mode (first {QUICK_SPLITS['train']:,} train / {QUICK_SPLITS['val']:,} "
-            f"val / {QUICK_SPLITS['test']:,} test images): a check of the script, not its "
+    mode = (f" — quick mode (first {h.QUICK_SPLITS['train']:,} train / {h.QUICK_SPLITS['val']:,} "
+            f"val / {h.QUICK_SPLITS['test']:,} test images): a check of the script, not its "
             "figures" if args.quick else "")
     load = os.getloadavg()[0]
     print(f"`python -m benchmarks.joint_realloc {' '.join(sys.argv[1:])}` at commit `{rev}`"
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(h.table(
         ["allocation", "file bytes", "file ratio (mean)", "weights-only ratio (mean)",
          f"test acc, {seeds} seed(s) [95% CI]", "wall per seed (s)"], rows)))
-    print(f"- re-allocate against allocate once: {verdict(again.accs, once.accs, n)} "
+    print(f"- re-allocate against allocate once: {h.verdict(again.accs, once.accs, n)} "
           f"(mean {100 * (statistics.fmean(again.accs) - statistics.fmean(once.accs)):+.2f} "
           "points).\n")
     print(f"Per-layer allocation, seed 0 (sparsity/bits@step; re-allocated after steps {at}):\n")

@@ -62,7 +62,6 @@ from torch import nn
 import netshrink as ns
 from benchmarks import harness as h
 from benchmarks.__main__ import commit
-from benchmarks.statprune_ablation import QUICK_SPLITS, span, subset, verdict
 
 RECIPE = "normsparse_lenet5_fc.yaml"
 #: The config default, the row every other row is compared with.
@@ -160,8 +159,8 @@ def run_threshold(dense: nn.Module, data: ns.DataSplits, step: dict[str, Any], s
 def cells(row: Row, ref: Row, n: int) -> list[str]:
     """The table cells of ``row`` (verdicts against ``ref``, the 0.05 row)."""
     is_ref = row is ref
-    small = " / ".join(span([s[i] for s in row.small]) for i in range(len(SMALL)))
-    kept = ", ".join(f"{name} {units}→{span([seed[name][1] for seed in row.left])}"
+    small = " / ".join(h.span([s[i] for s in row.small]) for i in range(len(SMALL)))
+    kept = ", ".join(f"{name} {units}→{h.span([seed[name][1] for seed in row.left])}"
                      for name, (units, _) in row.left[0].items())
     return [
         f"{row.threshold:g}" + (" (default)" if is_ref else ""),
@@ -174,8 +173,8 @@ def cells(row: Row, ref: Row, n: int) -> list[str]:
         + ("" if all(row.admissible) else f" ({row.admissible.count(False)} not admissible)"),
         h.acc_cell(row.before, n),
         h.acc_cell(row.after, n),
-        "—" if is_ref else f"before: {verdict(row.before, ref.before, n)}; after: "
-        f"{verdict(row.after, ref.after, n)}",
+        "—" if is_ref else f"before: {h.verdict(row.before, ref.before, n)}; after: "
+        f"{h.verdict(row.after, ref.after, n)}",
     ]
 
 
@@ -214,12 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"--thresholds must be in [0, 1) (normsparse's config), got {bad}")
     thresholds = [DEFAULT_THRESHOLD, *dict.fromkeys(t for t in given if t != DEFAULT_THRESHOLD)]
-    if os.environ.get("NETSHRINK_THREADS"):
-        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
+    h.set_threads()
     rev, t0 = commit(), time.perf_counter()
     dense, data = h.reference(args.model)
     if args.quick:
-        data = subset(data, QUICK_SPLITS)
+        data = h.subset(data, h.QUICK_SPLITS)
     dense.eval()
     n, dense_acc = len(data.test), ns.accuracy(dense, data)
     ft = finetune_config(args.ft_epochs)
@@ -232,8 +230,8 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr, flush=True)
 
     spec, data_name, _ = h.MODELS[args.model]
-    mode = (f" — quick mode (first {QUICK_SPLITS['train']:,} train / {QUICK_SPLITS['val']:,} "
-            f"val / {QUICK_SPLITS['test']:,} test images): a check of the script, not its "
+    mode = (f" — quick mode (first {h.QUICK_SPLITS['train']:,} train / {h.QUICK_SPLITS['val']:,} "
+            f"val / {h.QUICK_SPLITS['test']:,} test images): a check of the script, not its "
             "figures" if args.quick else "")
     load = os.getloadavg()[0]
     step = step_for(DEFAULT_THRESHOLD, args.l1_epochs, args.warmup_epochs, args.val_tolerance)

@@ -52,7 +52,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
 
 import netshrink as ns
 from benchmarks import harness as h
@@ -72,8 +71,6 @@ VARIANTS: dict[str, list[dict[str, Any]]] = {
 SWEEP = [(2, 1), (3, 1), (3, 2), (4, 2), (4, 3)]
 QUICK_SWEEP = [(2, 1), (3, 2)]
 #: --quick: the first N images of each split.
-QUICK_SPLITS = {"train": 2000, "val": 1000, "test": 2000}
-SAME = "equal within the 95% intervals"
 
 
 @dataclasses.dataclass
@@ -88,24 +85,12 @@ class Row:
     after: list[float]
 
 
-def subset(data: ns.DataSplits, sizes: dict[str, int]) -> ns.DataSplits:
-    """``data`` with only the first ``sizes[split]`` examples of each split."""
-    return dataclasses.replace(data, **{split: Subset(data.split(split), range(
-        min(n, len(data.split(split))))) for split, n in sizes.items()})
-
-
 def finetuned_accuracy(model: nn.Module, data: ns.DataSplits, epochs: int, seed: int) -> float:
     """Test accuracy of a copy of ``model`` after ``epochs`` of fine-tuning at lr 1e-3."""
     work = copy.deepcopy(model)
     ns.train(work, data, ns.FinetuneConfig(epochs=epochs, lr=1e-3), seed=seed,
              desc=f"fine-tune seed {seed}")
     return ns.accuracy(work, data)
-
-
-def span(values: Sequence[int], scale: float = 1.0, fmt: str = ",.0f") -> str:
-    """One value, or ``min–max`` when the seeds differ."""
-    lo, hi = min(values) / scale, max(values) / scale
-    return f"{lo:{fmt}}" if lo == hi else f"{lo:{fmt}}–{hi:{fmt}}"
 
 
 def compressed(name: str, dense: nn.Module, data: ns.DataSplits, steps: list[dict[str, Any]],
@@ -130,12 +115,6 @@ def fixed(name: str, model: nn.Module, data: ns.DataSplits, seeds: int, epochs: 
     after = [finetuned_accuracy(model, data, epochs, seed) for seed in range(seeds)]
     return Row(name, [h.params(model)], [macs(model, shape)], [fp32_bytes(model)],
                [ns.accuracy(model, data)], after)
-
-
-def verdict(a: Sequence[float], b: Sequence[float], n: int) -> str:
-    """``harness.acc_compare`` in words: higher / lower, or equal within the intervals."""
-    out = h.acc_compare(a, b, n)
-    return SAME if out == "indistinguishable" else out
 
 
 def sweep(dense: nn.Module, data: ns.DataSplits, points: Sequence[tuple[int, int]]
@@ -174,12 +153,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds must be at least 1, got {seeds}")
     if args.epochs < 1:
         parser.error(f"--epochs must be at least 1, got {args.epochs}")
-    if os.environ.get("NETSHRINK_THREADS"):
-        torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
+    h.set_threads()
     rev, t0 = commit(), time.perf_counter()
     dense, data = h.reference(args.model)
     if args.quick:
-        data = subset(data, QUICK_SPLITS)
+        data = h.subset(data, h.QUICK_SPLITS)
     dense.eval()
     shape, n = tuple(data.input_shape), len(data.test)
 
@@ -196,27 +174,27 @@ def main(argv: list[str] | None = None) -> None:
 
     dense_row, sp, tk, both, tp = rows
     dense_params, dense_bytes = dense_row.params[0], dense_row.nbytes[0]
-    table = [[r.name, f"{span(r.params)} ({h.pct(statistics.fmean(r.params) / dense_params, 1)})",
-              f"{span(r.macs, 1e6, '.2f')}M", f"{statistics.fmean(r.nbytes):,.0f}",
+    table = [[r.name, f"{h.span(r.params)} ({h.pct(statistics.fmean(r.params) / dense_params, 1)})",
+              f"{h.span(r.macs, 1e6, '.2f')}M", f"{statistics.fmean(r.nbytes):,.0f}",
               f"{dense_bytes / statistics.fmean(r.nbytes):.2f}x", h.acc_cell(r.before, n),
-              h.acc_cell(r.after, n), verdict(r.after, dense_row.before, n)]
+              h.acc_cell(r.after, n), h.verdict(r.after, dense_row.before, n)]
              for r in rows]
     removed_both = dense_params - statistics.fmean(both.params)
     tucker_share = (statistics.fmean(sp.params) - statistics.fmean(both.params)) / removed_both
     verdicts = [
         f"- statprune alone against TP MagnitudePruner at the same MACs ({target / 1e6:.2f}M vs "
-        f"{tp.macs[0] / 1e6:.2f}M), after fine-tune: {verdict(sp.after, tp.after, n)}.",
+        f"{tp.macs[0] / 1e6:.2f}M), after fine-tune: {h.verdict(sp.after, tp.after, n)}.",
         f"- statprune then tucker against statprune alone, after fine-tune: "
-        f"{verdict(both.after, sp.after, n)}; against tucker alone: "
-        f"{verdict(both.after, tk.after, n)}.",
+        f"{h.verdict(both.after, sp.after, n)}; against tucker alone: "
+        f"{h.verdict(both.after, tk.after, n)}.",
         f"- tucker's share of the parameters statprune then tucker removes: "
         f"{h.pct(tucker_share, 1)} (statprune's: {h.pct(1 - tucker_share, 1)}); on the "
         "shipped ResNet recipes tucker removes 85–91%.",
     ]
 
     spec, data_name, _ = h.MODELS[args.model]
-    mode = (f" — quick mode (first {QUICK_SPLITS['train']:,} train / {QUICK_SPLITS['val']:,} "
-            f"val / {QUICK_SPLITS['test']:,} test images): a check of the script, not its "
+    mode = (f" — quick mode (first {h.QUICK_SPLITS['train']:,} train / {h.QUICK_SPLITS['val']:,} "
+            f"val / {h.QUICK_SPLITS['test']:,} test images): a check of the script, not its "
             "figures" if args.quick else "")
     load = os.getloadavg()[0]
     print(f"`python -m benchmarks.statprune_ablation {' '.join(sys.argv[1:])}` at commit `{rev}`"
