@@ -69,6 +69,17 @@ def fresh_cache(path: Path) -> Any:
     return mock.patch.dict(os.environ, NETSHRINK_CACHE=str(path))
 
 
+def cases_by_model(
+    cases: dict[str, tuple[str, list[dict[str, Any]]]],
+) -> dict[str, list[tuple[str, list[dict[str, Any]]]]]:
+    """A page's ``cases`` (``"model / name"`` -> (model, steps)) grouped by model, in order:
+    model -> [(name, steps), ...]."""
+    grouped: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for label, (model, steps) in cases.items():
+        grouped.setdefault(model, []).append((label.split(" / ", 1)[1], steps))
+    return grouped
+
+
 # -- runs over seeds ---------------------------------------------------------------------------
 
 

@@ -45,9 +45,7 @@ def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
 
 def run(b: h.Bench) -> list[str]:
     """One table per model: wall time against the budget, ratio, accuracy against dense."""
-    by_model: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
-    for label, (model_key, steps) in cases(b.quick).items():
-        by_model.setdefault(model_key, []).append((label.split(" / ", 1)[1], steps))
+    by_model = h.cases_by_model(cases(b.quick))
     for model_key in by_model:  # before the fresh cache below, which would retrain them
         h.reference(model_key)
     body: list[str] = []

@@ -145,9 +145,7 @@ def run(b: h.Bench) -> list[str]:
     resident_bytes = ns.resident_bytes
     body: list[str] = []
     findings: list[str] = []
-    by_model: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
-    for label, (model_key, steps) in cases(b.quick).items():
-        by_model.setdefault(model_key, []).append((label.split(" / ", 1)[1], steps))
+    by_model = h.cases_by_model(cases(b.quick))
     work = Path(tempfile.mkdtemp(dir=b.tmp))
     for model_key, methods in by_model.items():
         model, data = h.reference(model_key)

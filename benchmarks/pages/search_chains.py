@@ -74,9 +74,7 @@ def chain_row(name: str, steps: list[dict[str, Any]], model: Any, data: ns.DataS
 
 def run(b: h.Bench) -> list[str]:
     """One table per model: each chain against the search at the chain's size."""
-    by_model: dict[str, list[tuple[str, list[dict[str, Any]]]]] = {}
-    for label, (model_key, steps) in cases(b.quick).items():
-        by_model.setdefault(model_key, []).append((label.split(" / ", 1)[1], steps))
+    by_model = h.cases_by_model(cases(b.quick))
     for model_key in by_model:  # before the fresh cache below, which would retrain them
         h.reference(model_key)
     body: list[str] = []
