@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import multiprocessing
 import os
 import platform
@@ -18,8 +19,10 @@ import re
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +217,7 @@ def run_cell(model: Model, method: Method, workdir: str) -> dict[str, Any]:
     cell = Cell(model.spec, method.column, FAILED)
     try:
         data = make_data(model)
+        torch.manual_seed(0)  # the random init too, so a cell is the same in every run
         net = ns.load_model(model.spec, **data.model_options())
         result = ns.compress(net, [ns.step(method.compressor, **method.config)], data=data,
                              seed=0, latency=False)
@@ -264,61 +268,199 @@ def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) 
     conn.send(fn(*args))
 
 
-def _in_process(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], timeout: float,
-                ctx: Any) -> dict[str, Any] | None:
-    """``fn(*args)`` in a child process of ``ctx``; None if it ran past ``timeout`` (it is
-    killed), ``{"status": FAILED, ...}`` if it died without an answer."""
+@dataclass
+class _Job:
+    """A function running in a child process: its key, process, pipe end and deadline."""
+
+    key: tuple[int, int]  # (row index, column index); column -1 is the row's reload
+    proc: Any
+    conn: Any
+    deadline: float
+
+
+def _start(ctx: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], timeout: float,
+           key: tuple[int, int] = (0, 0)) -> _Job:
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, fn, args))
     proc.start()
     child.close()
+    return _Job(key, proc, parent, time.monotonic() + timeout)
+
+
+def _finish(job: _Job, ready: bool) -> dict[str, Any] | None:
+    """The job's answer when ``ready``, None when it ran past its deadline; the process is
+    killed if still alive, ``{"status": FAILED, ...}`` if it died without an answer."""
     try:
-        if parent.poll(timeout):
-            return parent.recv()
-        return None
+        return job.conn.recv() if ready else None
     except EOFError:
-        proc.join(5)
-        return {"status": FAILED, "reason": f"the cell's process died (exit code {proc.exitcode})"}
+        job.proc.join(5)
+        return {"status": FAILED,
+                "reason": f"the cell's process died (exit code {job.proc.exitcode})"}
     finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
+        if job.proc.is_alive():
+            job.proc.kill()
+        job.proc.join()
+        job.conn.close()
+
+
+def _in_process(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], timeout: float,
+                ctx: Any) -> dict[str, Any] | None:
+    """``fn(*args)`` in a child process of ``ctx``; None if it ran past ``timeout`` (it is
+    killed), ``{"status": FAILED, ...}`` if it died without an answer."""
+    job = _start(ctx, fn, args, timeout)
+    return _finish(job, job.conn.poll(timeout))
+
+
+def _reload_isolated(artifacts: list[str], timeout: float) -> dict[str, Any]:
+    """:func:`reload_row` in a fresh interpreter (no module of the compressing process loaded)."""
+    from benchmarks.harness import isolated
+
+    return isolated(reload_row, artifacts, timeout=timeout)
 
 
 def run_matrix(rows: Sequence[Model], cols: Sequence[Method], timeout: float, workdir: Path,
                log: Callable[[str], None] = lambda s: None,
-               on_row: Callable[[list[Cell]], None] = lambda cells: None) -> list[Cell]:
+               on_row: Callable[[list[Cell]], None] = lambda cells: None,
+               jobs: int = 1, done: Sequence[Cell] = ()) -> list[Cell]:
     """Every cell in its own process (forked from this one, which has imported netshrink, so a
-    cell costs its own work, not an interpreter start) under ``timeout`` seconds; then each
-    row's artifacts are loaded in a fresh interpreter and compared. ``on_row(cells so far)``
-    is called after each row (the page is rewritten, so a long run shows its progress)."""
-    from benchmarks.harness import isolated
-
-    # fork: the parent only orchestrates (it runs no torch op, so no thread pool is forked).
+    cell costs its own work, not an interpreter start) under ``timeout`` seconds, ``jobs`` at a
+    time; once a row's cells are done its artifacts are loaded in a fresh interpreter and
+    compared. ``done``: cells of an earlier run (a checkpoint) whose rows are not run again.
+    ``on_row(cells so far)`` is called after each row (the page is rewritten and the
+    checkpoint saved, so a long run shows its progress and can resume)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    # fork: the parent only orchestrates (it runs no torch op and starts no thread, so no
+    # thread pool or held lock is forked).
     ctx = multiprocessing.get_context("fork")
-    cells: list[Cell] = []
-    for model in rows:
-        row: list[tuple[Cell, str | None]] = []
-        for method in cols:
-            out = _in_process(run_cell, (model, method, str(workdir)), timeout, ctx)
-            if out is None:
-                cell, artifact = Cell(model.spec, method.column, TIMEOUT, seconds=timeout), None
-            else:
-                artifact = out.pop("artifact", None)
-                cell = Cell(**{"model": model.spec, "method": method.column, **out})
-            row.append((cell, artifact))
-            log(f"{model.spec} × {method.column}: {cell.text()}")
-        saved = [a for _, a in row if a]
-        if saved:
-            back = isolated(reload_row, saved, timeout=timeout + 60)
-            errors = back.get("errors") or dict.fromkeys(saved, back.get("error", "reload"))
-            for cell, artifact in row:
-                if artifact and errors.get(artifact):
-                    cell.status, cell.reason = FAILED, errors[artifact]
-                    log(f"{model.spec} × {cell.method}: {cell.text()}")
-        cells += [c for c, _ in row]
+    cells: list[Cell] = list(done)
+    finished = {c.model for c in done}
+    todo = [i for i, r in enumerate(rows) if r.spec not in finished]
+    queue = deque((i, j) for i in todo for j in range(len(cols)))
+    row_cells: dict[int, dict[int, tuple[Cell, str | None]]] = {i: {} for i in todo}
+    reloads: deque[int] = deque()
+    running: list[_Job] = []
+
+    def complete(i: int) -> None:
+        cells.extend(row_cells[i][j][0] for j in range(len(cols)))
         on_row(cells)
+
+    def on_cell(i: int, j: int, out: dict[str, Any] | None) -> None:
+        model, method = rows[i], cols[j]
+        if out is None:
+            cell, artifact = Cell(model.spec, method.column, TIMEOUT, seconds=timeout), None
+        else:
+            artifact = out.pop("artifact", None)
+            cell = Cell(**{"model": model.spec, "method": method.column, **out})
+        row_cells[i][j] = (cell, artifact)
+        log(f"{model.spec} × {method.column}: {cell.text()}")
+        if len(row_cells[i]) == len(cols):
+            if any(a for _, a in row_cells[i].values()):
+                reloads.append(i)
+            else:
+                complete(i)
+
+    def on_reload(i: int, back: dict[str, Any] | None) -> None:
+        back = back if back is not None else {"error": "the reload ran past its time limit"}
+        errors = back.get("errors") or {a: back.get("error", "reload")
+                                        for _, a in row_cells[i].values() if a}
+        for cell, artifact in row_cells[i].values():
+            if artifact and errors.get(artifact):
+                cell.status, cell.reason = FAILED, errors[artifact]
+                log(f"{cell.model} × {cell.method}: {cell.text()}")
+        complete(i)
+
+    while queue or reloads or running:
+        while len(running) < jobs and (reloads or queue):
+            if reloads:  # a finished row first: its page row and checkpoint come sooner
+                i = reloads.popleft()
+                saved = [a for _, a in row_cells[i].values() if a]
+                running.append(_start(ctx, _reload_isolated, (saved, timeout + 60),
+                                      timeout + 120, (i, -1)))
+            else:
+                i, j = queue.popleft()
+                running.append(_start(ctx, run_cell, (rows[i], cols[j], str(workdir)),
+                                      timeout, (i, j)))
+        wait = max(0.0, min(job.deadline for job in running) - time.monotonic())
+        ready = set(mp_connection.wait([job.conn for job in running], timeout=wait))
+        for job in list(running):
+            if job.conn in ready or job.deadline <= time.monotonic():
+                running.remove(job)
+                out = _finish(job, job.conn in ready)
+                i, j = job.key
+                if j < 0:
+                    on_reload(i, out)
+                else:
+                    on_cell(i, j, out)
     return cells
+
+
+# -- checkpoint --------------------------------------------------------------------------------
+
+
+def checkpoint_key(rev: str, timeout: float, cols: Sequence[Method]) -> dict[str, Any]:
+    """What a checkpoint's cells depend on: the commit, the time limit and the columns."""
+    return {"commit": rev, "timeout": timeout,
+            "columns": [[m.column, m.compressor, json.dumps(m.config, sort_keys=True)]
+                        for m in cols]}
+
+
+def save_checkpoint(path: Path, key: dict[str, Any], cells: Sequence[Cell],
+                    started: str, wall: float) -> None:
+    """Write the finished cells atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"version": 1, **key, "started": started, "wall_s": wall,
+                               "cells": [asdict(c) for c in cells]}))
+    os.replace(tmp, path)
+
+
+#: A checkpoint holds one small record per cell: a file far past this is not one.
+MAX_CHECKPOINT_BYTES = 16 * 2**20
+
+
+def load_checkpoint(path: Path, key: dict[str, Any], rows: Sequence[Model],
+                    ncols: int) -> tuple[list[Cell], str | None, float, str]:
+    """The cells of complete rows in ``path`` if it was written for ``key`` (same commit, time
+    limit and columns), with the first run's start and wall time; otherwise no cell and why.
+    The file is untrusted: size-bounded, JSON only, every field type-checked."""
+    if not path.is_file():
+        return [], None, 0.0, f"no checkpoint at {path}: starting fresh"
+    if path.stat().st_size > MAX_CHECKPOINT_BYTES:
+        raise SystemExit(f"checkpoint {path}: {path.stat().st_size:,} bytes, more than a "
+                         f"checkpoint can be ({MAX_CHECKPOINT_BYTES:,}); remove it")
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("version") != 1:
+            raise ValueError("not a version-1 coverage checkpoint")
+        if any(data.get(k) != v for k, v in key.items()):
+            changed = [k for k, v in key.items() if data.get(k) != v]
+            return [], None, 0.0, (f"checkpoint {path} was written for another "
+                                   f"{', '.join(changed)}: starting fresh")
+        fields = {"model": str, "method": str, "status": str, "reason": str}
+        cells = []
+        for raw in data["cells"]:
+            if not isinstance(raw, dict) or set(raw) != {*fields, "ratio", "seconds"}:
+                raise ValueError("a cell record has unexpected fields")
+            if any(not isinstance(raw[k], t) for k, t in fields.items()) or any(
+                    raw[k] is not None and not isinstance(raw[k], (int, float))
+                    for k in ("ratio", "seconds")):
+                raise ValueError("a cell record has a field of the wrong type")
+            if raw["status"] not in (OK, REFUSED, FAILED, TIMEOUT):
+                raise ValueError(f"unknown cell status {raw['status']!r}")
+            cells.append(Cell(**raw))
+        started, wall = data["started"], data["wall_s"]
+        if not isinstance(started, str) or not isinstance(wall, (int, float)):
+            raise ValueError("'started' or 'wall_s' has the wrong type")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"checkpoint {path} is not readable ({exc}); remove it") from None
+    specs = {r.spec for r in rows}
+    per_row: dict[str, list[Cell]] = {}
+    for c in cells:
+        per_row.setdefault(c.model, []).append(c)
+    kept = [c for spec, cs in per_row.items() if spec in specs and len(cs) == ncols for c in cs]
+    rows_kept = len({c.model for c in kept})
+    return kept, started, float(wall), f"resuming: {rows_kept} finished rows from {path}"
 
 
 # -- the page ----------------------------------------------------------------------------------
@@ -359,7 +501,8 @@ def summary(cells: Sequence[Cell], rows: Sequence[Model], column: str) -> list[A
 def header(args: argparse.Namespace, rev: str, started: datetime.datetime, wall: float,
            rows: Sequence[Model], timeout: float) -> list[str]:
     """The page header: command, commit, machine, what a cell means and the reduced budgets."""
-    command = "python -m benchmarks.coverage" + (" --quick" if args.quick else "")
+    command = ("python -m benchmarks.coverage" + (" --quick" if args.quick else "")
+               + (f" --jobs {args.jobs}" if args.jobs > 1 else ""))
     return [
         "# Architecture coverage matrix", "",
         f"Produced by `{command}` at commit `{rev}` on {started:%Y-%m-%d %H:%M} UTC"
@@ -368,7 +511,8 @@ def header(args: argparse.Namespace, rev: str, started: datetime.datetime, wall:
         + f"; every cell below comes from that run ({len(rows)} models).", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}; total wall time "
-        f"{wall / 60:.1f} min.", "",
+        f"{wall / 60:.1f} min with {args.jobs} cell{'s' if args.jobs > 1 else ''} at a time"
+        + (" (a resumed run: the sum of its parts)" if args.resume else "") + ".", "",
         "Each cell is one process: build the model (random init, nothing downloaded), compress "
         f"it with one step (seed 0), save the artifact; then a fresh interpreter loads every "
         f"artifact of the row and compares outputs on 4 test inputs (relative difference ≤ "
@@ -403,9 +547,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         help="time limit per cell in seconds (default 300)")
     parser.add_argument("--models", default="",
                         help="comma-separated specs to run instead of the fixed list")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells run at once, each in its own process (default 1; the "
+                             "full matrix takes about 2 hours with --jobs 2 on 2 cores)")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "out" / "coverage_cells.json",
+                        help="finished rows are saved here after each row "
+                             "(default out/coverage_cells.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the checkpoint's finished rows when it was written at the "
+                             "same commit, time limit and columns (otherwise start fresh)")
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     return args
 
 
@@ -419,19 +574,40 @@ def main(argv: list[str] | None = None) -> Path:
         known = {m.spec: m for m in models()}
         rows = [known.get(s, Model(s, "other")) for s in args.models.split(",")]
     cols = methods()
-    rev, started, t0 = commit(), datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
+    rev, t0 = commit(), time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
+    key = checkpoint_key(rev, args.timeout, cols)
+    done: list[Cell] = []
+    earlier = 0.0
+    if args.resume and "uncommitted" in rev:
+        print("not resuming: the working tree has uncommitted changes, so a checkpoint cannot "
+              "say which code its cells ran", file=sys.stderr, flush=True)
+    elif args.resume:
+        done, first_start, earlier, message = load_checkpoint(args.checkpoint, key, rows,
+                                                              len(cols))
+        started = first_start or started
+        print(message, file=sys.stderr, flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def write(cells: list[Cell]) -> None:
-        done = [r for r in rows if any(c.model == r.spec for c in cells)]
-        lines = header(args, rev, started, time.perf_counter() - t0, done, args.timeout)
-        if len(done) < len(rows):
-            lines += ["", f"**Partial: {len(done)} of {len(rows)} rows done so far.**"]
-        args.out.write_text("\n".join([*lines, "", *render(cells, done, cols)]).rstrip() + "\n")
+        wall = earlier + time.perf_counter() - t0
+        save_checkpoint(args.checkpoint, key, cells, started, wall)
+        finished = {c.model for c in cells}
+        done_rows = [r for r in rows if r.spec in finished]
+        lines = header(args, rev, datetime.datetime.fromisoformat(started), wall, done_rows,
+                       args.timeout)
+        if len(done_rows) < len(rows):
+            lines += ["", f"**Partial: {len(done_rows)} of {len(rows)} rows done so far.**"]
+        text = "\n".join([*lines, "", *render(cells, done_rows, cols)]).rstrip() + "\n"
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out)
 
     with tempfile.TemporaryDirectory(prefix="coverage-") as tmp:
-        run_matrix(rows, cols, args.timeout, Path(tmp),
-                   log=lambda s: print(s, file=sys.stderr, flush=True), on_row=write)
+        cells = run_matrix(rows, cols, args.timeout, Path(tmp),
+                           log=lambda s: print(s, file=sys.stderr, flush=True), on_row=write,
+                           jobs=args.jobs, done=done)
+    write(cells)  # also when the checkpoint held every row
     print(f"wrote {args.out}", file=sys.stderr)
     return args.out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import multiprocessing
 import sys
 import time
@@ -134,6 +135,95 @@ def test_command_line_is_checked():
     assert cov.parse(["--quick"]).quick
     with pytest.raises(SystemExit):
         cov.parse(["--timeout", "0"])
+    assert cov.parse(["--jobs", "2"]).jobs == 2
+    with pytest.raises(SystemExit):
+        cov.parse(["--jobs", "0"])
+
+
+# -- the scheduler: cells in parallel, rows reloaded, checkpoint ------------------------------
+
+
+def _fake_cell(model: cov.Model, method: cov.Method, workdir: str) -> dict:
+    """A cell whose outcome the row and column name: sleeps, dies, fails or saves."""
+    import os
+
+    if method.column == "slow":
+        time.sleep(30)
+    if method.column == "dies":
+        os._exit(4)
+    time.sleep(0.2)
+    if model.spec.endswith("bad"):
+        return {"status": cov.FAILED, "ratio": None, "seconds": 0.2, "reason": "boom"}
+    return {"status": cov.OK, "ratio": 2.0, "seconds": 0.2, "reason": "",
+            "artifact": f"{workdir}/{model.spec}-{method.column}.nsa"}
+
+
+def _fake_reload(artifacts: list[str], timeout: float) -> dict:
+    """The reload of a row: every artifact of a row named 'differs' fails its comparison."""
+    return {"errors": {a: "outputs differ" if "differs" in a else "" for a in artifacts}}
+
+
+def test_parallel_cells_fill_every_row_with_its_own_outcome(tmp_path, monkeypatch):
+    monkeypatch.setattr(cov, "run_cell", _fake_cell)
+    monkeypatch.setattr(cov, "_reload_isolated", _fake_reload)
+    rows = [cov.Model(s, "other") for s in ("m:ok", "m:bad", "m:differs")]
+    cols = [cov.Method("a", "x"), cov.Method("slow", "x"), cov.Method("dies", "x")]
+    seen: list[int] = []
+    t0 = time.perf_counter()
+    cells = cov.run_matrix(rows, cols, timeout=1.0, workdir=tmp_path, jobs=3,
+                           on_row=lambda cs: seen.append(len(cs)))
+    assert time.perf_counter() - t0 < 20  # three timeouts of 1 s, three at a time
+    by = {(c.model, c.method): c for c in cells}
+    assert len(cells) == 9 and seen == [3, 6, 9]  # one call per finished row
+    assert by["m:ok", "a"].status == cov.OK and by["m:ok", "a"].ratio == 2.0
+    assert by["m:bad", "a"].status == cov.FAILED and by["m:bad", "a"].reason == "boom"
+    assert by["m:differs", "a"].status == cov.FAILED
+    assert by["m:differs", "a"].reason == "outputs differ"
+    for row in rows:
+        assert by[row.spec, "slow"].status == cov.TIMEOUT
+        dead = by[row.spec, "dies"]
+        assert dead.status == cov.FAILED and "exit code 4" in dead.reason
+
+
+def test_rows_of_a_checkpoint_are_not_run_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(cov, "run_cell", _fake_cell)
+    monkeypatch.setattr(cov, "_reload_isolated", _fake_reload)
+    rows = [cov.Model("m:bad", "other"), cov.Model("m:ok", "other")]
+    cols = [cov.Method("a", "x")]
+    done = [cov.Cell("m:bad", "a", cov.OK, 3.0, 1.0)]  # a run would make it FAILED
+    cells = cov.run_matrix(rows, cols, timeout=10, workdir=tmp_path, jobs=2, done=done)
+    assert [(c.model, c.status) for c in cells] == [("m:bad", cov.OK), ("m:ok", cov.OK)]
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    rows = _rows()
+    cols = [cov.Method("m", "magnitude"), cov.Method("q", "quantize", {"bits": 4})]
+    key = cov.checkpoint_key("abc", 300.0, cols)
+    path = tmp_path / "cells.json"
+    full = [cov.Cell(r.spec, c.column, cov.OK, 1.5, 2.0) for r in rows[:2] for c in cols]
+    partial_row = [cov.Cell(rows[2].spec, "m", cov.REFUSED, reason="no layer")]
+    cov.save_checkpoint(path, key, full + partial_row, "2026-11-30T10:00+00:00", 60.0)
+    cells, started, wall, message = cov.load_checkpoint(path, key, rows, len(cols))
+    assert cells == full and wall == 60.0 and started.startswith("2026-11-30")  # no half row
+    assert "2 finished rows" in message
+    # Another commit or another column config: nothing is reused, and the message says why.
+    other = cov.checkpoint_key("def", 300.0, cols)
+    assert cov.load_checkpoint(path, other, rows, len(cols))[0] == []
+    changed = cov.checkpoint_key("abc", 300.0, [cols[0], cov.Method("q", "quantize")])
+    cells, _, _, message = cov.load_checkpoint(path, changed, rows, len(cols))
+    assert cells == [] and "columns" in message
+    assert cov.load_checkpoint(tmp_path / "none.json", key, rows, 2)[0] == []
+    # An untrusted file that is not a checkpoint is refused, not half-read.
+    for bad in ("[1, 2]", "{", json.dumps({"version": 1, **key})):  # the last has no cells
+        path.write_text(bad)
+        with pytest.raises(SystemExit, match="checkpoint"):
+            cov.load_checkpoint(path, key, rows, len(cols))
+    record = {"version": 1, **key, "started": "x", "wall_s": 1.0,
+              "cells": [{"model": "timm:a", "method": "m", "status": "pwned", "ratio": None,
+                         "seconds": None, "reason": ""}]}
+    path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match="status"):
+        cov.load_checkpoint(path, key, rows, len(cols))
 
 
 # -- statprune: refusals instead of half-pruned models or hangs --------------------------------
