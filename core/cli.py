@@ -408,12 +408,17 @@ def _print_memory(path: Path) -> None:
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Measure the solver's plan whole against re-solves and uniform plans and "
               "keep the best measured.")
+@click.option("--objective", type=click.Choice(["kl", "loss"]), default="kl",
+              show_default=True,
+              help="What a layer's option costs: kl (how far the predictions move from the "
+              "reference's) or loss (the labels' cross-entropy increase).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out",
               show_default=True, help="Folder for the artifact, its recipe and tables.")
 def search(model: str, data: str, budget: str, max_drop: float | None, max_macs: int | None,
            max_latency: str | None, methods: tuple[str, ...], executor: str,
            workers: int | None, address: str | None, finetune_epochs: int,
-           pareto_budgets: tuple[str, ...], seed: int, verify: bool, out_dir: str) -> None:
+           pareto_budgets: tuple[str, ...], seed: int, verify: bool, objective: str,
+           out_dir: str) -> None:
     """Search per-layer settings across methods under a size BUDGET (docs/search.md): write
     the artifact, a recipe that reproduces it byte for byte, and the tables."""
 
@@ -425,7 +430,7 @@ def search(model: str, data: str, budget: str, max_drop: float | None, max_macs:
                         max_macs=max_macs, max_latency=max_latency,
                         methods=methods or None, executor=run,
                         workers=workers, finetune_epochs=finetune_epochs, seed=seed,
-                        pareto_budgets=pareto_budgets, verify=verify)
+                        pareto_budgets=pareto_budgets, verify=verify, objective=objective)
     for line in lines:
         console.print(line, highlight=False, markup=False)
 

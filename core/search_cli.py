@@ -34,12 +34,14 @@ def run_command(
     seed: int = 0,
     pareto_budgets: Sequence[str] = (),
     verify: bool = True,
+    objective: str = "kl",
 ) -> list[str]:
     """What ``netshrink search MODEL --data D --budget B`` does: scan (checkpointed in the
     cache), search, write ``<stem>.nsk`` with its report, ``<stem>.search.yaml`` and
     ``<stem>.search.json`` under ``out_dir``, and with ``pareto_budgets`` also
-    ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib); ``verify``
-    and ``max_latency`` (batch 1) as in :func:`search`. Returns the lines to print."""
+    ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib); ``verify``,
+    ``objective`` and ``max_latency`` (batch 1) as in :func:`search`. Returns the lines to
+    print."""
     finetune = {"epochs": finetune_epochs} if finetune_epochs > 0 else None
     if max_latency is not None:  # a bad value is refused before the scan, not after it
         parse_latency(max_latency, 1.0)
@@ -50,12 +52,13 @@ def run_command(
     common: dict[str, Any] = {
         "max_drop": max_drop, "max_macs": max_macs, "max_latency": max_latency,
         "finetune": finetune, "seed": seed, "sensitivity": table, "verify": verify,
+        "objective": objective,
     }
     found = search(model, data, budget, **common)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split(":", 1)[-1]) or "model"
     paths = found.save(out_dir, stem)
-    lines = [f"{row['layer']}: {row['choice']} ({row['bytes']:,} bytes, loss {row['delta_loss']:+})"
-             for row in found.plan_rows()]
+    lines = [f"{row['layer']}: {row['choice']} ({row['bytes']:,} bytes, KL {row['kl']:.6f}, "
+             f"loss {row['delta_loss']:+})" for row in found.plan_rows()]
     lines.append(
         f"artifact {found.artifact_bytes:,} bytes (budget {found.budget_bytes:,}); validation "
         f"accuracy {100 * found.val_accuracy:.2f}% (reference "

@@ -27,7 +27,14 @@ from netshrink.recipe import Recipe
 from netshrink.search_candidates import Candidate
 from netshrink.search_latency import _latency_example, _packed_latency, parse_latency
 from netshrink.search_recipe import parse_budget, plan_recipe, recipe_yaml
-from netshrink.search_scan import Sensitivity, _loss_accuracy, _progress_line, _reference, scan
+from netshrink.search_scan import (
+    OBJECTIVES,
+    Sensitivity,
+    _loss_accuracy,
+    _progress_line,
+    _reference,
+    scan,
+)
 from netshrink.search_solver import solve
 from netshrink.search_verify import MeasuredPlan, _PlanMeter, _verify_plan
 from netshrink.selector import LayerSelector
@@ -84,6 +91,8 @@ class SearchResult:
     them ``chosen``; empty with ``verify=False``."""
     latency: SearchLatency | None = None
     """With ``max_latency``: the budget, the predicted and the measured packed latency."""
+    objective: str = "kl"
+    """What the solver minimised and ``verify`` compared plans by (see ``search``)."""
 
     @property
     def artifact_bytes(self) -> int:
@@ -91,13 +100,14 @@ class SearchResult:
         return len(self.result.artifact)
 
     def plan_rows(self) -> list[dict[str, Any]]:
-        """Per layer: the chosen candidate, its bytes and measured-alone loss change (and its
+        """Per layer: the chosen candidate, its bytes, measured-alone loss change and KL (and its
         latency alone, seconds per batch, when the search had a latency budget)."""
         table = self.sensitivity
         rows = []
         for layer, c in self.plan.items():
             row = {"layer": layer, "choice": c.label, "bytes": table.row(c)["bytes"],
-                   "delta_loss": round(table.row(c)["loss"] - table.base_loss, 6)}
+                   "delta_loss": round(table.row(c)["loss"] - table.base_loss, 6),
+                   "kl": table.row(c)["kl"]}
             if self.latency is not None:
                 row["latency"] = table.row(c)["latency"]
             rows.append(row)
@@ -110,6 +120,7 @@ class SearchResult:
         out = Path(out_dir)
         recipe_path = atomic_write(out / f"{stem}.search.yaml", recipe_yaml(self.recipe))
         summary = {
+            "objective": self.objective,
             "budget_bytes": self.budget_bytes,
             "artifact_bytes": self.artifact_bytes,
             "val_accuracy": self.val_accuracy,
@@ -146,6 +157,7 @@ def search(
     tries: int = 4,
     verify: bool = True,
     max_alternatives: int = 16,
+    objective: str = "kl",
 ) -> SearchResult:
     """Search per-layer settings across every method under ``budget`` (bytes, ``"40x"``,
     ``"120kB"``) and return a :class:`SearchResult`; ``result.recipe`` run by
@@ -167,25 +179,36 @@ def search(
     budget the layers' latency budget shrinks by the ratio and the search runs again, within
     the same ``tries``, after which a note says so (timings on a shared machine are noisy).
 
-    ``verify`` (default on): the solver minimises the *sum* of the loss increases each
-    candidate caused alone, and layers interact. So before compressing, the solver's plan is
+    ``objective`` is what each candidate costs, measured alone on the scan's validation
+    subset: ``"kl"`` (default), the mean KL divergence of the model's predictions from the
+    reference's, which only the reference scores 0; or ``"loss"``, the increase of the
+    labels' cross-entropy, which a compressed, less confident model can *lower* while it gets
+    fewer samples right (seen on LeNet-5, shapes32).
+
+    ``verify`` (default on): the solver minimises the *sum* of the costs each candidate
+    caused alone, and layers interact. So before compressing, the solver's plan is
     applied whole to the reference (every layer's candidate as the scan applied it, no
     fine-tune) and measured on the scan's validation subset (the first ``val_limit``
     samples), and so are alternatives within the same layer budget (and ``max_macs``,
     ``max_latency``):
 
-    - if the plan lost more than predicted, up to 3 re-solves, each adding the unexplained
-      loss (measured less predicted), shared equally, to the cost of the last plan's
+    - if the plan cost more than predicted, up to 3 re-solves, each adding the unexplained
+      cost (measured less predicted), shared equally, to the cost of the last plan's
       compressed candidates;
     - every *uniform* plan: one candidate (same compressor(s) and config) on every layer
-      that offers it, the other layers dense, by predicted loss.
+      that offers it, the other layers dense, by predicted cost.
 
     At most ``max_alternatives`` plans besides the solver's are measured. The plan kept is the
-    one with the lowest measured increase of the validation cross-entropy loss over the
-    reference (ties: the solver's, then the first measured); with ``max_drop``, only plans
+    one with the lowest measured cost under ``objective``
+    (ties: the solver's, then the first measured); with ``max_drop``, only plans
     whose measured accuracy drop is within ``max_drop`` compete, unless none is (a note says
     so). ``notes`` says when a plan other than the solver's was kept; every plan measured is
     in ``measured_plans``. ``verify=False`` compresses the solver's plan unmeasured."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(
+            f"search field 'objective': must be one of {', '.join(OBJECTIVES)}, got "
+            f"{objective!r}"
+        )
     if max_alternatives < 0:
         raise ConfigError(
             f"search field 'max_alternatives': must be at least 0, got {max_alternatives}"
@@ -222,7 +245,8 @@ def search(
         budget_now: int, latency_now: float | None, penalty: dict[str, float]
     ) -> list[int] | None:
         return solve(
-            [[_cost(table, c, dense_layers) + penalty.get(c.key, 0.0) for c in allowed[n]]
+            [[_cost(table, c, dense_layers, objective) + penalty.get(c.key, 0.0)
+              for c in allowed[n]]
              for n in layers],
             [[table.row(c)["bytes"] for c in allowed[n]] for n in layers],
             budget_now,
@@ -264,6 +288,7 @@ def search(
                 ),
                 layer_budget=layer_budget, max_macs=max_macs, max_drop=max_drop,
                 max_alternatives=max_alternatives, max_latency=layer_latency,
+                objective=objective,
             )
         recipe = plan_recipe(
             plan, model=spec, data=data_name, seed=seed, finetune=finetune, head=info.head
@@ -320,7 +345,7 @@ def search(
     predicted = sum(table.row(c)["loss"] - table.base_loss for c in plan.values())
     return SearchResult(
         plan, recipe, result, limit, val_acc, ref_acc, round(predicted, 6), table, notes,
-        kept.measured, timing,
+        kept.measured, timing, objective,
     )
 
 
@@ -388,11 +413,13 @@ def _nothing_fits(
     )
 
 
-def _cost(table: Sensitivity, candidate: Candidate, dense_bytes: int) -> float:
-    """The solver's cost: the loss increase measured alone, plus a tie-break far below the
-    loss's 1e-6 resolution that prefers the smaller of equally good candidates."""
+def _cost(table: Sensitivity, candidate: Candidate, dense_bytes: int,
+          objective: str = "kl") -> float:
+    """The solver's cost: ``objective`` measured alone (:meth:`Sensitivity.cost`), plus a
+    tie-break far below the measures' resolution (KL 1e-9, loss 1e-6) that prefers the
+    smaller of equally good candidates."""
     size = table.row(candidate)["bytes"] / max(dense_bytes, 1)
-    return table.row(candidate)["loss"] - table.base_loss + 1e-8 * size
+    return table.cost(candidate, objective) + 1e-11 * size
 
 
 __all__ = [

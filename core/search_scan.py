@@ -60,20 +60,56 @@ class _ScanInputs:
     seed: int
     latency: bool = False
     """Also hand back the candidate's layer and encodings (timed in the calling process)."""
+    reference_logp: torch.Tensor | None = None
+    """The reference model's log-probabilities on ``inputs`` (what ``kl`` is measured from)."""
+
+
+#: What the solver can minimise: ``kl``, the KL divergence of the compressed model's
+#: predictions from the reference's (never below 0: only the reference itself scores 0), or
+#: ``loss``, the increase of the labels' cross-entropy (a less confident model can lower it
+#: while getting fewer samples right).
+OBJECTIVES = ("kl", "loss")
+
+_BATCH = 256
 
 
 @torch.no_grad()
+def _log_probs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """``model``'s log-probabilities on ``inputs`` (eval mode, in batches)."""
+    model.eval()
+    return torch.cat([
+        nn.functional.log_softmax(model(inputs[start : start + _BATCH]).float(), dim=1)
+        for start in range(0, len(inputs), _BATCH)
+    ])
+
+
+@torch.no_grad()
+def _measure(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+    reference_logp: torch.Tensor | None,
+) -> tuple[float, float, float]:
+    """Mean cross-entropy, accuracy and mean KL(reference || model) per sample (0 without
+    ``reference_logp``), in one pass."""
+    model.eval()
+    loss, correct, kl = 0.0, 0, 0.0
+    for start in range(0, len(targets), _BATCH):
+        out = model(inputs[start : start + _BATCH])
+        y = targets[start : start + _BATCH]
+        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+        if reference_logp is not None:
+            ref = reference_logp[start : start + _BATCH]
+            logp = nn.functional.log_softmax(out.float(), dim=1)
+            kl += float((ref.exp() * (ref - logp)).sum())
+    n = len(targets)
+    return loss / n, correct / n, max(0.0, kl / n)  # float error can go a hair below 0
+
+
 def _loss_accuracy(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[float, float]:
-    model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(targets), 256):
-        out = model(inputs[start : start + 256])
-        y = targets[start : start + 256]
-        loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-    return loss / len(targets), correct / len(targets)
+    loss, acc, _ = _measure(model, inputs, targets, None)
+    return loss, acc
 
 
 def _scan_one(shared: _ScanInputs, candidate: Candidate) -> dict[str, Any]:
@@ -84,12 +120,13 @@ def _scan_one(shared: _ScanInputs, candidate: Candidate) -> dict[str, Any]:
     model = apply_candidate(
         model, candidate, table, data=shared.data, info=shared.info, seed=shared.seed
     )
-    loss, acc = _loss_accuracy(model, shared.inputs, shared.targets)
+    loss, acc, kl = _measure(model, shared.inputs, shared.targets, shared.reference_logp)
     macs = count_macs(model, shared.inputs[:1])
     row: dict[str, Any] = {
         "bytes": layer_bytes(model, table, candidate.layer),
         "macs": layer_macs(macs, candidate.layer),
         "loss": round(loss, 6),
+        "kl": round(kl, 9),
         "accuracy": acc,
     }
     if shared.latency:
@@ -109,7 +146,7 @@ class Sensitivity:
 
     candidates: dict[str, list[Candidate]]
     measured: dict[str, dict[str, Any]]
-    """Candidate key -> ``bytes``, ``macs``, ``loss``, ``accuracy`` (dense included), and
+    """Candidate key -> ``bytes``, ``macs``, ``loss``, ``kl``, ``accuracy`` (dense included), and
     ``latency`` (seconds per batch of ``latency_batch``, the layer alone as the packed runtime
     runs it) when the scan timed latency."""
     base_loss: float
@@ -125,6 +162,12 @@ class Sensitivity:
         """What ``candidate`` measured."""
         return self.measured[candidate.key]
 
+    def cost(self, candidate: Candidate, objective: str = "kl") -> float:
+        """What ``candidate`` alone costs under ``objective`` (see :data:`OBJECTIVES`): its
+        KL divergence from the reference's predictions, or its cross-entropy increase."""
+        row = self.row(candidate)
+        return row["kl"] if objective == "kl" else row["loss"] - self.base_loss
+
     @property
     def has_latency(self) -> bool:
         """Whether the scan timed latency (every candidate and the whole dense model)."""
@@ -133,8 +176,8 @@ class Sensitivity:
         )
 
     def rows(self) -> list[dict[str, Any]]:
-        """A flat table: layer, candidate, bytes, MACs, loss change, accuracy change (pp), and
-        ``latency`` (seconds per batch) when the scan timed it."""
+        """A flat table: layer, candidate, bytes, MACs, loss change, KL divergence, accuracy
+        change (pp), and ``latency`` (seconds per batch) when the scan timed it."""
         timed = self.has_latency
         out = []
         for cands in self.candidates.values():
@@ -145,6 +188,7 @@ class Sensitivity:
                     "bytes": self.row(c)["bytes"],
                     "macs": self.row(c)["macs"],
                     "delta_loss": round(self.row(c)["loss"] - self.base_loss, 6),
+                    "kl": self.row(c)["kl"],
                     "delta_acc_pp": round(
                         100 * (self.row(c)["accuracy"] - self.base_accuracy), 3
                     ),
@@ -198,7 +242,8 @@ def scan(
     candidates = layer_candidates(reference, chosen, methods)
     run = get_executor(executor, workers)
     inputs, targets = splits.batch("val", min(val_limit, len(splits.val)))
-    shared = _ScanInputs(reference, splits, info, inputs, targets, seed, latency)
+    shared = _ScanInputs(reference, splits, info, inputs, targets, seed, latency,
+                         reference_logp=_log_probs(copy.deepcopy(reference), inputs))
     base_loss, base_acc = _loss_accuracy(copy.deepcopy(reference), inputs, targets)
     timing = None
     if latency:
@@ -210,9 +255,11 @@ def scan(
     key = _checkpoint_key(reference, splits, len(targets), seed, [c.key for c in todo], timing)
     path = _checkpoint_path(checkpoint, key)
     measured = read_checkpoint(path, key) if path else {}
-    # A row without a latency (a file written by hand or by an older scan) is measured again.
+    # A row without a KL divergence or a latency (a file written by hand or by an older scan)
+    # is measured again.
     missing = [
-        c for c in todo if c.key not in measured or (latency and "latency" not in measured[c.key])
+        c for c in todo if c.key not in measured or "kl" not in measured[c.key]
+        or (latency and "latency" not in measured[c.key])
     ]
     if path and measured:
         log.info(

@@ -18,7 +18,7 @@ from netshrink.adapters import ModelInfo
 from netshrink.data import DataSplits
 from netshrink.encodings import EncodingTable
 from netshrink.search_candidates import Candidate, apply_candidate
-from netshrink.search_scan import Sensitivity, _loss_accuracy, _progress_line
+from netshrink.search_scan import Sensitivity, _log_probs, _measure, _progress_line
 
 log = logging.getLogger("netshrink")
 
@@ -39,7 +39,17 @@ class MeasuredPlan:
     """The loss increase measured with every candidate applied together."""
     accuracy: float
     """Accuracy measured with every candidate applied together."""
+    predicted_kl: float = 0.0
+    """The sum of the candidates' KL divergences from the reference measured alone."""
+    kl: float = 0.0
+    """The KL divergence from the reference's predictions with every candidate applied."""
     chosen: bool = False
+
+    def score(self, objective: str) -> tuple[float, float]:
+        """``(measured, predicted)`` under ``objective`` (``kl`` or ``loss``)."""
+        if objective == "kl":
+            return self.kl, self.predicted_kl
+        return self.delta_loss, self.predicted_delta_loss
 
     def row(self) -> dict[str, Any]:
         """The plan as a JSON-able row (``SearchResult.save``'s ``measured_plans``)."""
@@ -49,9 +59,16 @@ class MeasuredPlan:
             "layer_bytes": self.layer_bytes,
             "predicted_delta_loss": self.predicted_delta_loss,
             "measured_delta_loss": self.delta_loss,
+            "predicted_kl": self.predicted_kl,
+            "measured_kl": self.kl,
             "measured_accuracy": self.accuracy,
             "chosen": self.chosen,
         }
+
+
+#: How a note names each objective: the verb and what is measured.
+_WORDS = {"kl": ("diverged by", "KL divergence from the reference's predictions"),
+          "loss": ("lost", "validation loss")}
 
 
 _RESOLVE_ROUNDS = 3  # re-solves with an interaction penalty, at most, per budget try
@@ -68,7 +85,8 @@ class _PlanMeter:
             reference, data, info, table, seed,
         )
         self.inputs, self.targets = data.batch("val", table.n_val)
-        self.done: dict[tuple[str, ...], tuple[float, float]] = {}
+        self.reference_logp = _log_probs(copy.deepcopy(reference), self.inputs)
+        self.done: dict[tuple[str, ...], tuple[float, float, float]] = {}
         self.extra = 0  # fresh measurements of plans other than the solver's
 
     def measure(self, label: str, plan: dict[str, Candidate]) -> MeasuredPlan:
@@ -83,22 +101,23 @@ class _PlanMeter:
                 model = apply_candidate(
                     model, cand, encodings, data=self.data, info=self.info, seed=self.seed
                 )
-            loss, acc = _loss_accuracy(model, self.inputs, self.targets)
-            self.done[key] = (round(loss - self.table.base_loss, 6), acc)
+            loss, acc, kl = _measure(model, self.inputs, self.targets, self.reference_logp)
+            self.done[key] = (round(loss - self.table.base_loss, 6), acc, round(kl, 9))
             fresh = True
         else:
             fresh = False
-        delta, acc = self.done[key]
-        predicted = round(sum(self.table.row(c)["loss"] - self.table.base_loss
-                              for c in plan.values()), 6)
+        delta, acc, kl = self.done[key]
+        predicted = round(sum(self.table.cost(c, "loss") for c in plan.values()), 6)
+        predicted_kl = round(sum(self.table.cost(c, "kl") for c in plan.values()), 9)
         found = MeasuredPlan(
             label, dict(plan), sum(self.table.row(c)["bytes"] for c in plan.values()),
-            predicted, delta, acc,
+            predicted, delta, acc, predicted_kl, kl,
         )
         if fresh:
             _progress_line(
                 f"search: measured plan {label}: loss {delta:+.4f} (predicted {predicted:+.4f}),"
-                f" accuracy {100 * acc:.2f}% on {len(self.targets)} validation samples"
+                f" KL {kl:.4f} (predicted {predicted_kl:.4f}), accuracy {100 * acc:.2f}% on "
+                f"{len(self.targets)} validation samples"
             )
         return found
 
@@ -109,11 +128,11 @@ def _same(a: dict[str, Candidate], b: dict[str, Candidate]) -> bool:
 
 def _uniform_plans(
     table: Sensitivity, allowed: dict[str, list[Candidate]], layer_budget: int,
-    max_macs: int | None, max_latency: float | None = None,
+    max_macs: int | None, max_latency: float | None = None, objective: str = "kl",
 ) -> list[tuple[str, dict[str, Candidate]]]:
     """Per candidate label offered anywhere: that candidate on every layer that offers it, the
     others dense; those within the layer budget (and ``max_macs``, and the layers' latency
-    budget ``max_latency``), by predicted loss."""
+    budget ``max_latency``), by predicted ``objective``."""
     labels = dict.fromkeys(c.label for cands in allowed.values() for c in cands if c.options)
     plans = []
     for label in labels:
@@ -131,7 +150,7 @@ def _uniform_plans(
             continue
         plans.append((label, plan))
     return sorted(
-        plans, key=lambda lp: sum(table.row(c)["loss"] for c in lp[1].values())
+        plans, key=lambda lp: sum(table.cost(c, objective) for c in lp[1].values())
     )
 
 
@@ -146,12 +165,13 @@ def _verify_plan(
     max_drop: float | None,
     max_alternatives: int,
     max_latency: float | None = None,
+    objective: str = "kl",
 ) -> tuple[dict[str, Candidate], list[MeasuredPlan], list[str]]:
     """Measure the solver's ``plan`` whole and its alternatives (as :func:`search`'s
     ``verify`` describes); return the plan to keep, every plan measured and the notes.
     ``solve_again(penalty)`` solves with ``penalty`` (candidate key -> cost) added;
     ``max_latency`` is the searched layers' latency budget (uniform plans over it are
-    skipped)."""
+    skipped); ``objective`` is what plans are compared by (measured against predicted)."""
     table = meter.table
     measured = [meter.measure("solver", plan)]
 
@@ -169,20 +189,24 @@ def _verify_plan(
         measured.append(found)
         return found
 
-    # The solver trusts the sum of losses measured alone; when the plan loses more, spread
-    # the unexplained loss over its compressed layers' candidates as a cost and solve again.
+    # The solver trusts the sum of costs measured alone; when the plan costs more, spread
+    # the unexplained cost over its compressed layers' candidates and solve again.
     penalty: dict[str, float] = {}
     current: MeasuredPlan | None = measured[0]
     for round_ in range(1, _RESOLVE_ROUNDS + 1):
-        if current is None or not room() or current.delta_loss <= current.predicted_delta_loss:
+        if current is None or not room():
+            break
+        got, predicted = current.score(objective)
+        if got <= predicted:
             break
         compressed = [c for c in current.plan.values() if c.options]
-        share = (current.delta_loss - current.predicted_delta_loss) / max(1, len(compressed))
+        share = (got - predicted) / max(1, len(compressed))
         for cand in compressed:
             penalty[cand.key] = penalty.get(cand.key, 0.0) + share
         again = solve_again(penalty)
         current = None if again is None else add(f"re-solve {round_}", again)
-    for label, uniform in _uniform_plans(table, allowed, layer_budget, max_macs, max_latency):
+    for label, uniform in _uniform_plans(table, allowed, layer_budget, max_macs, max_latency,
+                                         objective):
         if not room():
             break
         add(f"uniform {label}", uniform)
@@ -191,17 +215,18 @@ def _verify_plan(
         return 100 * (table.base_accuracy - m.accuracy)
 
     within = [m for m in measured if max_drop is None or drop(m) <= max_drop]
-    best = min(within or measured, key=lambda m: m.delta_loss)  # ties: the earlier measured
+    # ties: the earlier measured
+    best = min(within or measured, key=lambda m: m.score(objective)[0])
     best.chosen = True
     notes = []
     solver = measured[0]
     if best is not solver:
-        how = ("more than" if solver.delta_loss > solver.predicted_delta_loss
-               else "against")
+        got, predicted = solver.score(objective)
+        verb, what = _WORDS[objective]
         notes.append(
-            f"the solver's plan lost {solver.delta_loss:.4f} (validation loss, first "
-            f"{table.n_val} samples), {how} the predicted {solver.predicted_delta_loss:.4f}; "
-            f"kept {best.label}, which lost {best.delta_loss:.4f}"
+            f"the solver's plan {verb} {got:.4f} ({what}, first {table.n_val} samples), "
+            f"{'more than' if got > predicted else 'against'} the predicted {predicted:.4f}; "
+            f"kept {best.label}, which {verb} {best.score(objective)[0]:.4f}"
         )
     if not within:
         notes.append(

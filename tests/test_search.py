@@ -4,6 +4,7 @@ recipe that reproduces the artifact byte for byte, and the honest comparisons.""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -276,6 +277,7 @@ def _worst_looks_free(table: S.Sensitivity) -> tuple[S.Sensitivity, S.Candidate]
                 key=lambda c: table.row(c)["loss"])
     measured = {key: dict(row) for key, row in table.measured.items()}
     measured[worst.key]["loss"] = table.base_loss - 0.5
+    measured[worst.key]["kl"] = -0.5  # no real plan scores below 0: this one is faked
     return dataclasses.replace(table, measured=measured), worst
 
 
@@ -287,15 +289,15 @@ def test_verify_replaces_a_plan_that_loses_more_than_predicted(table, tmp_path, 
         found = S.search(MODEL, DATA, "10x", sensitivity=fake)
     solver, chosen = found.measured_plans[0], [m for m in found.measured_plans if m.chosen]
     assert solver.label == "solver" and solver.plan[worst.layer] == worst and not solver.chosen
-    assert solver.delta_loss > solver.predicted_delta_loss
+    assert solver.kl > solver.predicted_kl
     assert len(chosen) == 1 and chosen[0].plan == found.plan
     assert found.plan[worst.layer] != worst
-    assert chosen[0].delta_loss < solver.delta_loss
+    assert chosen[0].kl < solver.kl
     assert found.val_accuracy > trusted.val_accuracy
-    expected = (f"the solver's plan lost {solver.delta_loss:.4f} (validation loss, first "
-                f"{fake.n_val} samples), more than the predicted "
-                f"{solver.predicted_delta_loss:.4f}; kept {chosen[0].label}, which lost "
-                f"{chosen[0].delta_loss:.4f}")
+    expected = (f"the solver's plan diverged by {solver.kl:.4f} (KL divergence from the "
+                f"reference's predictions, first {fake.n_val} samples), more than the "
+                f"predicted {solver.predicted_kl:.4f}; kept {chosen[0].label}, which diverged "
+                f"by {chosen[0].kl:.4f}")
     assert expected in found.notes
     for m in found.measured_plans:  # one progress line per plan measured
         assert f"search: measured plan {m.label}: loss {m.delta_loss:+.4f}" in caplog.text
@@ -308,7 +310,9 @@ def test_verify_replaces_a_plan_that_loses_more_than_predicted(table, tmp_path, 
     kept = [r for r in rows if r["chosen"]]
     assert len(kept) == 1 and kept[0]["plan"] == {r["layer"]: r["choice"] for r in summary["plan"]}
     assert set(rows[0]) == {"label", "plan", "layer_bytes", "predicted_delta_loss",
-                            "measured_delta_loss", "measured_accuracy", "chosen"}
+                            "measured_delta_loss", "predicted_kl", "measured_kl",
+                            "measured_accuracy", "chosen"}
+    assert summary["objective"] == "kl"
 
 
 @pytest.mark.parametrize("budget", ["6x", "10x", "16x"])
@@ -316,7 +320,7 @@ def test_kept_plan_measures_best_and_alternatives_are_uniform_or_resolved(table,
     found = S.search(MODEL, DATA, budget, sensitivity=table)
     (chosen,) = [m for m in found.measured_plans if m.chosen]
     assert chosen.plan == found.plan
-    assert all(chosen.delta_loss <= m.delta_loss for m in found.measured_plans)
+    assert all(chosen.kl <= m.kl for m in found.measured_plans)
     assert len(found.measured_plans) <= 1 + 16
     for m in found.measured_plans:
         assert m.layer_bytes == sum(table.row(c)["bytes"] for c in m.plan.values())
@@ -337,14 +341,16 @@ class _StubMeter:
     def measure(self, label: str, plan: dict[str, S.Candidate]) -> S.MeasuredPlan:
         self.done[label] = True
         delta, accuracy = self.results.get(label, (9.0, 0.0))
-        return S.MeasuredPlan(label, plan, 0, 0.0, delta, accuracy)
+        # the stub's loss change stands for both measures; the KL side is 1/10 of it
+        return S.MeasuredPlan(label, plan, 0, 0.0, delta, accuracy, 0.0, delta / 10)
 
 
-def _verify_stub(table, results, max_drop=None, max_alternatives=16):
+def _verify_stub(table, results, max_drop=None, max_alternatives=16, objective="loss"):
     plan = {layer: cands[1] for layer, cands in table.candidates.items()}
     return search_verify._verify_plan(
         _StubMeter(table, results), table.candidates, plan, lambda penalty: None,
         layer_budget=10**9, max_macs=None, max_drop=max_drop, max_alternatives=max_alternatives,
+        objective=objective,
     )
 
 
@@ -362,8 +368,50 @@ def test_max_drop_prefers_measured_plans_within_it(table):
     assert any("no measured plan stays within max_drop 0.01 pp" in n for n in notes)
     _, measured, _ = _verify_stub(table, results, max_alternatives=2)
     assert len(measured) == 3
+    _, _, notes = _verify_stub(table, results, max_drop=1.0, objective="kl")
+    assert any("kept uniform quantize(bits=8), which diverged by 0.0200" in n for n in notes)
     with pytest.raises(ConfigError, match=r"'max_alternatives': must be at least 0, got -1"):
         S.search(MODEL, DATA, "10x", sensitivity=table, max_alternatives=-1)
+
+
+def test_scan_measures_kl_from_the_reference(table):
+    for cands in table.candidates.values():
+        dense, *options = cands
+        assert table.row(dense)["kl"] == 0.0 and table.cost(dense, "kl") == 0.0
+        assert table.cost(dense, "loss") == pytest.approx(0.0, abs=1e-6)
+        assert all(table.row(c)["kl"] > 0 for c in options)  # every option moves predictions
+    # The KL is what it says: recomputed by hand for one candidate of the scan.
+    cand = next(iter(table.candidates.values()))[-1]
+    data = ns.datasets.load(DATA)
+    reference = search_scan._reference(MODEL, data, 0)  # as the scan builds it
+    x, _ = data.batch("val", table.n_val)
+    torch.manual_seed(0)
+    model = search_candidates.apply_candidate(
+        copy.deepcopy(reference), cand, ns.EncodingTable(), data=data,
+        info=ns.model_info(reference), seed=0)
+    with torch.no_grad():
+        ref = torch.log_softmax(reference.eval()(x), 1)
+        got = torch.log_softmax(model.eval()(x), 1)
+    expected = float(torch.nn.functional.kl_div(got, ref, log_target=True,
+                                                reduction="batchmean"))
+    assert table.row(cand)["kl"] == pytest.approx(expected, rel=1e-4, abs=1e-8)
+
+
+def test_objective_decides_what_the_solver_trusts(table):
+    """An option that lowers the labels' loss but moves the predictions far is taken under
+    ``loss`` and left under ``kl``."""
+    layer, cands = next(iter(table.candidates.items()))
+    tempting = cands[-1]
+    measured = {key: dict(row) for key, row in table.measured.items()}
+    measured[tempting.key]["loss"] = table.base_loss - 1.0
+    measured[tempting.key]["kl"] = 5.0
+    fake = dataclasses.replace(table, measured=measured)
+    by_loss = S.search(MODEL, DATA, "6x", sensitivity=fake, verify=False, objective="loss")
+    by_kl = S.search(MODEL, DATA, "6x", sensitivity=fake, verify=False)
+    assert by_loss.plan[layer] == tempting and by_loss.objective == "loss"
+    assert by_kl.plan[layer] != tempting and by_kl.objective == "kl"
+    with pytest.raises(ConfigError, match=r"search field 'objective': must be one of kl, loss"):
+        S.search(MODEL, DATA, "6x", sensitivity=table, objective="accuracy")
 
 
 # -- checkpoint, resume, executors ----------------------------------------------------------------
