@@ -12,6 +12,7 @@ shaded) with the fixed points as horizontal lines.
 
     python -m benchmarks.rlprune_agents --quick            # digits28, 6 episodes, 1 seed
     python -m benchmarks.rlprune_agents                    # zoo:lenet5 on shapes32, 30 x 3
+    python -m benchmarks.rlprune_agents --model zoo:vgg_small --ref-epochs 5 --episodes 60
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="zoo:lenet5", help="model spec (default zoo:lenet5)")
     p.add_argument("--data", default=None, help="dataset (default shapes32; --quick: digits28)")
+    p.add_argument(
+        "--ref-epochs",
+        type=int,
+        default=None,
+        help="training epochs of the cached reference (default: reference_model's; "
+        "the harness's vgg_small@shapes32 reference is 5)",
+    )
     p.add_argument("--target", type=float, default=0.8, help="target sparsity (default 0.8)")
     p.add_argument(
         "--episodes", type=int, default=None, help="evaluations per search (default 30; --quick: 6)"
@@ -135,7 +143,8 @@ def run_one(
 def run(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Every agent once per seed and the fixed points once (they use no randomness)."""
     data = ns.datasets.load(args.data)
-    model = ns.reference_model(args.model, data)  # cached; loaded before the fresh cache
+    epochs = {} if args.ref_epochs is None else {"epochs": args.ref_epochs}
+    model = ns.reference_model(args.model, data, **epochs)  # cached; before the fresh cache
     xy = reward_subset(data, args.reward_samples)
     args.reward_n = len(xy[1])  # fewer than asked when the val split is smaller
     select = {"types": args.types.split(",")}
@@ -240,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     runs = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.data}-{args.episodes}ep-{args.seeds}seeds"
+    name = args.model.split(":")[-1]
+    tag = f"{name}-{args.data}-{args.episodes}ep-{args.seeds}seeds"
     (args.out / f"{tag}.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs}, indent=1)
     )
