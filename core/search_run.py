@@ -166,8 +166,9 @@ def search(
     ``max_drop`` (percentage points of validation accuracy) drops any candidate that alone
     loses more, and notes when the final model does. The solver's budget for the layers is
     ``budget`` less the rest of the artifact (header, manifest, other tensors); if the real
-    artifact still exceeds ``budget`` the layer budget shrinks by the excess and the solve
-    runs again (up to ``tries`` times), so the returned artifact is never over ``budget``.
+    artifact still exceeds ``budget`` the layer budget becomes that plan's layer bytes less
+    the excess and the solve runs again (up to ``tries`` times), so the returned artifact is
+    never over ``budget``.
 
     ``max_latency`` (see :func:`parse_latency`: seconds per batch, ``"2ms"``, or ``"80%"`` of
     the dense model's measured latency) bounds the whole model's latency on a batch of
@@ -300,7 +301,11 @@ def search(
             attempt + 1, len(result.artifact), limit, excess,
         )
         if excess > 0:
-            layer_budget -= excess
+            # The next plan must be smaller than this one by the excess: shrinking the budget
+            # alone can leave this same plan inside it (the solver rounds sizes to buckets,
+            # and verify may have kept a plan well under the budget).
+            plan_bytes = sum(table.row(c)["bytes"] for c in plan.values())
+            layer_budget = min(layer_budget, plan_bytes) - excess
             continue
         kept = _Try(plan, recipe, result, measured, verify_notes)
         if timing is None or layer_latency is None:

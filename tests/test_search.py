@@ -238,6 +238,30 @@ def test_budget_is_a_fraction_of_the_dense_artifact(table):
     assert found.artifact_bytes <= dense // 10
 
 
+def test_an_over_budget_plan_is_not_chosen_again(table, monkeypatch):
+    """The first artifact comes out 1 byte over the budget (padded here): the next try's plan
+    must be smaller by at least that byte, even when a budget shrunk by 1 byte would still
+    hold the same plan (verify keeps plans under the budget; the solver rounds sizes)."""
+    reference = ns.reference_model(MODEL, ns.datasets.load(DATA))
+    limit = len(artifact_bytes(reference, ns.EncodingTable(), ns.model_info(reference),
+                               None)) // 10
+    real_compress, plans = search_run.compress, []
+
+    def padded_once(model, recipe, data):
+        result = real_compress(model, recipe, data)
+        plans.append(recipe)
+        if len(plans) == 1:
+            pad = limit - len(result.artifact) + 1
+            return dataclasses.replace(result, artifact=result.artifact + b"\0" * pad)
+        return result
+
+    monkeypatch.setattr(search_run, "compress", padded_once)
+    found = S.search(MODEL, DATA, "10x", sensitivity=table)
+    assert len(plans) == 2 and found.artifact_bytes <= limit
+    first, second = (ns.compress(None, r) for r in plans)
+    assert len(second.artifact) < len(first.artifact)
+
+
 def test_too_small_budget_names_the_smallest_reachable(table):
     with pytest.raises(ConfigError, match=r"no choice of the scanned options fits .* smallest"):
         S.search(MODEL, DATA, "400x", sensitivity=table)
