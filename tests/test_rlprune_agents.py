@@ -269,4 +269,4 @@ def test_benchmark_script_runs_quick(tmp_path, capsys):
     ):
         assert row in out
     assert "n=360" in out  # the test accuracy carries its n (and its interval)
-    assert (tmp_path / "digits-3ep-1seeds.png").stat().st_size > 5_000
+    assert (tmp_path / "lenet5-digits-3ep-1seeds.png").stat().st_size > 5_000
