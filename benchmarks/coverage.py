@@ -548,8 +548,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default="",
                         help="comma-separated specs to run instead of the fixed list")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="cells run at once, each in its own process (default 1; the "
-                             "full matrix takes about 2 hours with --jobs 2 on 2 cores)")
+                        help="cells run at once, each in its own process (default 1; up to "
+                             "one per core, with NETSHRINK_THREADS=1)")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "out" / "coverage_cells.json",
                         help="finished rows are saved here after each row "
                              "(default out/coverage_cells.json)")
