@@ -412,13 +412,17 @@ def _print_memory(path: Path) -> None:
               show_default=True,
               help="What a layer's option costs: kl (how far the predictions move from the "
               "reference's) or loss (the labels' cross-entropy increase).")
+@click.option("--activation-cache-mb", type=click.IntRange(min=0), default=1024,
+              show_default=True,
+              help="Memory per scanning process for the reference's activations, so each "
+              "candidate runs only from its layer on (0: off; the figures are the same).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out",
               show_default=True, help="Folder for the artifact, its recipe and tables.")
 def search(model: str, data: str, budget: str, max_drop: float | None, max_macs: int | None,
            max_latency: str | None, methods: tuple[str, ...], executor: str,
            workers: int | None, address: str | None, finetune_epochs: int,
            pareto_budgets: tuple[str, ...], seed: int, verify: bool, objective: str,
-           out_dir: str) -> None:
+           activation_cache_mb: int, out_dir: str) -> None:
     """Search per-layer settings across methods under a size BUDGET (docs/search.md): write
     the artifact, a recipe that reproduces it byte for byte, and the tables."""
 
@@ -430,7 +434,8 @@ def search(model: str, data: str, budget: str, max_drop: float | None, max_macs:
                         max_macs=max_macs, max_latency=max_latency,
                         methods=methods or None, executor=run,
                         workers=workers, finetune_epochs=finetune_epochs, seed=seed,
-                        pareto_budgets=pareto_budgets, verify=verify, objective=objective)
+                        pareto_budgets=pareto_budgets, verify=verify, objective=objective,
+                        activation_cache_mb=activation_cache_mb)
     for line in lines:
         console.print(line, highlight=False, markup=False)
 

@@ -35,12 +35,14 @@ def run_command(
     pareto_budgets: Sequence[str] = (),
     verify: bool = True,
     objective: str = "kl",
+    activation_cache_mb: int = 1024,
 ) -> list[str]:
     """What ``netshrink search MODEL --data D --budget B`` does: scan (checkpointed in the
     cache), search, write ``<stem>.nsk`` with its report, ``<stem>.search.yaml`` and
     ``<stem>.search.json`` under ``out_dir``, and with ``pareto_budgets`` also
     ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib); ``verify``,
-    ``objective`` and ``max_latency`` (batch 1) as in :func:`search`. Returns the lines to
+    ``objective`` and ``max_latency`` (batch 1) as in :func:`search`, and
+    ``activation_cache_mb`` as in :func:`~netshrink.search_scan.scan`. Returns the lines to
     print."""
     finetune = {"epochs": finetune_epochs} if finetune_epochs > 0 else None
     if max_latency is not None:  # a bad value is refused before the scan, not after it
@@ -48,6 +50,7 @@ def run_command(
     table = scan(
         model, data, methods=methods, val_limit=val_limit, seed=seed, executor=executor,
         workers=workers, latency=max_latency is not None,
+        activation_cache_mb=activation_cache_mb,
     )
     common: dict[str, Any] = {
         "max_drop": max_drop, "max_macs": max_macs, "max_latency": max_latency,

@@ -158,6 +158,7 @@ def search(
     verify: bool = True,
     max_alternatives: int = 16,
     objective: str = "kl",
+    activation_cache_mb: int = 1024,
 ) -> SearchResult:
     """Search per-layer settings across every method under ``budget`` (bytes, ``"40x"``,
     ``"120kB"``) and return a :class:`SearchResult`; ``result.recipe`` run by
@@ -204,7 +205,10 @@ def search(
     (ties: the solver's, then the first measured); with ``max_drop``, only plans
     whose measured accuracy drop is within ``max_drop`` compete, unless none is (a note says
     so). ``notes`` says when a plan other than the solver's was kept; every plan measured is
-    in ``measured_plans``. ``verify=False`` compresses the solver's plan unmeasured."""
+    in ``measured_plans``. ``verify=False`` compresses the solver's plan unmeasured.
+
+    ``activation_cache_mb``: memory for the reference's activations that the scan reuses
+    (see :func:`netshrink.search_scan.scan`; 0 turns it off; the figures are the same)."""
     if objective not in OBJECTIVES:
         raise ConfigError(
             f"search field 'objective': must be one of {', '.join(OBJECTIVES)}, got "
@@ -219,6 +223,7 @@ def search(
         model, splits, methods=methods, select=select, val_limit=val_limit, seed=seed,
         executor=executor, workers=workers, checkpoint=checkpoint,
         latency=max_latency is not None, latency_batch=latency_batch,
+        activation_cache_mb=activation_cache_mb,
     )
     reference = _reference(model, splits, seed)
     info = _info_for(reference, splits)

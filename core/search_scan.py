@@ -10,6 +10,7 @@ import functools
 import logging
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from netshrink.search_checkpoint import (
     write_checkpoint,
 )
 from netshrink.search_latency import _latency_example, _layer_inputs, packed_layer
+from netshrink.search_prefix import PrefixCache, PrefixMismatch
 from netshrink.selector import LayerSelector
 
 log = logging.getLogger("netshrink")
@@ -62,6 +64,11 @@ class _ScanInputs:
     """Also hand back the candidate's layer and encodings (timed in the calling process)."""
     reference_logp: torch.Tensor | None = None
     """The reference model's log-probabilities on ``inputs`` (what ``kl`` is measured from)."""
+    reuse_bytes: int = 0
+    """Memory for the reference's recorded activations (:class:`PrefixCache`; 0: none)."""
+    token: str = ""
+    """Identifies this scan's reference and inputs: a worker keeps one :class:`PrefixCache`
+    per token and builds it at its first task."""
 
 
 #: What the solver can minimise: ``kl``, the KL divergence of the compressed model's
@@ -105,6 +112,45 @@ def _measure(
     return loss / n, correct / n, max(0.0, kl / n)  # float error can go a hair below 0
 
 
+def _batches(inputs: torch.Tensor) -> list[torch.Tensor]:
+    """``inputs`` in the batches :func:`_measure` runs."""
+    return [inputs[start : start + _BATCH] for start in range(0, len(inputs), _BATCH)]
+
+
+# One recorded reference per process (a scan's workers each build their own at their first
+# task; a new scan replaces it).
+_PREFIX: dict[str, PrefixCache] = {}
+
+
+def _prefix_cache(shared: _ScanInputs) -> PrefixCache | None:
+    if shared.reuse_bytes <= 0:
+        return None
+    cache = _PREFIX.get(shared.token)
+    if cache is None or cache.broken:
+        _PREFIX.clear()
+        _PREFIX[shared.token] = cache = PrefixCache(
+            shared.model, _batches(shared.inputs), shared.reuse_bytes,
+            every_name_copied=cache is not None,
+        )
+    return cache
+
+
+def _measure_candidate(
+    shared: _ScanInputs, model: nn.Module
+) -> tuple[float, float, float]:
+    """:func:`_measure` on ``model``, starting where it differs from the reference when a
+    :class:`PrefixCache` is on (the same figures; a forward pass that does not replay as
+    recorded is measured again whole)."""
+    cache = _prefix_cache(shared)
+    if cache is not None:
+        try:
+            with cache.patch(model):
+                return _measure(model, shared.inputs, shared.targets, shared.reference_logp)
+        except PrefixMismatch as exc:
+            log.debug("search: measuring the whole model again: %s", exc)
+    return _measure(model, shared.inputs, shared.targets, shared.reference_logp)
+
+
 def _loss_accuracy(
     model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[float, float]:
@@ -120,7 +166,7 @@ def _scan_one(shared: _ScanInputs, candidate: Candidate) -> dict[str, Any]:
     model = apply_candidate(
         model, candidate, table, data=shared.data, info=shared.info, seed=shared.seed
     )
-    loss, acc, kl = _measure(model, shared.inputs, shared.targets, shared.reference_logp)
+    loss, acc, kl = _measure_candidate(shared, model)
     macs = count_macs(model, shared.inputs[:1])
     row: dict[str, Any] = {
         "bytes": layer_bytes(model, table, candidate.layer),
@@ -213,6 +259,7 @@ def scan(
     chunk: int = 16,
     latency: bool = False,
     latency_batch: int = 1,
+    activation_cache_mb: int = 1024,
 ) -> Sensitivity:
     """Measure every layer × candidate alone on the first ``val_limit`` validation samples.
 
@@ -225,7 +272,13 @@ def scan(
     candidate): also time each candidate's layer alone as the packed runtime runs it
     (:func:`packed_layer`) on the input it receives in the reference model for a batch of
     ``latency_batch`` copies of the first validation sample, and the whole dense model on that
-    batch (``torch.utils.benchmark``, in this process, whatever the executor)."""
+    batch (``torch.utils.benchmark``, in this process, whatever the executor).
+
+    ``activation_cache_mb`` (default 1024; 0 turns it off): memory, in each process that
+    measures candidates, for the reference's activations on the validation subset. Each
+    candidate then runs only from the first module it changed (the figures are the same:
+    :mod:`netshrink.search_prefix`); modules are recorded in the order they run while their
+    outputs fit."""
     splits = load_data(data) if isinstance(data, str) else data
     if val_limit < 1:
         raise ConfigError(f"search field 'val_limit': must be at least 1, got {val_limit}")
@@ -233,6 +286,12 @@ def scan(
         raise ConfigError(
             f"search field 'latency_batch': must be an integer of at least 1, got "
             f"{latency_batch!r}"
+        )
+    if isinstance(activation_cache_mb, bool) or not isinstance(activation_cache_mb, int) \
+            or activation_cache_mb < 0:
+        raise ConfigError(
+            "search field 'activation_cache_mb': must be an integer of at least 0, got "
+            f"{activation_cache_mb!r}"
         )
     reference = _reference(model, splits, seed)
     info = _info_for(reference, splits)
@@ -243,7 +302,8 @@ def scan(
     run = get_executor(executor, workers)
     inputs, targets = splits.batch("val", min(val_limit, len(splits.val)))
     shared = _ScanInputs(reference, splits, info, inputs, targets, seed, latency,
-                         reference_logp=_log_probs(copy.deepcopy(reference), inputs))
+                         reference_logp=_log_probs(copy.deepcopy(reference), inputs),
+                         reuse_bytes=activation_cache_mb << 20, token=uuid.uuid4().hex)
     base_loss, base_acc = _loss_accuracy(copy.deepcopy(reference), inputs, targets)
     timing = None
     if latency:
@@ -267,21 +327,24 @@ def scan(
         )
     started = time.perf_counter()
     task = functools.partial(_scan_one, shared)
-    for first in range(0, len(missing), max(1, chunk)):
-        part = missing[first : first + max(1, chunk)]
-        for cand, result in zip(part, run.map(task, part), strict=True):
-            if latency:
-                module, encodings = result.pop(_TIMING)
-                result["latency"] = search_latency._time_module(
-                    packed_layer(module, encodings), layer_inputs[cand.layer]
-                )
-            measured[cand.key] = result
-        if path:
-            write_checkpoint(path, key, measured)
-        _progress_line(
-            f"search: scanned {len(todo) - len(missing) + first + len(part)}/{len(todo)} "
-            f"candidates ({run.name} executor, {time.perf_counter() - started:.1f}s)"
-        )
+    try:
+        for first in range(0, len(missing), max(1, chunk)):
+            part = missing[first : first + max(1, chunk)]
+            for cand, result in zip(part, run.map(task, part), strict=True):
+                if latency:
+                    module, encodings = result.pop(_TIMING)
+                    result["latency"] = search_latency._time_module(
+                        packed_layer(module, encodings), layer_inputs[cand.layer]
+                    )
+                measured[cand.key] = result
+            if path:
+                write_checkpoint(path, key, measured)
+            _progress_line(
+                f"search: scanned {len(todo) - len(missing) + first + len(part)}/{len(todo)} "
+                f"candidates ({run.name} executor, {time.perf_counter() - started:.1f}s)"
+            )
+    finally:
+        _PREFIX.pop(shared.token, None)  # the recorded activations are freed
     model_latency = search_latency._time_module(reference, (example,)) if latency else None
     return Sensitivity(
         candidates, measured, round(base_loss, 6), base_acc, len(targets), model_latency,

@@ -24,8 +24,8 @@ LAYERS: list[set[str]] = [
     {"__root__"},  # the public surface, netshrink/__init__.py
     # the run; the search runs it (layer_search re-exports its search_* parts)
     {"pipeline", "layer_search", "search_candidates", "search_checkpoint", "search_cli",
-     "search_latency", "search_pareto", "search_recipe", "search_run", "search_scan",
-     "search_solver", "search_verify"},
+     "search_latency", "search_pareto", "search_prefix", "search_recipe", "search_run",
+     "search_scan", "search_solver", "search_verify"},
     {"report", "report_render", "export"},  # reads what the pipeline built; exports it
     {"context"},  # what a compressor receives (it can size the artifact)
     {"artifact", "manifest"},  # builds and reads the artifact; the manifest's schema

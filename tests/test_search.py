@@ -398,6 +398,30 @@ def test_max_drop_prefers_measured_plans_within_it(table):
         S.search(MODEL, DATA, "10x", sensitivity=table, max_alternatives=-1)
 
 
+@pytest.mark.parametrize("model", [MODEL, "zoo:lenet5"])
+def test_reusing_the_references_activations_changes_no_figure(grids, model, monkeypatch):
+    built = []
+
+    class Spy(search_scan.PrefixCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(search_scan, "PrefixCache", Spy)
+    on = S.scan(model, DATA, methods=METHODS, checkpoint=False)
+    assert len(built) == 1 and built[0].outputs and built[0].recorded <= 1024 << 20
+    assert search_scan._PREFIX == {}  # freed when the scan ends
+    off = S.scan(model, DATA, methods=METHODS, checkpoint=False, activation_cache_mb=0)
+    assert on.measured == off.measured and on.base_loss == off.base_loss
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True])
+def test_activation_cache_mb_is_checked(grids, value):
+    with pytest.raises(ConfigError, match=r"'activation_cache_mb': must be an integer of at "
+                       r"least 0"):
+        S.scan(MODEL, DATA, methods=METHODS, checkpoint=False, activation_cache_mb=value)
+
+
 def test_scan_measures_kl_from_the_reference(table):
     for cands in table.candidates.values():
         dense, *options = cands
