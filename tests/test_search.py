@@ -608,11 +608,30 @@ def test_third_party_compressor_joins_the_search(grids, half, tmp_path):
     assert again.artifact == found.result.artifact
 
 
+def test_tucker_ranks_join_the_search_and_the_recipe_reproduces_them(grids, tmp_path):
+    model, data = "zoo:lenet5", ns.datasets.load(DATA)
+    reference = ns.reference_model(model, data)
+    tucker = registry.get_compressor("tucker")
+    assert [o.config for o in tucker.layer_options(reference.conv2, "conv2")] == [
+        {"rank": 0.25}, {"rank": 0.5}]
+    assert S.check_layer_options(tucker, reference.conv2) == []
+    assert tucker.layer_options(reference.fc1, "fc1") == []  # linear layers are svd's
+    table = S.scan(model, DATA, methods=("tucker",), checkpoint=False)
+    assert "tucker(rank=0.25)" in [c.label for c in table.candidates["conv2"]]
+    dense = len(artifact_bytes(reference, ns.EncodingTable(), ns.model_info(reference), None))
+    # 5,000 bytes less than dense: only factorising conv2 (9,664 dense bytes) gets there
+    found = S.search(model, DATA, dense - 5000, sensitivity=table)
+    assert found.plan["conv2"].label.startswith("tucker(rank=")
+    assert found.artifact_bytes <= dense - 5000
+    again = ns.compress(None, Recipe.from_file(found.save(tmp_path)["recipe"]))
+    assert again.artifact == found.result.artifact
+
+
 def test_bad_methods_are_refused(grids):
     with pytest.raises(ConfigError, match=r"field 'methods': .*nope"):
         S.scan(MODEL, DATA, methods=("nope",), checkpoint=False)
-    with pytest.raises(ConfigError, match=r"'tucker' declares no per-layer options"):
-        S.scan(MODEL, DATA, methods=("tucker",), checkpoint=False)
+    with pytest.raises(ConfigError, match=r"'sigmaprune' declares no per-layer options"):
+        S.scan(MODEL, DATA, methods=("sigmaprune",), checkpoint=False)
     with pytest.raises(ConfigError, match=r"'val_limit': must be at least 1, got 0"):
         S.scan(MODEL, DATA, val_limit=0, checkpoint=False)
 

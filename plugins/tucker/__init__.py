@@ -90,6 +90,31 @@ class Tucker(Compressor):
                                 needs_finetune=True)
     paper = PAPER
     config: TuckerConfig
+    #: Ranks a search offers per convolution, as fractions of the channels (``rank``).
+    search_ranks = (0.25, 0.5)
+
+    @classmethod
+    def layer_options(cls, module, name):
+        """For a plain, ungrouped ``Conv2d`` (linear layers are :mod:`svd`'s): one option per
+        rank of :attr:`search_ranks` that the default ``min_saving`` lets through; bytes of
+        the factors in the layer's dtype (and the bias). A kxk convolution becomes Tucker-2
+        factors, a 1x1 one two SVD factors."""
+        if not isinstance(module, nn.Conv2d) or type(module).forward is not nn.Conv2d.forward \
+                or module.groups > 1:
+            return []
+        size = module.weight.element_size()
+        before = sum(p.numel() for p in module.parameters(recurse=False))
+        keep = 1 - TuckerConfig().min_saving
+        options = []
+        o, i = module.out_channels, module.in_channels
+        for ratio in cls.search_ranks:
+            if module.kernel_size == (1, 1):
+                after = svd_params(o, i, rank_by_ratio(min(o, i), ratio), module.bias is not None)
+            else:
+                after = tucker2_params(module, rank_by_ratio(o, ratio), rank_by_ratio(i, ratio))
+            if after <= keep * before and after < before:
+                options.append(cls.option({"rank": ratio}, bytes=after * size))
+        return options
 
     def compress(self, model, layers, ctx) -> StepResult:
         records: list[LayerRecord] = []
