@@ -12,7 +12,9 @@ change that belongs to no called module turns replay off), and a module that als
 point is never replayed. A forward pass that does not call a replayed module the way the
 recording did (another input shape, more or fewer calls: data-dependent control flow), or that
 changes a replayed output in place where the recording did not, raises :class:`PrefixMismatch`,
-and the scan measures that candidate again without the cache.
+and the scan measures that candidate again without the cache; after a call that did not match,
+the cache replays nothing more, and after an output changed in place the scan records the
+reference again and hands out copies.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class PrefixCache:
         """Modules whose outputs are replayed as copies ("*": all)."""
         self.broken = False
         """Set when a replayed output was changed in place: build a new cache that copies."""
+        self.usable = True
+        """Cleared when a forward pass did not call a replayed module as recorded
+        (data-dependent control flow): :meth:`patch` then replays nothing."""
         self._state = {k: v.detach() for k, v in reference.state_dict(keep_vars=True).items()}
         if max_bytes <= 0 or not batches:
             return
@@ -160,7 +165,7 @@ class PrefixCache:
         """Within the block, the modules of ``model`` that run before its first changed one
         return the recorded outputs (in the recorded batches and call order); yields their
         names. Leaving the block restores them and checks each was called as recorded."""
-        boundary = self._boundary(model)
+        boundary = self._boundary(model) if self.usable else 0
         after = set(self.order[boundary:])
         names = [
             n for n in dict.fromkeys(self.order[:boundary]) if n in self.outputs and n not in after
@@ -175,10 +180,12 @@ class PrefixCache:
             def forward(*args: Any, **_kwargs: Any) -> torch.Tensor:
                 index = calls[name]
                 if index >= len(self.outputs[name]):
+                    self.usable = False
                     raise PrefixMismatch(f"{name!r} called more often than recorded")
                 first = _first_tensor(args)
                 shape = tuple(first.shape) if first is not None else ()
                 if shape != self.input_shapes[name][index]:
+                    self.usable = False
                     raise PrefixMismatch(f"{name!r} got input {shape}, recorded "
                                          f"{self.input_shapes[name][index]}")
                 calls[name] = index + 1
@@ -203,6 +210,7 @@ class PrefixCache:
                                      "place")
         short = [n for n in names if calls[n] != len(self.outputs[n])]
         if short:
+            self.usable = False
             raise PrefixMismatch(f"{short[0]!r} called {calls[short[0]]} times, recorded "
                                  f"{len(self.outputs[short[0]])}")
 

@@ -195,6 +195,10 @@ def test_data_dependent_calls_are_caught(recorded, replayed, message):
     with pytest.raises(PrefixMismatch, match=message), cache.patch(candidate), \
             torch.no_grad():
         candidate(inputs + replayed)
+    # a model whose calls depend on the data is not replayed again
+    with cache.patch(candidate) as patched, torch.no_grad():
+        candidate(inputs + recorded)
+    assert patched == []
 
 
 class MutatesWhenChanged(nn.Module):
