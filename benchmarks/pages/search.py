@@ -15,12 +15,14 @@ ABOUT = [
     "For each single-method recipe (one compressor, one setting for every layer, no "
     "fine-tune), `netshrink.search` runs with that recipe's artifact size as its budget, over "
     "the default option grids of every compressor that offers them (`magnitude`, `quantize`, "
-    "`svd`, `bioclust` as plain k-means), no fine-tune either; "
+    "`svd`, `tucker`, `bioclust` as plain k-means) and its default objective (the KL divergence "
+    "from the reference's predictions), no fine-tune either; "
     "then the searched artifact is compared with the recipe's on the test split. The search "
     "scans once per model (each layer × option alone, on up to 512 validation images) and "
     "reuses the scan for every budget. Nothing here is random (magnitude, quantize, svd, "
-    "plain k-means from its deterministic init, and the scan), so one run per row. Verdicts compare the 95% intervals: "
-    "'indistinguishable' when they overlap.",
+    "plain k-means from its deterministic init, Tucker-2 from its SVD init, and the scan), so "
+    "one run per row. Verdicts compare the 95% intervals: 'indistinguishable' when they "
+    "overlap.",
 ]
 
 MODELS = ("lenet5@shapes32", "vgg_small@shapes32", "regnetx_002@shapes32")
