@@ -116,7 +116,7 @@ class _PlanMeter:
         if fresh:
             _progress_line(
                 f"search: measured plan {label}: loss {delta:+.4f} (predicted {predicted:+.4f}),"
-                f" KL {kl:.4f} (predicted {predicted_kl:.4f}), accuracy {100 * acc:.2f}% on "
+                f" KL {kl:.4g} (predicted {predicted_kl:.4g}), accuracy {100 * acc:.2f}% on "
                 f"{len(self.targets)} validation samples"
             )
         return found
@@ -224,9 +224,9 @@ def _verify_plan(
         got, predicted = solver.score(objective)
         verb, what = _WORDS[objective]
         notes.append(
-            f"the solver's plan {verb} {got:.4f} ({what}, first {table.n_val} samples), "
-            f"{'more than' if got > predicted else 'against'} the predicted {predicted:.4f}; "
-            f"kept {best.label}, which {verb} {best.score(objective)[0]:.4f}"
+            f"the solver's plan {verb} {got:.4g} ({what}, first {table.n_val} samples), "
+            f"{'more than' if got > predicted else 'against'} the predicted {predicted:.4g}; "
+            f"kept {best.label}, which {verb} {best.score(objective)[0]:.4g}"
         )
     if not within:
         notes.append(

@@ -318,10 +318,10 @@ def test_verify_replaces_a_plan_that_loses_more_than_predicted(table, tmp_path, 
     assert found.plan[worst.layer] != worst
     assert chosen[0].kl < solver.kl
     assert found.val_accuracy > trusted.val_accuracy
-    expected = (f"the solver's plan diverged by {solver.kl:.4f} (KL divergence from the "
+    expected = (f"the solver's plan diverged by {solver.kl:.4g} (KL divergence from the "
                 f"reference's predictions, first {fake.n_val} samples), more than the "
-                f"predicted {solver.predicted_kl:.4f}; kept {chosen[0].label}, which diverged "
-                f"by {chosen[0].kl:.4f}")
+                f"predicted {solver.predicted_kl:.4g}; kept {chosen[0].label}, which diverged "
+                f"by {chosen[0].kl:.4g}")
     assert expected in found.notes
     for m in found.measured_plans:  # one progress line per plan measured
         assert f"search: measured plan {m.label}: loss {m.delta_loss:+.4f}" in caplog.text
@@ -386,14 +386,14 @@ def test_max_drop_prefers_measured_plans_within_it(table):
     plan, measured, notes = _verify_stub(table, results, max_drop=1.0)
     (chosen,) = [m for m in measured if m.chosen]
     assert chosen.label == "uniform quantize(bits=8)" and plan == chosen.plan
-    assert any("kept uniform quantize(bits=8), which lost 0.2000" in n for n in notes)
+    assert any("kept uniform quantize(bits=8), which lost 0.2" in n for n in notes)
     plan, measured, notes = _verify_stub(table, results, max_drop=0.01)
     assert measured[0].chosen  # none within: the lowest loss, and a note says so
     assert any("no measured plan stays within max_drop 0.01 pp" in n for n in notes)
     _, measured, _ = _verify_stub(table, results, max_alternatives=2)
     assert len(measured) == 3
     _, _, notes = _verify_stub(table, results, max_drop=1.0, objective="kl")
-    assert any("kept uniform quantize(bits=8), which diverged by 0.0200" in n for n in notes)
+    assert any("kept uniform quantize(bits=8), which diverged by 0.02" in n for n in notes)
     with pytest.raises(ConfigError, match=r"'max_alternatives': must be at least 0, got -1"):
         S.search(MODEL, DATA, "10x", sensitivity=table, max_alternatives=-1)
 
