@@ -225,7 +225,9 @@ def _same(mine: nn.Module, ref: nn.Module) -> bool:
 @contextmanager
 def _hooks(modules: dict[str, nn.Module],
            make: Callable[[str], Callable[..., None]]) -> Iterator[None]:
-    handles = [m.register_forward_hook(make(n)) for n, m in modules.items()]
+    # first of the hooks: the output of ``forward`` itself, which is what a replay stands for
+    # (the module's own hooks then run on the replayed output as they ran on the forward's)
+    handles = [m.register_forward_hook(make(n), prepend=True) for n, m in modules.items()]
     try:
         yield
     finally:

@@ -257,3 +257,20 @@ def test_memory_cap_records_the_first_modules_only():
     small = PrefixCache(reference, _batches(inputs), max_bytes=cap)
     assert list(small.outputs) == order[:2] and small.recorded < cap
     assert PrefixCache(reference, _batches(inputs), max_bytes=0).outputs == {}
+
+
+def _add_one(_module, _args, out):
+    return out + 1
+
+
+def test_a_modules_own_forward_hook_runs_once_on_the_replayed_output():
+    reference, inputs = _net(), _inputs()
+    reference.stem.register_forward_hook(_add_one)  # returns a new output
+    cache = PrefixCache(reference, _batches(inputs), max_bytes=1 << 30)
+    candidate = copy.deepcopy(reference)
+    with torch.no_grad():  # the layer that takes the hooked output runs
+        candidate.blocks[0].conv1.weight.mul_(0.5)
+    with cache.patch(candidate) as patched:
+        got = _outputs(candidate, inputs)
+    assert patched == ["stem"]
+    assert torch.equal(got, _outputs(candidate, inputs))
