@@ -196,13 +196,17 @@ class PrefixCache:
                 return out
             return forward
 
+        own = {n: m.__dict__.get("forward") for n, m in modules.items()}  # set on an instance
         for name, module in modules.items():
             module.forward = replay(name)
         try:
             yield names
         finally:
-            for module in modules.values():
-                del module.forward
+            for name, module in modules.items():
+                if own[name] is None:
+                    del module.forward
+                else:
+                    module.forward = own[name]
             changed = [n for n, out, version in handed if out._version != version]
             if changed:
                 self.broken = True

@@ -274,3 +274,16 @@ def test_a_modules_own_forward_hook_runs_once_on_the_replayed_output():
         got = _outputs(candidate, inputs)
     assert patched == ["stem"]
     assert torch.equal(got, _outputs(candidate, inputs))
+
+
+def test_a_forward_set_on_the_instance_is_put_back():
+    reference, inputs = _net(), _inputs()
+    cache = PrefixCache(reference, _batches(inputs), max_bytes=1 << 30)
+    candidate = copy.deepcopy(reference)
+    wrapped = candidate.stem.forward
+    candidate.stem.forward = lambda x: wrapped(x)  # e.g. a library that wraps forward
+    with torch.no_grad():
+        candidate.fc.weight.mul_(0.5)
+    with cache.patch(candidate) as patched:
+        _outputs(candidate, inputs)
+    assert "stem" in patched and candidate.stem.__dict__["forward"].__name__ == "<lambda>"
