@@ -80,13 +80,18 @@ OBJECTIVES = ("kl", "loss")
 _BATCH = 256
 
 
+def _batches(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """``tensor`` in the batches every forward pass of the scan runs (the batches a
+    :class:`PrefixCache` records and replays)."""
+    return [tensor[start : start + _BATCH] for start in range(0, len(tensor), _BATCH)]
+
+
 @torch.no_grad()
 def _log_probs(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """``model``'s log-probabilities on ``inputs`` (eval mode, in batches)."""
     model.eval()
     return torch.cat([
-        nn.functional.log_softmax(model(inputs[start : start + _BATCH]).float(), dim=1)
-        for start in range(0, len(inputs), _BATCH)
+        nn.functional.log_softmax(model(batch).float(), dim=1) for batch in _batches(inputs)
     ])
 
 
@@ -99,22 +104,17 @@ def _measure(
     ``reference_logp``), in one pass."""
     model.eval()
     loss, correct, kl = 0.0, 0, 0.0
-    for start in range(0, len(targets), _BATCH):
-        out = model(inputs[start : start + _BATCH])
-        y = targets[start : start + _BATCH]
+    refs = _batches(reference_logp) if reference_logp is not None else None
+    for index, (batch, y) in enumerate(zip(_batches(inputs), _batches(targets), strict=True)):
+        out = model(batch)
         loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
         correct += int((out.argmax(1) == y).sum())
-        if reference_logp is not None:
-            ref = reference_logp[start : start + _BATCH]
+        if refs is not None:
+            ref = refs[index]
             logp = nn.functional.log_softmax(out.float(), dim=1)
             kl += float((ref.exp() * (ref - logp)).sum())
     n = len(targets)
     return loss / n, correct / n, max(0.0, kl / n)  # float error can go a hair below 0
-
-
-def _batches(inputs: torch.Tensor) -> list[torch.Tensor]:
-    """``inputs`` in the batches :func:`_measure` runs."""
-    return [inputs[start : start + _BATCH] for start in range(0, len(inputs), _BATCH)]
 
 
 # One recorded reference per process (a scan's workers each build their own at their first
