@@ -105,9 +105,10 @@ QUICK = ["timm:deit_tiny_patch16_224", "hf:gpt2-tiny", "timm:mobilenetv3_small_0
 MATRIX_BUDGET: dict[str, dict[str, Any]] = {
     "normsparse": {"epochs": 1},
     "bioclust": {"population": 2},
-    # Surgery that Torch-Pruning cannot finish is refused by statprune's own time limit, under
+    # Surgery that Torch-Pruning cannot finish is refused by the method's own time limit, under
     # the cell's (300 s by default), so the cell says why instead of "timeout".
     "statprune": {"time_limit": 240},
+    "rlprune": {"time_limit": 200},
 }
 #: Structural methods at a fixed ratio (a second column each where the default is not one).
 FIXED_RATIO: dict[str, tuple[str, dict[str, Any]]] = {
@@ -531,7 +532,14 @@ def header(args: argparse.Namespace, rev: str, started: datetime.datetime, wall:
         "search run with the built-in fast configs (netshrink.testing.fast_configs) and the "
         "cuts in the Configs table (normsparse 1 epoch, joint one-shot, rlprune 4 episodes, "
         "bioclust a population of 2), on that small data: the matrix says whether a method "
-        "works on an architecture, the benchmark pages say how well.",
+        "works on an architecture, the benchmark pages say how well. statprune's and rlprune's "
+        "own time limits for Torch-Pruning surgery are set below the cell's (240 s and 200 s), "
+        "so surgery that does not finish is a refusal naming what was being done.", "",
+        "*Structural methods* are those that change the model's structure "
+        "(`changes_structure`): normsparse, rlprune in channel mode, statprune, svd and tucker. "
+        "A layer whose pruning Torch-Pruning gets wrong (the pruned model no longer runs) is "
+        "put back by statprune and left out of rlprune's search, with the reason in its record, "
+        "so such a cell is ok with the other layers pruned.",
     ]
 
 

@@ -76,7 +76,7 @@ if TYPE_CHECKING:
     )
     from netshrink.metrics import wilson_interval
     from netshrink.models import load_model, reference_model
-    from netshrink.modules import INT8_INPUT_TYPES, failing_module
+    from netshrink.modules import INT8_INPUT_TYPES, failing_module, prune_or_put_back
     from netshrink.pipeline import CompressionResult, accuracy, compress, save
     from netshrink.recipe import Recipe, Step, step
     from netshrink.registry.hookspecs import hookimpl
@@ -162,6 +162,7 @@ __all__ = [
     "model_tensors",
     "option_bytes",
     "packed_nbytes",
+    "prune_or_put_back",
     "rank_by_energy",
     "rank_by_ratio",
     "rank_by_vbmf",
@@ -223,7 +224,8 @@ _EXPORTS: dict[str, str] = {
     "hookimpl": "netshrink.registry.hookspecs",
     **dict.fromkeys(["LayerRow", "Report"], "netshrink.report"),
     "LayerSelector": "netshrink.selector",
-    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module"], "netshrink.modules"),
+    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module", "prune_or_put_back"],
+                    "netshrink.modules"),
     **dict.fromkeys(["export_onnx", "export_pt2"], "netshrink.export"),
     **dict.fromkeys(["Executor", "get_executor"], "netshrink.executors"),
     **dict.fromkeys(["option_bytes", "search"], "netshrink.layer_search"),

@@ -101,7 +101,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            if _threads is not None:
+            if _threads is not None and "--help" not in ctx.args:  # help needs no torch
                 import torch
 
                 torch.set_num_threads(_threads)

@@ -6,8 +6,9 @@ types add a builder with :func:`register_module_type`.
 
 from __future__ import annotations
 
+import copy
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from netshrink.errors import ArtifactError
+from netshrink.errors import ArtifactError, NetshrinkError
 
 _SIMPLE = (int, float, bool, str, type(None))
 
@@ -471,3 +472,42 @@ def failing_module(
         for h in handles:
             h.remove()
         model.train(was_training)
+
+
+def prune_or_put_back(group: Any, check: Callable[[], str | None], *,
+                      also: Sequence[nn.Module] = (),
+                      then: Callable[[], None] | None = None) -> str | None:
+    """Prune a Torch-Pruning ``group`` (then run ``then``, e.g. updating an attention's head
+    count) and ``check`` the model (``check()``: why it no longer runs, or None). If pruning
+    raises or the check fails, every module the group changed, and those in ``also``, is put
+    back in place and the reason is returned; None when the group is pruned and the model
+    checks. Torch-Pruning can miss a dependency (a split whose sizes live in an attribute, a
+    partial residual add) and leave a model that fails; this keeps the rest of the surgery going.
+
+    Modules are restored in place (their own parameters, buffers and attributes; submodules stay
+    the same objects), so a dependency graph holding them stays valid."""
+    changed = [dep.target.module for dep, _ in group] + list(also)
+    saved = [(m, copy.deepcopy({k: v for k, v in vars(m).items() if k != "_modules"}))
+             for m in {id(m): m for m in changed}.values()]
+    try:
+        group.prune()
+        if then is not None:
+            then()
+        why = check()
+    except (TimeoutError, NetshrinkError):
+        raise
+    except Exception as exc:  # Torch-Pruning failing inside this group's surgery
+        why = f"Torch-Pruning failed pruning the group ({type(exc).__name__}: " \
+              f"{(str(exc).strip().splitlines() or [''])[0][:300]})"
+    if why is None:
+        return None
+    for module, state in saved:
+        children = vars(module).get("_modules")
+        module.__dict__.clear()
+        module.__dict__.update(state)
+        if children is not None:
+            module.__dict__["_modules"] = children
+    still = check()
+    if still is not None:
+        raise NetshrinkError(f"{why}; putting the group back did not repair the model: {still}")
+    return why

@@ -78,3 +78,46 @@ def fresh_registry():
         yield registry
     finally:
         registry.reset()
+
+
+@pytest.fixture
+def split_net():
+    """A factory of a small CNN whose channel split Torch-Pruning cannot update: pruning
+    ``conv1``'s outputs breaks module ``mix`` (its split sizes live in an attribute, as in timm's
+    MixedConv2d). ``conv1`` and ``conv2`` have clearly weak filters (2 and 3)."""
+    import torch
+    from torch import nn
+
+    class FixedSplit(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.sizes = [4, 4]
+
+        def forward(self, x):
+            xa, xb = torch.split(x, self.sizes, 1)
+            return torch.cat([self.a(xa), self.b(xb)], 1)
+
+    class SplitNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+            self.mix = FixedSplit()
+            self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = self.mix(torch.relu(self.conv1(x)))
+            return self.fc(self.pool(torch.relu(self.conv2(x))).flatten(1))
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        model = SplitNet().eval()
+        with torch.no_grad():
+            model.conv1.weight[[1, 5]] *= 0.01
+            model.conv2.weight[[2, 7, 11]] *= 0.01
+        return model
+
+    return build

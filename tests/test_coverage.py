@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import multiprocessing
+import re
 import sys
 import time
 from pathlib import Path
@@ -256,11 +257,11 @@ class Scale(nn.Module):
         return x * self.factor.view(1, -1, 1, 1)
 
 
-def _statprune(model: nn.Module, config: dict) -> None:
+def _statprune(model: nn.Module, config: dict) -> dict[str, dict]:
     info = ModelInfo("test", input_shape=(1, 8, 8), num_classes=10, head="fc")
     ctx = CompressionContext(info=info, seed=0, step_name="statprune")
     layers = LayerSelector().resolve(model, head="fc", default_types=["Conv2d"])
-    StatPrune(config).compress(model, layers, ctx)
+    return {r.name: r.details for r in StatPrune(config).compress(model, layers, ctx).records}
 
 
 def _spread_filters(model: nn.Module) -> None:
@@ -270,16 +271,14 @@ def _spread_filters(model: nn.Module) -> None:
         model.conv1.weight[8:] *= 0.01
 
 
-def test_statprune_refuses_naming_the_module_that_no_longer_runs():
+def test_statprune_puts_back_a_group_naming_the_module_that_no_longer_runs():
     model = HardCoded()
     _spread_filters(model)
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ns.SelectionError, match=r"scale \(Scale\)") as err:
-        _statprune(model, {"features": ["var", "l2"], "min_keep_ratio": 0.25})
-    assert "no longer runs" in str(err.value) and "left unchanged" in str(err.value)
-    after = model.state_dict()  # put back as it was: same tensors, same shapes
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    records = _statprune(model, {"features": ["var", "l2"], "min_keep_ratio": 0.25})
+    assert re.search(r"broke module scale \(Scale\).*put back", records["conv1"]["skipped"])
+    after = model.state_dict()  # conv1's group as it was: same tensors, same shapes
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith(("conv1", "scale")))
     assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
 
 
@@ -331,14 +330,30 @@ def _tiny_data() -> ns.DataSplits:
                          num_classes=10)
 
 
-def test_rlprune_channel_mode_refuses_before_the_search():
+def test_rlprune_channel_mode_leaves_out_the_layer_that_breaks_the_model(tmp_path):
+    from netshrink.plugins.rlprune import RLPrune
+
+    model = HardCoded()
+    info = ModelInfo("test", input_shape=(1, 8, 8), num_classes=10, head="fc")
+    ctx = CompressionContext(data=_tiny_data(), info=info, seed=0, step_name="rlprune")
+    layers = LayerSelector().resolve(model, head="fc", default_types=["Conv2d"])
+    config = {"granularity": "channel", "target_sparsity": 0.5, "episodes": 2, "warmup": 1,
+              "hidden": 16, "batch_size": 8, "checkpoint": str(tmp_path / "rl.st")}
+    out = RLPrune(config).compress(model, layers, ctx)
+    records = {r.name: r.details for r in out.records}
+    assert re.search(r"broke module scale .*left unpruned", records["conv1"]["skipped"])
+    assert model.conv1.out_channels == 16 and model.conv2.out_channels < 8
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_rlprune_channel_mode_refuses_before_the_search_when_no_layer_can_be_pruned():
     model = HardCoded()
     before = copy.deepcopy(model.state_dict())
     step = ns.step("rlprune", granularity="channel", target_sparsity=0.5, episodes=2, warmup=1,
-                   hidden=16, batch_size=8)
-    # Checked at the target (0.5) first: 8 channels meet the scale's fixed 16.
+                   hidden=16, batch_size=8, select={"names": ["conv1"]})
     with pytest.raises(ns.SelectionError,
-                       match=r"pruned at ratio 0.5 no longer runs: module scale raised") as err:
+                       match=r"pruning any selected layer breaks the model, e.g. conv1: "
+                             r"pruning its channels broke module scale") as err:
         ns.compress(model, [step], data=_tiny_data(), latency=False)
     assert "episode" not in str(err.value)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -349,14 +364,6 @@ def test_rlprune_channel_time_limit_refuses():
                    hidden=16, batch_size=8, time_limit=1e-6)
     with pytest.raises(ns.SelectionError, match="time limit of 1e-06 s ran out while"):
         ns.compress(HardCoded(), [step], data=_tiny_data(), latency=False)
-
-
-def test_statprune_refusal_reaches_the_user_through_compress():
-    model = HardCoded()
-    _spread_filters(model)
-    step = ns.step("statprune", features=["var", "l2"])
-    with pytest.raises(ns.SelectionError, match=r"statprune refused .*scale \(Scale\)"):
-        ns.compress(model, [step], data=_tiny_data(), latency=False)
 
 
 def test_normsparse_refuses_an_untraceable_model_before_training():

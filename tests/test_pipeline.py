@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import netshrink as ns
 from netshrink.errors import RecipeError, SelectionError
@@ -62,8 +63,9 @@ def test_selection_errors_name_step(lenet5):
         SelectionError, match=r"step 0 \(magnitude\): field 'select'.*selected no layers"
     ):
         ns.compress(lenet5, [ns.step("magnitude", select={"names": ["nothing*"]})], data="digits28")
-    with pytest.raises(SelectionError, match="handles \\['Linear'\\]"):
-        ns.compress(lenet5, [ns.step("svd", select={"types": ["Conv2d"]})], data="digits28")
+    with_conv1d = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(24, 8), nn.Linear(8, 2))
+    with pytest.raises(SelectionError, match="handles \\['Linear', 'Conv2d'\\]"):
+        ns.compress(with_conv1d, [ns.step("svd", select={"types": ["Conv1d"]})])
 
 
 def test_structural_after_quantize_refused(lenet5):

@@ -289,3 +289,24 @@ def test_pipeline_rl_convs_plus_sigma_fc_roundtrip(lenet, digits, tmp_path):
     loaded = ns.load(path)
     x = digits.test.tensors[0][:8]
     assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_channel_mode_leaves_out_a_layer_whose_pruning_breaks_the_model(split_net, tmp_path):
+    model = split_net()
+    gen = torch.Generator().manual_seed(0)
+    split = torch.utils.data.TensorDataset(torch.randn(64, 1, 16, 16, generator=gen),
+                                           torch.arange(64) % 10)
+    data = ns.DataSplits(name="toy", train=split, val=split, test=split, num_classes=10,
+                         extra={"input_shape": (1, 16, 16)})
+    info = ns.ModelInfo("toy", input_shape=(1, 16, 16), num_classes=10, head="fc")
+    ctx = CompressionContext(data=data, info=info, seed=0, step_name="rlprune")
+    layers = LayerSelector(names=["conv1", "conv2"]).resolve(model, head="fc")
+    config = {**FAST, "granularity": "channel", "target_sparsity": 0.3,
+              "checkpoint": str(tmp_path / "split.st")}
+    out = RLPrune(config).compress(model, layers, ctx)
+    records = {r.name: r.details for r in out.records}
+    assert "broke module mix" in records["conv1"]["skipped"]
+    assert list(out.summary["skipped"]) == ["conv1"]
+    assert list(out.summary["ratios"]) == ["conv2"]  # the search ran on the other layer
+    assert model.conv1.out_channels == 8 and model.conv2.out_channels < 16
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)

@@ -73,6 +73,9 @@ def test_declared_bytes_are_the_encoded_bytes(grids, layer):
     checked = 0
     for name in METHODS:
         cls = registry.get_compressor(name)
+        if name == "svd" and isinstance(layer, nn.Conv2d):
+            assert cls.layer_options(layer, "layer") == []  # a search offers convs via tucker
+            continue
         if isinstance(layer, cls.handled_types()):
             assert cls.layer_options(layer, "layer"), name
             assert S.check_layer_options(cls, layer) == []

@@ -223,12 +223,33 @@ def test_timm_architectures(name):
     assert rec
 
 
+def test_a_group_that_breaks_the_model_is_put_back(split_net):
+    model = split_net()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("conv2",
+                                                                                        "fc"))}
+    config = {"min_keep_ratio": 0.1, "features": ["var", "l2"]}
+    out, rec = _run(model, config, {"names": ["conv1", "conv2"]})
+    assert "broke module mix" in rec["conv1"]["skipped"] and "put back" in rec["conv1"]["skipped"]
+    assert rec["conv2"]["removed"] == 3 and model.fc.in_features == 13  # the next group ran
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # conv1 and mix as they were
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    assert out.summary["skipped"] == {"conv1": rec["conv1"]["skipped"]}
+    unchecked = split_net()  # without the check, that group breaks the model
+    _run(unchecked, {**config, "verify": False}, {"names": ["conv1"]})
+    with pytest.raises(RuntimeError, match="split_with_sizes"):
+        unchecked(torch.randn(2, 1, 16, 16))
+
+
 @pytest.mark.slow
 @pytest.mark.timm
-def test_broken_surgery_is_a_clear_error():
-    """Torch-Pruning misses a dependency in CSP blocks (a channel split); the forward check
-    turns that into a clear error instead of a silently broken model."""
+def test_csp_split_groups_are_put_back():
+    """Torch-Pruning misses a dependency in CSP blocks (a channel split): those groups are put
+    back and the rest of the model is pruned."""
     model = ns.load_model("timm:cspresnet50", in_chans=1, num_classes=10, input_size=32).eval()
     info = ns.model_info(model)
-    with pytest.raises(ns.NetshrinkError, match="no longer runs"):
-        _run(model, {}, {"types": ["Conv2d"]}, input_shape=(1, 32, 32), head=info.head)
+    before = sum(p.numel() for p in model.parameters())
+    _, rec = _run(model, {}, {"types": ["Conv2d"]}, input_shape=(1, 32, 32), head=info.head)
+    assert any("put back" in r.get("skipped", "") for r in rec.values())
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)

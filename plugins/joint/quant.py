@@ -17,6 +17,8 @@ from netshrink import Codebook, Dense, Encoding, Quantized, Sparse
 #: Clipping ratios (of the largest kept magnitude) tried when fitting a scale: clipping a few
 #: outliers lowers the rounding error of all other weights at low bit-widths.
 CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15)
+#: At most this many values are rounded at once while fitting a scale (bounds the memory).
+_CHUNK_VALUES = 1 << 22
 
 
 def half_levels(bits: int) -> int:
@@ -46,18 +48,19 @@ def fit_scale(values: torch.Tensor, bits: int, channels: int = 1) -> torch.Tenso
     if values.numel() == 0:  # everything pruned: any scale decodes nothing
         return torch.ones(max(channels, 1), dtype=torch.float32, device=values.device)
     rows = values.reshape(channels, -1) if channels > 1 else values.reshape(1, -1)
+    h = half_levels(bits)
     absmax = rows.abs().amax(dim=1).clamp_min(1e-12)
-    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
-    best = absmax / half_levels(bits)
-    for ratio in CLIP_RATIOS:
-        scale = (absmax * ratio / half_levels(bits)).to(torch.float32)
-        q = _grid(rows, bits, scale[:, None])
-        # Only non-zero inputs count: a zero is pruned and never stored.
-        err = ((q - rows) ** 2 * (rows != 0)).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, scale, best)
-    return best.to(torch.float32)
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float32, device=rows.device)
+    scales = (absmax[None, :] * ratios[:, None] / h).to(torch.float32)  # (ratios, rows)
+    kept = rows != 0  # only non-zero inputs count: a zero is pruned and never stored
+    # Every clip ratio at once (a few at a time for large layers): one error per (ratio, row).
+    chunk = max(1, _CHUNK_VALUES // max(rows.numel(), 1))
+    errors = torch.cat([
+        ((_grid(rows, bits, part[:, :, None]) - rows) ** 2 * kept).sum(dim=2)
+        for part in scales.split(chunk)
+    ])
+    # The first ratio with the least error (argmin keeps the first of equal values).
+    return scales.gather(0, errors.argmin(dim=0, keepdim=True))[0]
 
 
 def quantize(values: torch.Tensor, bits: int, scale: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ rewards and best-so-far curve are in the step summary (``episode_rewards``, ``be
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import time
@@ -32,6 +33,7 @@ from netshrink import (
     LayerRecord,
     StepResult,
     cache_dir,
+    failing_module,
     hookimpl,
 )
 from netshrink.plugins.rlprune.baselines import BaselineSettings, run_baseline
@@ -47,6 +49,7 @@ from netshrink.plugins.rlprune.env import (
     link_channel_sources,
     magnitude_prior,
     prune_channels,
+    prune_checked,
     static_features,
     weight_counts,
 )
@@ -273,9 +276,10 @@ class RLPrune(Compressor):
         x, y = x[:n].to(ctx.device), y[:n].to(ctx.device)
         infos = describe_layers(model, layers, x)
         channel = cfg.granularity == "channel"
+        left_out: dict[str, str] = {}
         if channel:
             # The ratios the search ends near (the target) and the largest it may pick.
-            check_channel_surgery(
+            left_out = check_channel_surgery(
                 model,
                 [li.name for li in infos],
                 [cfg.target_sparsity, cfg.max_ratio],
@@ -283,6 +287,10 @@ class RLPrune(Compressor):
                 cfg.time_limit,
                 lambda: link_channel_sources(model, infos, x),
             )
+            if left_out:  # layers Torch-Pruning cannot prune consistently stay as they are
+                layers = [(n, m) for n, m in layers if n not in left_out]
+                infos = describe_layers(model, layers, x)
+                link_channel_sources(model, infos, x)
         try:
             budget = BudgetModel(infos, cfg.target_sparsity, cfg.min_ratio, cfg.max_ratio, channel)
         except ValueError as exc:
@@ -340,6 +348,10 @@ class RLPrune(Compressor):
             records = self._apply_weights(model, infos, budget, ratios, target_count, ctx)
         removed = sum(li.params - r.details["params_after"] for li, r in zip(infos, records))
         summary["achieved_sparsity"] = round(removed / max(budget.total, 1), 6)
+        if left_out:
+            summary["skipped"] = dict(left_out)
+            records += [LayerRecord(name, {"skipped": f"{why}; left unpruned"})
+                        for name, why in left_out.items()]
         return StepResult(model, records, summary)
 
     def _search(
@@ -407,7 +419,18 @@ class RLPrune(Compressor):
 
     def _apply_channels(self, model, infos, ratios, x) -> list[LayerRecord]:
         before = [li.out_channels for li in infos]
-        kept = prune_channels(model, [li.name for li in infos], ratios, before, x)
+        names = [li.name for li in infos]
+        trial = copy.deepcopy(model)
+        prune_channels(trial, names, ratios, before, x)
+        put_back: dict[str, str] = {}
+        if failing_module(trial, x[:1]) is None:
+            kept = prune_channels(model, names, ratios, before, x)
+        else:  # as the episode scored it: layers that break this mix are put back
+            trial = copy.deepcopy(model)
+            put_back = prune_checked(trial, names, ratios, before, x)
+            model.__dict__.clear()  # the checked copy becomes the model, in place
+            model.__dict__.update(trial.__dict__)
+            kept = [int(model.get_submodule(n).weight.shape[0]) for n in names]
         modules = dict(model.named_modules())
         records = []
         for li, ratio, k, c in zip(infos, ratios, kept, before):
@@ -421,6 +444,8 @@ class RLPrune(Compressor):
                         "channels_after": k,
                         "sparsity": round(1 - after / li.params, 6),
                         "params_after": after,
+                        **({"skipped": f"{put_back[li.name]}; put back, unpruned"}
+                           if li.name in put_back else {}),
                     },
                 )
             )

@@ -18,9 +18,12 @@ from torch import nn
 
 from netshrink import (
     AttentionHeads,
+    NetshrinkError,
     SelectionError,
     attention_group,
+    failing_module,
     find_attention,
+    prune_or_put_back,
     update_heads,
 )
 
@@ -254,14 +257,20 @@ def out_pruning_fn(module: nn.Module) -> Callable:
 
 
 def prune_channels(model: nn.Module, names: list[str], ratios: list[float],
-                   originals: list[int], example: torch.Tensor) -> list[int]:
+                   originals: list[int], example: torch.Tensor, *,
+                   check: Callable[[], str | None] | None = None,
+                   broken: dict[str, str] | None = None) -> list[int]:
     """Remove the lowest-L1 output channels of each named layer of ``model`` (in place) through
     Torch-Pruning's dependency graph, so every coupled layer shrinks with it. Returns the
     channels kept per layer.
 
     A fused ``qkv`` of multi-head attention loses the same head dims in every head (q, k and v
     rows alike, and the projection's inputs), so heads stay equal; its ``num_heads`` stays,
-    ``head_dim`` and the default ``scale`` follow (:func:`netshrink.update_heads`)."""
+    ``head_dim`` and the default ``scale`` follow (:func:`netshrink.update_heads`).
+
+    With ``check`` (why the model no longer runs, or None), a layer whose group fails or breaks
+    the model is put back (:func:`netshrink.prune_or_put_back`) and its reason goes into
+    ``broken``."""
     import torch_pruning as tp
 
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1], verbose=False)
@@ -271,25 +280,56 @@ def prune_channels(model: nn.Module, names: list[str], ratios: list[float],
     for name, ratio, orig in zip(names, ratios, originals):
         module = modules[name]
         heads = attention.get(id(module))
-        if heads is not None:
-            _prune_head_dims(graph, heads, name, ratio, orig)
-            kept.append(int(module.weight.shape[0]))
-            continue
-        weight = module.weight.detach()
-        current = weight.shape[0]
-        keep = max(1, min(current, orig - round(ratio * orig)))
-        drop = current - keep
-        if drop > 0:
-            norms = weight.abs().reshape(current, -1).sum(1)
-            idxs = norms.argsort(stable=True)[:drop].tolist()
-            group = graph.get_pruning_group(module, out_pruning_fn(module), idxs=idxs)
-            if graph.check_pruning_group(group):
-                group.prune()
+        try:
+            if heads is not None:
+                _prune_head_dims(graph, heads, name, ratio, orig, check, broken)
+            else:
+                _prune_lowest_l1(graph, module, name, ratio, orig, check, broken)
+        except (TimeoutError, NetshrinkError):
+            raise
+        except Exception as exc:  # building the group failed: only a checked run survives it
+            if check is None or broken is None:
+                raise
+            broken[name] = (f"Torch-Pruning failed building its group ({type(exc).__name__}: "
+                            f"{(str(exc).strip().splitlines() or [''])[0][:300]})")
         kept.append(int(module.weight.shape[0]))
     return kept
 
 
-def _prune_head_dims(graph, heads: AttentionHeads, name: str, ratio: float, orig: int) -> None:
+def _prune_lowest_l1(graph, module: nn.Module, name: str, ratio: float, orig: int,
+                     check: Callable[[], str | None] | None,
+                     broken: dict[str, str] | None) -> None:
+    """Remove ``ratio`` of ``module``'s ``orig`` output channels, those of lowest L1 norm."""
+    weight = module.weight.detach()
+    current = weight.shape[0]
+    keep = max(1, min(current, orig - round(ratio * orig)))
+    drop = current - keep
+    if drop <= 0:
+        return
+    norms = weight.abs().reshape(current, -1).sum(1)
+    idxs = norms.argsort(stable=True)[:drop].tolist()
+    group = graph.get_pruning_group(module, out_pruning_fn(module), idxs=idxs)
+    if graph.check_pruning_group(group):
+        _prune(group, name, check, broken)
+
+
+def _prune(group, name: str, check: Callable[[], str | None] | None,
+           broken: dict[str, str] | None, also: tuple[nn.Module, ...] = (),
+           then: Callable[[], None] | None = None) -> None:
+    """``group.prune()`` (then ``then``), or with ``check``, put back if it breaks the model."""
+    if check is None:
+        group.prune()
+        if then is not None:
+            then()
+        return
+    why = prune_or_put_back(group, check, also=also, then=then)
+    if why is not None and broken is not None:
+        broken[name] = why
+
+
+def _prune_head_dims(graph, heads: AttentionHeads, name: str, ratio: float, orig: int,
+                     check: Callable[[], str | None] | None = None,
+                     broken: dict[str, str] | None = None) -> None:
     """Remove ``ratio`` of the head dims of ``heads`` (``orig``: its qkv's original rows), the
     same positions in every head: those with the lowest L1 norm of their q, k and v rows summed
     over the heads."""
@@ -303,8 +343,8 @@ def _prune_head_dims(graph, heads: AttentionHeads, name: str, ratio: float, orig
     positions = norms.sum(0).argsort(stable=True)[:drop].tolist()
     group = graph.get_pruning_group(root, fn, idxs=heads.dims(positions))
     if graph.check_pruning_group(group):
-        group.prune()
-        update_heads(heads, heads.num_heads)
+        _prune(group, name, check, broken, also=(heads.module,),
+               then=lambda: update_heads(heads, heads.num_heads))
 
 
 class RewardFn:
@@ -334,11 +374,48 @@ class RewardFn:
 
 
 def channel_reward(model: nn.Module, names: list[str], ratios: list[float], originals: list[int],
-                   example: torch.Tensor, reward: RewardFn) -> tuple[float, float]:
-    """Reward of channel-pruning a copy of ``model`` with ``ratios`` (the model is untouched)."""
+                   example: torch.Tensor, reward: RewardFn,
+                   checked: bool = False) -> tuple[float, float, bool]:
+    """Reward of channel-pruning a copy of ``model`` with ``ratios`` (the model is untouched),
+    and whether it needed checking. If Torch-Pruning gets this mix of ratios wrong (the pruned
+    copy fails, although each layer alone passed the preflight), or ``checked`` is set, the
+    copy is pruned layer by layer and each layer that breaks it is put back
+    (:func:`prune_checked`): the reward is that of the model that can be built."""
+    if not checked:
+        work = copy.deepcopy(model)
+        try:
+            prune_channels(work, names, ratios, originals, example)
+            acc, loss = reward(work)
+            return acc, loss, False
+        except (TimeoutError, NetshrinkError):
+            raise
+        except Exception:  # scored below, with the layers that break the model put back
+            pass
     work = copy.deepcopy(model)
-    prune_channels(work, names, ratios, originals, example)
-    return reward(work)
+    prune_checked(work, names, ratios, originals, example)
+    acc, loss = reward(work)
+    return acc, loss, True
+
+
+def prune_checked(model: nn.Module, names: list[str], ratios: list[float],
+                  originals: list[int], example: torch.Tensor) -> dict[str, str]:
+    """:func:`prune_channels` with a forward check after each layer: a layer whose group fails
+    or breaks the model is put back. Returns those layers, with why."""
+    broken: dict[str, str] = {}
+    prune_channels(model, names, ratios, originals, example,
+                   check=lambda: why_broken(model, example), broken=broken)
+    return broken
+
+
+def why_broken(model: nn.Module, example: torch.Tensor) -> str | None:
+    """Why ``model`` no longer runs on ``example[:1]``, naming the module, or None."""
+    found = failing_module(model, example[:1])
+    if found is None:
+        return None
+    exc = found[1]
+    line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+    return (f"pruning its channels broke module {found[0]} ({line}): Torch-Pruning missed a "
+            "dependency there")
 
 
 class EpisodeScorer:
@@ -360,12 +437,16 @@ class EpisodeScorer:
         self.x = x
         self.reward = reward
         self.pruner = None if channel else WeightPruner(infos)
+        self.checked = False
 
     def __call__(self, ratios: list[float]) -> tuple[float, float]:
         """``(accuracy, mean cross-entropy)`` of the model pruned with ``ratios``."""
         if self.pruner is None:
-            return channel_reward(self.model, self.names, ratios, self.out_channels, self.x,
-                                  self.reward)
+            # Once one episode needed the checked pruning, the next ones go straight to it.
+            acc, loss, self.checked = channel_reward(self.model, self.names, ratios,
+                                                     self.out_channels, self.x, self.reward,
+                                                     self.checked)
+            return acc, loss
         self.pruner.apply(weight_counts(ratios, self.params, self.target_count))
         return self.reward(self.model)
 

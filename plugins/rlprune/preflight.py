@@ -46,14 +46,17 @@ def _line(exc: BaseException) -> str:
 
 
 def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float],
-                          example: torch.Tensor, seconds: float, link) -> None:
-    """Trace ``model`` (``link()``: the search's own use of the dependency graph) and prune a
-    copy of it at each of ``ratios`` on every layer of ``names``; refuse with a
-    :class:`SelectionError` naming the module or op if either fails or takes over
-    ``seconds``. ``model`` is not changed."""
+                          example: torch.Tensor, seconds: float, link) -> dict[str, str]:
+    """Trace ``model`` (``link()``: the search's own use of the dependency graph), find the
+    layers whose channel pruning at one of ``ratios`` fails or breaks the model (pruned one by
+    one on a copy, each such group put back), then prune a copy at each of ``ratios`` on every
+    other layer of ``names``. Returns the layers to leave out, with why; refuses with a
+    :class:`SelectionError` naming the module or op if the trace or a whole-model check fails,
+    or takes over ``seconds``. ``model`` is not changed."""
     what = ["Torch-Pruning traced the model"]
-    from netshrink.plugins.rlprune.env import prune_channels
+    from netshrink.plugins.rlprune.env import prune_channels, why_broken
 
+    broken: dict[str, str] = {}
     try:
         with _time_limit(seconds, what):
             try:
@@ -66,14 +69,26 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
                 raise SelectionError(
                     f"rlprune channel mode: Torch-Pruning cannot trace the model{at}: "
                     f"{_line(exc)}; use granularity='weight' or exclude that module") from None
+            for ratio in ratios:
+                what[0] = (f"each layer of a copy was pruned at ratio {ratio:g} to check the "
+                           "model still runs")
+                work = copy.deepcopy(model)
+                prune_channels(work, names, [ratio] * len(names), _widths(work, names),
+                               example, check=lambda w=work: why_broken(w, example),
+                               broken=broken)
+                names = [n for n in names if n not in broken]
+            if not names:
+                raise SelectionError(
+                    "rlprune channel mode refused (nothing changed): pruning any selected "
+                    f"layer breaks the model, e.g. {next(iter(broken))}: "
+                    f"{next(iter(broken.values()))}; use granularity='weight'")
             found = None
             for ratio in ratios:
                 what[0] = f"a copy was pruned at ratio {ratio:g} to check it still runs"
                 work = copy.deepcopy(model)
-                modules = dict(work.named_modules())
-                originals = [int(modules[n].weight.shape[0]) for n in names]
                 try:
-                    prune_channels(work, names, [ratio] * len(names), originals, example)
+                    prune_channels(work, names, [ratio] * len(names), _widths(work, names),
+                                   example)
                 except (TimeoutError, SelectionError):
                     raise
                 except Exception as exc:
@@ -94,3 +109,9 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
             f"ratio {ratio:g} no longer runs: module {found[0]} raised "
             f"{_line(found[1])}; Torch-Pruning missed a dependency there: exclude that module "
             "(and the layers feeding it) from 'select', or use granularity='weight'")
+    return broken
+
+
+def _widths(model: nn.Module, names: list[str]) -> list[int]:
+    modules = dict(model.named_modules())
+    return [int(modules[n].weight.shape[0]) for n in names]

@@ -12,6 +12,7 @@ BatchNorm, residual adds, concatenations and depthwise groups consistent.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +31,7 @@ from netshrink import (
     find_attention,
     hookimpl,
     last_linear,
+    prune_or_put_back,
     update_heads,
 )
 from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
@@ -79,8 +81,9 @@ class StatPruneConfig(CompressorConfig):
         "heads is kept), 'heads' removes whole heads, 'skip' leaves attention widths alone. The "
         "attention's num_heads/head_dim are updated.")
     verify: bool = Field(
-        True, description="Run one forward pass after pruning; if it breaks, the step is refused "
-        "naming the module that fails (the model is left unchanged).")
+        True, description="Run a forward pass after each group is pruned. A group whose pruning "
+        "breaks the model (Torch-Pruning missed a dependency, e.g. through a split) is put back "
+        "and left unpruned, with the module that failed in its record.")
     time_limit: float = Field(
         600.0, gt=0, description="Seconds the Torch-Pruning trace and surgery may take; past it "
         "the step is refused, naming what was being done (the model is left unchanged).")
@@ -114,9 +117,10 @@ class StatPrune(Compressor):
     config: StatPruneConfig
 
     def compress(self, model, layers, ctx) -> StepResult:
-        """Prune ``model`` in place under :attr:`StatPruneConfig.time_limit`; a trace that
-        fails, a pruned model that no longer runs, or the time running out refuses the step
-        (:class:`SelectionError` naming the module or op) and puts ``model`` back as it was."""
+        """Prune ``model`` in place under :attr:`StatPruneConfig.time_limit`. A group whose
+        pruning breaks the model is put back and left unpruned (its record says why); a trace
+        that fails, or the time running out, refuses the step (:class:`SelectionError` naming
+        the module or op) and puts ``model`` back as it was."""
         backup = copy.deepcopy(model)
         try:
             with deadline(self.config.time_limit) as limit:
@@ -155,8 +159,9 @@ class StatPrune(Compressor):
             limit.check()
             rec = LayerRecord(lname)
             records[lname] = rec
+            check = (lambda: _breakage(model, ctx)) if cfg.verify else (lambda: None)
             rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done,
-                                               attention))
+                                               attention, check))
             for other in rec.details.get("coupled_with", []):
                 records.setdefault(other, LayerRecord(other, {"pruned_with": lname}))
         if cfg.verify:
@@ -173,9 +178,11 @@ class StatPrune(Compressor):
 
     def _prune_one(self, dg, module: nn.Module, head: nn.Module | None, selected: set[int],
                    names: dict[int, str], ctx, index: int, done: set[int],
-                   attention: dict[int, AttentionHeads]) -> dict[str, Any]:
+                   attention: dict[int, AttentionHeads],
+                   check: Callable[[], str | None]) -> dict[str, Any]:
         """Cluster and prune the group rooted at ``module`` (a ``qkv`` in ``attention`` by its
-        heads); returns the record's details."""
+        heads; ``check``: why the model no longer runs, or None); returns the record's
+        details."""
         cfg = self.config
         info = describe_group(dg, module, attention)
         details: dict[str, Any] = {"channels_before": info.channels}
@@ -192,7 +199,7 @@ class StatPrune(Compressor):
             return {**details, "skipped": reason, "channels_after": info.channels}
         table, strength = _joint_features(info, selected, cfg.features)
         if info.heads is not None and cfg.attention == "heads":
-            return self._prune_heads(dg, info, table, strength, details, ctx.seed + index)
+            return self._prune_heads(dg, info, table, strength, details, ctx.seed + index, check)
         g = info.channel_groups
         positions = info.channels // g
         if g > 1:  # same positions in every conv group, so groups stay equal-sized
@@ -209,10 +216,11 @@ class StatPrune(Compressor):
         idxs = sorted(int(p + j * positions) for j in range(g) for p in weak)
         if not idxs:
             return {**details, "removed": 0, "channels_after": info.channels}
-        return {**details, **_remove(dg, module, info, idxs)}
+        return {**details, **_remove(dg, module, info, idxs, check)}
 
     def _prune_heads(self, dg, info: GroupInfo, table: np.ndarray, strength: np.ndarray,
-                     details: dict[str, Any], seed: int) -> dict[str, Any]:
+                     details: dict[str, Any], seed: int,
+                     check: Callable[[], str | None]) -> dict[str, Any]:
         """Cluster whole heads (each described by the mean statistics of its dims) and remove
         the weak ones; at least ``min_keep_ratio`` of the heads (and one) stay."""
         cfg = self.config
@@ -226,13 +234,16 @@ class StatPrune(Compressor):
         details.update(summary)
         width = info.channels // heads
         idxs = sorted(int(h) * width + d for h in weak for d in range(width))
-        return {**details, **_remove(dg, info.heads.qkv, info, idxs, heads_removed=len(weak))}
+        return {**details, **_remove(dg, info.heads.qkv, info, idxs, check,
+                                     heads_removed=len(weak))}
 
 
 def _remove(dg, module: nn.Module, info: GroupInfo, idxs: list[int],
-            heads_removed: int = 0) -> dict[str, Any]:
+            check: Callable[[], str | None], heads_removed: int = 0) -> dict[str, Any]:
     """Prune ``idxs`` of the group (through its root) and update an attention's heads
-    (``heads_removed`` whole heads went); the record's outcome."""
+    (``heads_removed`` whole heads went); the record's outcome. If Torch-Pruning fails, or
+    ``check`` finds the model broken afterwards, every module the group changed is put back
+    and the group is recorded as skipped."""
     if not idxs:
         return {"removed": 0, "channels_after": info.channels}
     root, fn = info.root or (module, dg.get_pruner_of_module(module).prune_out_channels)
@@ -240,10 +251,18 @@ def _remove(dg, module: nn.Module, info: GroupInfo, idxs: list[int],
     if not dg.check_pruning_group(group):
         return {"skipped": "Torch-Pruning rejected the group (it would empty a layer)",
                 "channels_after": info.channels}
-    group.prune()
+    heads = info.heads
+    try:
+        broken = prune_or_put_back(
+            group, check, also=[heads.module] if heads is not None else [],
+            then=(lambda: update_heads(heads, heads.num_heads - heads_removed)) if heads else None)
+    except NetshrinkError as exc:  # the model could not be repaired: the step is refused
+        raise _Refusal(str(exc)) from None
+    if broken is not None:
+        return {"skipped": f"{broken}; the group was put back, unpruned",
+                "channels_after": info.channels}
     out: dict[str, Any] = {"removed": len(idxs), "channels_after": info.channels - len(idxs)}
     if info.heads is not None:
-        update_heads(info.heads, info.heads.num_heads - heads_removed)
         out.update(heads_after=info.heads.num_heads, head_dim_after=info.heads.head_dim)
     return out
 
@@ -279,6 +298,17 @@ def _joint_features(info: GroupInfo, selected: set[int],
 
 class _Refusal(Exception):
     """Torch-Pruning cannot handle this model (raised on the copy; becomes a refusal)."""
+
+
+def _breakage(model: nn.Module, ctx) -> str | None:
+    """Why ``model`` no longer runs (naming the module whose forward fails), or None."""
+    found = failing_module(model, ctx.example_input(1))
+    if found is None:
+        return None
+    name, exc = found
+    line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"pruning it broke module {describe_module(model, name)} ({type(exc).__name__}: "
+            f"{line}): Torch-Pruning missed a dependency there")
 
 
 def _restore(model: nn.Module, backup: nn.Module) -> None:

@@ -1,10 +1,15 @@
-"""``svd``: low-rank factorisation of Linear layers by truncated SVD, W ≈ U·V, replacing each
-layer with two smaller plain ``nn.Linear`` layers (Denton et al. 2014,
-https://arxiv.org/abs/1404.0736). Rank from a ratio of the full rank or an energy threshold."""
+"""``svd``: low-rank factorisation by truncated SVD, W ≈ U·V (Denton et al. 2014,
+https://arxiv.org/abs/1404.0736). Rank from a ratio of the full rank or an energy threshold.
+
+A Linear layer becomes two smaller plain ``nn.Linear`` layers. A Conv2d ``W (O, I, kh, kw)`` is
+factorised as the matrix ``(O, I·kh·kw)``: a ``kh x kw`` convolution ``I -> r`` (the original
+stride, padding, dilation and padding mode) then a 1x1 convolution ``r -> O`` (the original
+bias). Grouped convolutions and subclasses that override ``forward`` are skipped with the reason
+in the layer's record."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -31,12 +36,15 @@ class SVDConfig(CompressorConfig):
         description="'ratio': rank = ratio x full rank; 'energy': smallest rank keeping "
         "`energy` of the squared singular values.",
     )
-    ratio: float = Field(0.25, gt=0, le=1, description="Rank as a fraction of min(in, out).")
+    ratio: float = Field(
+        0.25, gt=0, le=1,
+        description="Rank as a fraction of the full rank: min(in, out) for Linear, "
+        "min(out_channels, in_channels x kernel area) for Conv2d.")
     energy: float = Field(0.9, gt=0, le=1, description="Fraction of spectral energy to keep.")
     rank: int | None = Field(
         None,
         ge=1,
-        description="Exact rank (capped at min(in, out)); when set, wins over `rank_by`. "
+        description="Exact rank (capped at the full rank); when set, wins over `rank_by`. "
         "What a search's per-layer choice sets.",
     )
     only_if_smaller: bool = Field(
@@ -54,11 +62,12 @@ def choose_rank(singular: torch.Tensor, cfg: SVDConfig) -> int:
 
 
 class SVD(Compressor):
-    """Truncated-SVD factorisation of Linear layers into two smaller Linear layers."""
+    """Truncated-SVD factorisation of Linear and Conv2d layers into two smaller layers."""
 
     name = "svd"
     Config = SVDConfig
-    capabilities = Capabilities(handles=("Linear",), changes_structure=True, needs_finetune=True)
+    capabilities = Capabilities(handles=("Linear", "Conv2d"), changes_structure=True,
+                                needs_finetune=True)
     paper = ('Denton, Zaremba, Bruna, LeCun, Fergus, "Exploiting Linear Structure Within '
              'Convolutional Networks for Efficient Evaluation", NeurIPS 2014, '
              'https://arxiv.org/abs/1404.0736')
@@ -69,8 +78,11 @@ class SVD(Compressor):
 
     @classmethod
     def layer_options(cls, module, name):
-        """One option per distinct rank of :attr:`search_fractions` whose factorised form is
-        smaller; bytes of the two dense float32 factors (and the bias), MACs per sample."""
+        """For a Linear layer, one option per distinct rank of :attr:`search_fractions` whose
+        factorised form is smaller; bytes of the two dense float32 factors (and the bias), MACs
+        per sample. Convolutions are offered by :mod:`tucker`, which knows their kernels."""
+        if not isinstance(module, nn.Linear):
+            return []
         out_f, in_f = module.weight.shape
         full = min(out_f, in_f)
         bias = out_f if getattr(module, "bias", None) is not None else 0
@@ -86,32 +98,80 @@ class SVD(Compressor):
     def compress(self, model, layers, ctx) -> StepResult:
         records = []
         for lname, module in ctx.progress(layers, desc="factorise"):
-            cfg = self.config_for(lname)
-            factors = truncated_svd(module.weight, lambda s, _cfg=cfg: choose_rank(s, _cfg))
-            s, rank = factors.singular_values, factors.rank
-            out_f, in_f = module.weight.shape
-            before = out_f * in_f
-            after = rank * (in_f + out_f)
-            details = {
-                "rank": rank,
-                "full_rank": s.numel(),
-                "energy_kept": round(float((s[:rank] ** 2).sum() / (s**2).sum()), 6),
-            }
-            if cfg.only_if_smaller and after >= before:
-                details["skipped"] = "factorised form is not smaller"
-                records.append(LayerRecord(lname, details))
-                continue
-            first = nn.Linear(in_f, rank, bias=False)
-            second = nn.Linear(rank, out_f, bias=module.bias is not None)
-            with torch.no_grad():
-                first.weight.copy_(factors.right.float())
-                second.weight.copy_(factors.left.float())
-                if module.bias is not None:
-                    second.bias.copy_(module.bias.detach())
-            parent_name, _, child = lname.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, nn.Sequential(first, second))
+            details, replacement = self._factorise(lname, module)
+            if replacement is not None:
+                replacement.train(module.training)
+                parent_name, _, child = lname.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, replacement)
             records.append(LayerRecord(lname, details))
         return StepResult(model, records)
+
+    def _factorise(self, lname: str, module: nn.Module) -> tuple[dict[str, Any], nn.Module | None]:
+        """The record's details and the replacement of one layer (None: left alone)."""
+        cfg = self.config_for(lname)
+        if isinstance(module, nn.Conv2d):
+            why = _conv_refusal(module)
+            if why:
+                return {"skipped": why}, None
+            matrix = module.weight.reshape(module.out_channels, -1)
+        else:
+            matrix = module.weight
+        factors = truncated_svd(matrix, lambda s, _cfg=cfg: choose_rank(s, _cfg))
+        s, rank = factors.singular_values, factors.rank
+        out_f, in_f = matrix.shape
+        before, after = out_f * in_f, rank * (in_f + out_f)
+        details: dict[str, Any] = {
+            "rank": rank,
+            "full_rank": s.numel(),
+            "energy_kept": round(float((s[:rank] ** 2).sum() / (s**2).sum()), 6),
+        }
+        if cfg.only_if_smaller and after >= before:
+            return {**details, "skipped": "factorised form is not smaller"}, None
+        if isinstance(module, nn.Conv2d):
+            return details, _conv_factors(module, factors.left, factors.right)
+        return details, _linear_factors(module, factors.left, factors.right)
+
+
+def _conv_refusal(conv: nn.Conv2d) -> str:
+    """Why ``conv`` cannot be factorised as one matrix ('' when it can)."""
+    if type(conv).forward is not nn.Conv2d.forward:
+        # e.g. timm's StdConv2d (weight standardisation) or Conv2dSame (dynamic padding)
+        return (f"{type(conv).__name__} overrides Conv2d.forward; plain Conv2d factors would "
+                "compute something else")
+    if conv.groups > 1:
+        return (f"grouped conv (groups={conv.groups}): its weight is {conv.groups} separate "
+                "matrices, not one")
+    return ""
+
+
+def _linear_factors(linear: nn.Linear, left: torch.Tensor, right: torch.Tensor) -> nn.Module:
+    """``Linear(in, r, bias=False) -> Linear(r, out)`` (the original bias), from
+    ``W ~ left @ right``."""
+    rank = right.shape[0]
+    first = nn.Linear(linear.in_features, rank, bias=False)
+    second = nn.Linear(rank, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(right.float())
+        second.weight.copy_(left.float())
+        if linear.bias is not None:
+            second.bias.copy_(linear.bias.detach())
+    return nn.Sequential(first, second)
+
+
+def _conv_factors(conv: nn.Conv2d, left: torch.Tensor, right: torch.Tensor) -> nn.Module:
+    """``Conv2d(I, r, k)`` (the original stride, padding, dilation, padding mode) then
+    ``Conv2d(r, O, 1)`` (the original bias), from ``W.reshape(O, -1) ~ left @ right``."""
+    rank = right.shape[0]
+    first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
+                      padding=conv.padding, dilation=conv.dilation, bias=False,
+                      padding_mode=conv.padding_mode)
+    second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(right.reshape(first.weight.shape).float())
+        second.weight.copy_(left[:, :, None, None].float())
+        if conv.bias is not None:
+            second.bias.copy_(conv.bias.detach())
+    return nn.Sequential(first, second)
 
 
 @hookimpl
