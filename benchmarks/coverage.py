@@ -92,7 +92,7 @@ TIMM: dict[str, list[str]] = {
     "other hybrid": ["edgenext_xx_small", "fastvit_t8"],
 }
 #: Input side per timm model where 32 does not fit its patch or window grid.
-INPUT_SIZE = {"swin_tiny_patch4_window7_224": 224, "levit_128s": 64, "efficientvit_m0": 64,
+INPUT_SIZE = {"swin_tiny_patch4_window7_224": 64, "levit_128s": 64, "efficientvit_m0": 64,
               "vit_tiny_patch16_224": 64, "deit_tiny_patch16_224": 64}
 TORCHVISION = ["resnet18", "mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_0",
                "mnasnet0_5", "efficientnet_b0", "regnet_y_400mf"]
