@@ -310,3 +310,27 @@ def test_channel_mode_leaves_out_a_layer_whose_pruning_breaks_the_model(split_ne
     assert list(out.summary["ratios"]) == ["conv2"]  # the search ran on the other layer
     assert model.conv1.out_channels == 8 and model.conv2.out_channels < 16
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+def test_channel_budget_counts_layers_that_prune_together():
+    """On a residual net the stem and each block's last conv prune together: the budget takes
+    the largest of their ratios, so its prediction matches what pruning removes."""
+    from netshrink.plugins.rlprune.env import describe_layers, link_channel_sources, prune_channels
+
+    model = ns.load_model("zoo:resnet_small", in_chans=1, num_classes=10, input_size=32).eval()
+    info = model_info(model)
+    layers = LayerSelector(types=["Conv2d"]).resolve(model, head=info.head)
+    x = torch.randn(2, 1, 32, 32)
+    infos = describe_layers(model, layers, x)
+    link_channel_sources(model, infos, x)
+    names = [li.name for li in infos]
+    assert infos[names.index("layers.0.0.conv2")].coupled == names.index("stem.0")
+    budget = BudgetModel(infos, 0.3, 0.0, 0.9, channel=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        ratios = (torch.rand(len(infos), generator=gen) * 0.8).tolist()
+        work = copy.deepcopy(model)
+        prune_channels(work, names, ratios, [li.out_channels for li in infos], x)
+        modules = dict(work.named_modules())
+        removed = sum(li.params - modules[li.name].weight.numel() for li in infos)
+        assert budget.removed(ratios) == pytest.approx(removed, rel=0.03)

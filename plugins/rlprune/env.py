@@ -49,6 +49,9 @@ class LayerInfo:
     is_linear: bool
     source: int | None = None
     """Channel mode: index of the selected layer whose output channels feed this layer's input."""
+    coupled: int | None = None
+    """Channel mode: index of the first selected layer whose output channels are pruned together
+    with this layer's (a residual add, summed branches); None when they are its own."""
 
 
 def describe_layers(model: nn.Module, layers: list[tuple[str, nn.Module]],
@@ -99,13 +102,18 @@ class BudgetModel:
 
     Weight granularity: layer ``t`` loses ``ratio_t * params_t``. Channel granularity: removing a
     fraction of a layer's output channels also removes the matching input channels of the
-    layer it feeds, so its cost is ``params_t * (1 - keep_out_t * keep_in_t)``.
+    layer it feeds, so its cost is ``params_t * (1 - keep_out_t * keep_in_t)``; layers whose
+    outputs prune together (``LayerInfo.coupled``) all keep ``1 -`` the largest of their ratios.
     """
 
     def __init__(self, infos: list[LayerInfo], target: float, low: float, high: float,
                  channel: bool) -> None:
         self.params = [li.params for li in infos]
         self.sources = [li.source if channel else None for li in infos]
+        # Layers whose outputs prune together take the largest of their ratios (each prunes its
+        # group down to its own ratio; a smaller one finds the channels already gone).
+        self.classes = [li.coupled if channel and li.coupled is not None else i
+                        for i, li in enumerate(infos)]
         self.channel = channel
         self.total = sum(self.params)
         self.target = target * self.total
@@ -125,10 +133,13 @@ class BudgetModel:
         """Weights the ratios remove from the selected layers (under the cost model)."""
         if not self.channel:
             return sum(r * n for r, n in zip(ratios, self.params))
+        applied: dict[int, float] = {}
+        for group, r in zip(self.classes, ratios):
+            applied[group] = max(applied.get(group, 0.0), r)
         total = 0.0
-        for r, n, src in zip(ratios, self.params, self.sources):
-            keep_in = 1.0 - ratios[src] if src is not None else 1.0
-            total += n * (1.0 - (1.0 - r) * keep_in)
+        for group, n, src in zip(self.classes, self.params, self.sources):
+            keep_in = 1.0 - applied[self.classes[src]] if src is not None else 1.0
+            total += n * (1.0 - (1.0 - applied[group]) * keep_in)
         return total
 
     def bounds(self, prefix: list[float]) -> tuple[float, float]:
@@ -211,8 +222,9 @@ class WeightPruner:
 
 def link_channel_sources(model: nn.Module, infos: list[LayerInfo], example: torch.Tensor) -> None:
     """Set each layer's ``source``: the selected layer whose output-channel pruning also prunes
-    this layer's input channels (found with Torch-Pruning's dependency graph). A selected
-    ``qkv`` of multi-head attention is followed from its attention dims
+    this layer's input channels, and ``coupled``: the first selected layer whose outputs are
+    pruned together with this one's (both found with Torch-Pruning's dependency graph). A
+    selected ``qkv`` of multi-head attention is followed from its attention dims
     (:func:`netshrink.attention_group`); one netshrink cannot prune consistently is refused
     here, before any episode, with a :class:`SelectionError` naming the layer."""
     import torch_pruning as tp
@@ -220,6 +232,13 @@ def link_channel_sources(model: nn.Module, infos: list[LayerInfo], example: torc
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example[:1], verbose=False)
     attention = find_attention(model)
     index = {id(li.module): i for i, li in enumerate(infos)}
+    first = list(range(len(infos)))  # union-find over layers whose outputs prune together
+
+    def leader(i: int) -> int:
+        while first[i] != i:
+            i = first[i]
+        return i
+
     for i, li in enumerate(infos):
         heads = attention.get(id(li.module))
         if heads is not None:
@@ -230,9 +249,15 @@ def link_channel_sources(model: nn.Module, infos: list[LayerInfo], example: torc
         for item in group:
             dep = item.dep if hasattr(item, "dep") else item[0]
             j = index.get(id(dep.target.module))
-            if (j is not None and j != i and infos[j].source is None
-                    and graph.is_in_channel_pruning_fn(dep.handler)):
+            if j is None or j == i:
+                continue
+            if infos[j].source is None and graph.is_in_channel_pruning_fn(dep.handler):
                 infos[j].source = i
+            elif heads is None and graph.is_out_channel_pruning_fn(dep.handler):
+                a, b = sorted((leader(i), leader(j)))
+                first[b] = a
+    for i, li in enumerate(infos):
+        li.coupled = leader(i) if leader(i) != i or first.count(i) > 1 else None
 
 
 def _attention_root(graph, heads: AttentionHeads, name: str) -> tuple[nn.Module, Callable]:
