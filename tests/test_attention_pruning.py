@@ -319,3 +319,34 @@ def test_normsparse_keeps_dead_units_of_attention_it_cannot_cut(attn, layer, rea
     assert reason in skipped[layer] and qkv.out_features == 96
     with torch.no_grad():
         model(torch.randn(2, 3, 16, 16))  # still runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [
+    ns.step("magnitude"), ns.step("quantize"), ns.step("svd"),
+    ns.step("joint", epochs=0, target_ratio=2.0, calib_batches=1),
+    ns.step("bioclust", population=2), ns.step("statprune"),
+], ids=lambda s: s.compressor)
+def test_deit_tiny_compresses_and_reloads_in_a_fresh_process_bit_exact(step, tmp_path):
+    """The whole DeiT-tiny (12 blocks) at 32x32 with each unstructured/quantizing method and a
+    structural one: saved, loaded in a fresh interpreter, the same outputs bit for bit."""
+    import subprocess
+    import sys
+
+    data = _data()
+    torch.manual_seed(0)
+    model = ns.load_model(f"timm:deit_tiny_patch16_224?input_size={SIDE}",
+                          **data.model_options())
+    result = ns.compress(model, [step], data=data, seed=0, latency=False)
+    assert result.report.storage_bytes < result.report.dense_bytes
+    path = result.save(tmp_path / "deit.nsa", report=False)
+    x, _ = data.batch("test", 4)
+    with torch.no_grad():
+        expected = result.model.eval()(x)
+    torch.save(x, tmp_path / "x.pt")
+    code = ("import sys, torch, netshrink as ns; torch.set_num_threads(1); "
+            "x = torch.load(sys.argv[2]); m = ns.load(sys.argv[1]).eval(); "
+            "torch.save(m(x).detach(), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, timeout=300)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
