@@ -334,6 +334,7 @@ def run_matrix(rows: Sequence[Model], cols: Sequence[Method], timeout: float, wo
     # fork: the parent only orchestrates (it runs no torch op and starts no thread, so no
     # thread pool or held lock is forked).
     ctx = multiprocessing.get_context("fork")
+    _preload()
     cells: list[Cell] = list(done)
     finished = {c.model for c in done}
     todo = [i for i, r in enumerate(rows) if r.spec not in finished]
@@ -394,6 +395,17 @@ def run_matrix(rows: Sequence[Model], cols: Sequence[Method], timeout: float, wo
                 else:
                     on_cell(i, j, out)
     return cells
+
+
+def _preload() -> None:
+    """Import the model libraries once in the parent, so no forked cell pays for it (about 6 s
+    a cell: timm pulls in torchvision and torch._dynamo). Imports only: no torch op, no thread."""
+    import contextlib
+    import importlib
+
+    for name in ("timm", "torchvision", "transformers"):
+        with contextlib.suppress(ImportError):  # an extra not installed: its rows are refused
+            importlib.import_module(name)
 
 
 # -- checkpoint --------------------------------------------------------------------------------
