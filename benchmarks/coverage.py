@@ -524,7 +524,8 @@ def header(args: argparse.Namespace, rev: str, started: datetime.datetime, wall:
         + f"; every cell below comes from that run ({len(rows)} models).", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}; total wall time "
-        f"{wall / 60:.1f} min with {args.jobs} cell{'s' if args.jobs > 1 else ''} at a time"
+        f"{wall / 60:.1f} min with {args.jobs} cell{'s' if args.jobs > 1 else ''} at a time, "
+        f"{cell_threads(args.jobs)} torch thread(s) each"
         + (" (a resumed run: the sum of its parts)" if args.resume else "") + ".", "",
         "Each cell is one process: build the model (random init, nothing downloaded), compress "
         f"it with one step (seed 0), save the artifact; then a fresh interpreter loads every "
@@ -568,8 +569,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", default="",
                         help="comma-separated specs to run instead of the fixed list")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="cells run at once, each in its own process (default 1; up to "
-                             "one per core, with NETSHRINK_THREADS=1)")
+                        help="cells run at once, each in its own process with the cores "
+                             "divided between them (NETSHRINK_THREADS overrides; default 1)")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "out" / "coverage_cells.json",
                         help="finished rows are saved here after each row "
                              "(default out/coverage_cells.json)")
@@ -584,6 +585,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def cell_threads(jobs: int) -> int:
+    """torch threads per cell: ``NETSHRINK_THREADS`` when set, else the cores shared by
+    ``jobs`` cells."""
+    if os.environ.get("NETSHRINK_THREADS"):
+        return int(os.environ["NETSHRINK_THREADS"])
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Run the matrix and write the page; returns its path."""
     from benchmarks.__main__ import commit
@@ -594,6 +603,9 @@ def main(argv: list[str] | None = None) -> Path:
         known = {m.spec: m for m in models()}
         rows = [known.get(s, Model(s, "other")) for s in args.models.split(",")]
     cols = methods()
+    # Cells fork from this process and keep its torch thread count: one core each at --jobs 2
+    # on 2 cores (more threads than cores made heavy cells up to 3x slower).
+    torch.set_num_threads(cell_threads(args.jobs))
     rev, t0 = commit(), time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes")
     key = checkpoint_key(rev, args.timeout, cols)
