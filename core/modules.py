@@ -476,9 +476,11 @@ def failing_module(
 
 def prune_or_put_back(group: Any, check: Callable[[], str | None], *,
                       also: Sequence[nn.Module] = (),
+                      before: Callable[[], None] | None = None,
                       then: Callable[[], None] | None = None) -> str | None:
-    """Prune a Torch-Pruning ``group`` (then run ``then``, e.g. updating an attention's head
-    count) and ``check`` the model (``check()``: why it no longer runs, or None). If pruning
+    """Prune a Torch-Pruning ``group`` (after ``before``, e.g. folding what the removed units
+    contributed into the next layers' biases; then ``then``, e.g. updating an attention's head
+    count) and ``check`` the model (``check()``: why it no longer runs, or None). If any of it
     raises or the check fails, every module the group changed, and those in ``also``, is put
     back in place and the reason is returned; None when the group is pruned and the model
     checks. Torch-Pruning can miss a dependency (a split whose sizes live in an attribute, a
@@ -490,6 +492,8 @@ def prune_or_put_back(group: Any, check: Callable[[], str | None], *,
     saved = [(m, copy.deepcopy({k: v for k, v in vars(m).items() if k != "_modules"}))
              for m in {id(m): m for m in changed}.values()]
     try:
+        if before is not None:
+            before()
         group.prune()
         if then is not None:
             then()

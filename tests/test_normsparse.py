@@ -360,3 +360,24 @@ def test_timm_resnet18_kernel_sparsity_and_artifact(tmp_path):
     loaded = ns.load(path)
     x = data.test.tensors[0][:4]
     torch.testing.assert_close(loaded.eval()(x), result.model.eval()(x), atol=1e-4, rtol=1e-4)
+
+
+def test_dead_units_whose_removal_breaks_the_model_are_put_back(split_net):
+    """Removing conv1's dead filters goes through a split whose sizes Torch-Pruning cannot
+    update: that group is put back (the model runs, the units stay as zeros, the record says
+    why) and conv2's dead filters are still removed."""
+    model = split_net()
+    with torch.no_grad():
+        model.conv1.weight[[1, 5]] = 0
+        model.conv2.weight[[2, 7, 11]] = 0
+    before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("conv1", "mix"))}
+    info = ns.ModelInfo("split", input_shape=(1, 16, 16), num_classes=10, head="fc")
+    layers = [("conv1", model.conv1), ("conv2", model.conv2)]
+    skipped: dict[str, str] = {}
+    removed = remove_dead_units(model, CompressionContext(info=info), layers, model.fc, 1, True,
+                                skipped)
+    assert removed == {"conv1": 0, "conv2": 3}
+    assert "broke module mix" in skipped["conv1"] and "put back" in skipped["conv1"]
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)

@@ -22,7 +22,9 @@ from netshrink import (
     SelectionError,
     Sparse,
     attention_group,
+    failing_module,
     find_attention,
+    prune_or_put_back,
     update_heads,
 )
 
@@ -54,6 +56,8 @@ def _coupled_ok(
         if id(module) not in targets:
             return False
         dead = zero_units(module.weight)
+        if any(int(i) >= dead.numel() for i in idxs):
+            return False  # the channels map onto part of another layer (a split, a CSP block)
         if not all(bool(dead[int(i)]) for i in idxs):
             return False
     return True
@@ -136,13 +140,29 @@ def remove_dead_units(
         ]
         if eligible:
             group = dg.get_pruning_group(module, fn, eligible)
-            if dg.check_pruning_group(group):
-                _fold_constant_inputs(model, group, ctx.example_input(batch=16))
-                group.prune()
-            else:
+            if not dg.check_pruning_group(group):
                 eligible = []
+            else:
+                broken = prune_or_put_back(
+                    group, lambda: _breakage(model, ctx),
+                    before=lambda g=group: _fold_constant_inputs(model, g,
+                                                                 ctx.example_input(batch=16)))
+                if broken is not None:
+                    skipped[name] = f"{broken}; its dead units were put back, kept as zeros"
+                    eligible = []
         removed[name] = len(eligible)
     return removed
+
+
+def _breakage(model: nn.Module, ctx: CompressionContext) -> str | None:
+    """Why ``model`` no longer runs (naming the module whose forward fails), or None."""
+    found = failing_module(model, ctx.example_input(1))
+    if found is None:
+        return None
+    name, exc = found
+    line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"removing them broke module {name} ({type(exc).__name__}: {line}): Torch-Pruning "
+            "missed a dependency there")
 
 
 def _splits_heads(group) -> bool:
