@@ -489,8 +489,7 @@ def prune_or_put_back(group: Any, check: Callable[[], str | None], *,
     Modules are restored in place (their own parameters, buffers and attributes; submodules stay
     the same objects), so a dependency graph holding them stays valid."""
     changed = [dep.target.module for dep, _ in group] + list(also)
-    saved = [(m, copy.deepcopy({k: v for k, v in vars(m).items() if k != "_modules"}))
-             for m in {id(m): m for m in changed}.values()]
+    saved = [(m, _own_state(m)) for m in {id(m): m for m in changed}.values()]
     try:
         if before is not None:
             before()
@@ -515,3 +514,24 @@ def prune_or_put_back(group: Any, check: Callable[[], str | None], *,
     if still is not None:
         raise NetshrinkError(f"{why}; putting the group back did not repair the model: {still}")
     return why
+
+
+def _own_state(module: nn.Module) -> dict[str, Any]:
+    """A copy of ``module``'s own attributes (not its submodules)."""
+    return {key: _copy_or_keep(value) for key, value in vars(module).items() if key != "_modules"}
+
+
+def _copy_or_keep(value: Any) -> Any:
+    """``copy.deepcopy(value)``; where that fails (an autograd node that Torch-Pruning's op nodes
+    keep, a cache holding a tensor with a graph), containers are copied item by item, a tensor
+    with a graph is copied detached and anything else is kept by reference."""
+    try:
+        return copy.deepcopy(value)
+    except (TypeError, RuntimeError):
+        if isinstance(value, torch.Tensor):
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return type(value)((k, _copy_or_keep(v)) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return type(value)(_copy_or_keep(v) for v in value)
+        return value

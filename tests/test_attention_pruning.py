@@ -350,3 +350,34 @@ def test_deit_tiny_compresses_and_reloads_in_a_fresh_process_bit_exact(step, tmp
     subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"),
                     str(tmp_path / "y.pt")], check=True, timeout=300)
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [
+    ns.step("joint", epochs=0, target_ratio=1.05, calib_batches=2),
+    ns.step("statprune"),
+    ns.step("rlprune", checkpoint=None, **RL_FAST),
+], ids=lambda s: s.compressor)
+def test_levit_caches_do_not_break_calibration_copies_or_put_back(step, tmp_path):
+    """timm's LeViT caches attention biases built from its parameters in eval mode; after a
+    forward with gradients (a calibration batch, Torch-Pruning's trace) they hold autograd
+    graphs, which a second backward, a deepcopy or a snapshot cannot go through."""
+    side = 64
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> ns.ArrayDataset:
+        images = torch.randint(0, 256, (n, 3, side, side), dtype=torch.uint8, generator=gen)
+        return ns.ArrayDataset(images, torch.arange(n) % 10, mean=0.5, std=0.25)
+
+    data = ns.DataSplits(name="random64", train=split(64), val=split(16), test=split(8),
+                         num_classes=10, extra={"input_shape": (3, side, side)})
+    torch.manual_seed(0)
+    model = ns.load_model(f"timm:levit_128s?input_size={side}", **data.model_options())
+    if step.compressor == "rlprune":
+        step = ns.step("rlprune", checkpoint=str(tmp_path / "rl.st"), **RL_FAST)
+    result = ns.compress(model, [step], data=data, seed=0, latency=False)
+    assert result.report.storage_bytes < result.report.dense_bytes
+    x, _ = data.batch("test", 4)
+    with torch.no_grad():
+        assert torch.equal(ns.load(result.save(tmp_path / "levit.nsa", report=False)).eval()(x),
+                           result.model.eval()(x))

@@ -104,6 +104,11 @@ def calibrate(
         for i, (x, _) in enumerate(loader):
             if i >= batches:
                 break
+            # A module that caches tensors built from its parameters in eval mode (timm's
+            # LeViT attention biases) drops them when put in training mode; a cache kept from
+            # the last batch would be backpropagated through twice.
+            model.train()
+            model.eval()
             logits = model(x.to(device))
             sampled = torch.multinomial(
                 F.softmax(logits.detach().float().cpu(), 1), 1, generator=gen

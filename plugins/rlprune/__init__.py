@@ -16,7 +16,6 @@ rewards and best-so-far curve are in the step summary (``episode_rewards``, ``be
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import time
@@ -31,6 +30,8 @@ from netshrink import (
     Compressor,
     CompressorConfig,
     LayerRecord,
+    NetshrinkError,
+    SelectionError,
     StepResult,
     cache_dir,
     failing_module,
@@ -45,6 +46,7 @@ from netshrink.plugins.rlprune.env import (
     EpisodeScorer,
     RewardFn,
     WeightPruner,
+    copy_model,
     describe_layers,
     link_channel_sources,
     magnitude_prior,
@@ -420,14 +422,22 @@ class RLPrune(Compressor):
     def _apply_channels(self, model, infos, ratios, x) -> list[LayerRecord]:
         before = [li.out_channels for li in infos]
         names = [li.name for li in infos]
-        trial = copy.deepcopy(model)
+        trial = copy_model(model)
         prune_channels(trial, names, ratios, before, x)
         put_back: dict[str, str] = {}
         if failing_module(trial, x[:1]) is None:
             kept = prune_channels(model, names, ratios, before, x)
         else:  # as the episode scored it: layers that break this mix are put back
-            trial = copy.deepcopy(model)
-            put_back = prune_checked(trial, names, ratios, before, x)
+            trial = copy_model(model)
+            try:
+                put_back = prune_checked(trial, names, ratios, before, x)
+            except SelectionError:
+                raise
+            except NetshrinkError as exc:  # the model is still untouched: refuse
+                raise SelectionError(
+                    "rlprune channel mode refused (nothing changed): the best episode's "
+                    f"channel ratios cannot be built into a model that runs: {exc}; use "
+                    "granularity='weight' or exclude that module") from None
             model.__dict__.clear()  # the checked copy becomes the model, in place
             model.__dict__.update(trial.__dict__)
             kept = [int(model.get_submodule(n).weight.shape[0]) for n in names]

@@ -407,7 +407,7 @@ def channel_reward(model: nn.Module, names: list[str], ratios: list[float], orig
     copy is pruned layer by layer and each layer that breaks it is put back
     (:func:`prune_checked`): the reward is that of the model that can be built."""
     if not checked:
-        work = copy.deepcopy(model)
+        work = copy_model(model)
         try:
             prune_channels(work, names, ratios, originals, example)
             acc, loss = reward(work)
@@ -416,10 +416,19 @@ def channel_reward(model: nn.Module, names: list[str], ratios: list[float], orig
             raise
         except Exception:  # scored below, with the layers that break the model put back
             pass
-    work = copy.deepcopy(model)
-    prune_checked(work, names, ratios, originals, example)
+    work = copy_model(model)
+    try:
+        prune_checked(work, names, ratios, originals, example)
+    except SelectionError:
+        raise
+    except NetshrinkError:  # a layer broke the copy and could not be put back: unusable mix
+        return 0.0, BROKEN_LOSS, True
     acc, loss = reward(work)
     return acc, loss, True
+
+
+#: The loss an episode scores when its ratios cannot be built into a model that runs.
+BROKEN_LOSS = 1e6
 
 
 def prune_checked(model: nn.Module, names: list[str], ratios: list[float],
@@ -479,3 +488,16 @@ class EpisodeScorer:
         """Put the live model's original weights back (weight granularity)."""
         if self.pruner is not None:
             self.pruner.restore()
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``; a module that cached tensors built from its parameters during
+    a forward with gradients (timm's LeViT attention biases, after Torch-Pruning's trace) cannot
+    be copied, and drops those caches when put in training mode, so that is done first."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError:
+        was_training = model.training
+        model.train()
+        model.train(was_training)
+        return copy.deepcopy(model)

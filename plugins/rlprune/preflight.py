@@ -8,7 +8,6 @@ minutes)."""
 
 from __future__ import annotations
 
-import copy
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from netshrink import SelectionError, failing_module
+from netshrink import NetshrinkError, SelectionError, failing_module
 
 
 @contextmanager
@@ -54,7 +53,7 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
     :class:`SelectionError` naming the module or op if the trace or a whole-model check fails,
     or takes over ``seconds``. ``model`` is not changed."""
     what = ["Torch-Pruning traced the model"]
-    from netshrink.plugins.rlprune.env import prune_channels, why_broken
+    from netshrink.plugins.rlprune.env import copy_model, prune_channels, why_broken
 
     broken: dict[str, str] = {}
     try:
@@ -72,10 +71,17 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
             for ratio in ratios:
                 what[0] = (f"each layer of a copy was pruned at ratio {ratio:g} to check the "
                            "model still runs")
-                work = copy.deepcopy(model)
-                prune_channels(work, names, [ratio] * len(names), _widths(work, names),
-                               example, check=lambda w=work: why_broken(w, example),
-                               broken=broken)
+                work = copy_model(model)
+                try:
+                    prune_channels(work, names, [ratio] * len(names), _widths(work, names),
+                                   example, check=lambda w=work: why_broken(w, example),
+                                   broken=broken)
+                except NetshrinkError as exc:  # a layer that could not be put back
+                    if isinstance(exc, SelectionError):
+                        raise
+                    raise SelectionError(
+                        f"rlprune channel mode refused (nothing changed): {exc}; use "
+                        "granularity='weight' or exclude that module") from None
                 names = [n for n in names if n not in broken]
             if not names:
                 raise SelectionError(
@@ -85,7 +91,7 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
             found = None
             for ratio in ratios:
                 what[0] = f"a copy was pruned at ratio {ratio:g} to check it still runs"
-                work = copy.deepcopy(model)
+                work = copy_model(model)
                 try:
                     prune_channels(work, names, [ratio] * len(names), _widths(work, names),
                                    example)
