@@ -423,9 +423,15 @@ class RLPrune(Compressor):
         before = [li.out_channels for li in infos]
         names = [li.name for li in infos]
         trial = copy_model(model)
-        prune_channels(trial, names, ratios, before, x)
+        try:
+            prune_channels(trial, names, ratios, before, x)
+            runs = failing_module(trial, x[:1]) is None
+        except (TimeoutError, NetshrinkError):
+            raise
+        except Exception:  # Torch-Pruning failing on this mix: the checked pruning below
+            runs = False
         put_back: dict[str, str] = {}
-        if failing_module(trial, x[:1]) is None:
+        if runs:
             kept = prune_channels(model, names, ratios, before, x)
         else:  # as the episode scored it: layers that break this mix are put back
             trial = copy_model(model)
