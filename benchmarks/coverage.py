@@ -551,8 +551,8 @@ def header(args: argparse.Namespace, rev: str, started: datetime.datetime, wall:
         "*Structural methods* are those that change the model's structure "
         "(`changes_structure`): normsparse, rlprune in channel mode, statprune, svd and tucker. "
         "A layer whose pruning Torch-Pruning gets wrong (the pruned model no longer runs) is "
-        "put back by statprune and left out of rlprune's search, with the reason in its record, "
-        "so such a cell is ok with the other layers pruned.",
+        "put back by statprune, left out of rlprune's search and kept as zeros by normsparse, "
+        "with the reason in its record, so such a cell is ok with the other layers pruned.",
     ]
 
 
