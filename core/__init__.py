@@ -76,7 +76,12 @@ if TYPE_CHECKING:
     )
     from netshrink.metrics import wilson_interval
     from netshrink.models import load_model, reference_model
-    from netshrink.modules import INT8_INPUT_TYPES, failing_module, prune_or_put_back
+    from netshrink.modules import (
+        INT8_INPUT_TYPES,
+        failing_module,
+        prune_or_put_back,
+        why_broken,
+    )
     from netshrink.pipeline import CompressionResult, accuracy, compress, save
     from netshrink.recipe import Recipe, Step, step
     from netshrink.registry.hookspecs import hookimpl
@@ -177,6 +182,7 @@ __all__ = [
     "train",
     "truncated_svd",
     "update_heads",
+    "why_broken",
     "wilson_interval",
 ]
 
@@ -224,7 +230,7 @@ _EXPORTS: dict[str, str] = {
     "hookimpl": "netshrink.registry.hookspecs",
     **dict.fromkeys(["LayerRow", "Report"], "netshrink.report"),
     "LayerSelector": "netshrink.selector",
-    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module", "prune_or_put_back"],
+    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module", "prune_or_put_back", "why_broken"],
                     "netshrink.modules"),
     **dict.fromkeys(["export_onnx", "export_pt2"], "netshrink.export"),
     **dict.fromkeys(["Executor", "get_executor"], "netshrink.executors"),

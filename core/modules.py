@@ -474,6 +474,23 @@ def failing_module(
         model.train(was_training)
 
 
+def why_broken(model: nn.Module, example: torch.Tensor, what: str) -> str | None:
+    """Why ``model`` no longer runs on ``example`` after ``what`` (e.g. ``"pruning it"``):
+    ``"<what> broke module <name> (<Type>) (<Error>: <first line>): Torch-Pruning missed a
+    dependency there"``, or None when it runs (:func:`failing_module`)."""
+    found = failing_module(model, example)
+    if found is None:
+        return None
+    name, exc = found
+    try:
+        where = f"{name} ({type(model.get_submodule(name)).__name__})"
+    except AttributeError:  # "(top level)"
+        where = name
+    line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return (f"{what} broke module {where} ({type(exc).__name__}: {line}): Torch-Pruning missed "
+            "a dependency there")
+
+
 def prune_or_put_back(group: Any, check: Callable[[], str | None], *,
                       also: Sequence[nn.Module] = (),
                       before: Callable[[], None] | None = None,

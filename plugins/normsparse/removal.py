@@ -22,10 +22,10 @@ from netshrink import (
     SelectionError,
     Sparse,
     attention_group,
-    failing_module,
     find_attention,
     prune_or_put_back,
     update_heads,
+    why_broken,
 )
 
 _PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -144,7 +144,7 @@ def remove_dead_units(
                 eligible = []
             else:
                 broken = prune_or_put_back(
-                    group, lambda: _breakage(model, ctx),
+                    group, lambda: why_broken(model, ctx.example_input(1), "removing them"),
                     before=lambda g=group: _fold_constant_inputs(model, g,
                                                                  ctx.example_input(batch=16)))
                 if broken is not None:
@@ -152,17 +152,6 @@ def remove_dead_units(
                     eligible = []
         removed[name] = len(eligible)
     return removed
-
-
-def _breakage(model: nn.Module, ctx: CompressionContext) -> str | None:
-    """Why ``model`` no longer runs (naming the module whose forward fails), or None."""
-    found = failing_module(model, ctx.example_input(1))
-    if found is None:
-        return None
-    name, exc = found
-    line = (str(exc).strip().splitlines() or [""])[0][:300]
-    return (f"removing them broke module {name} ({type(exc).__name__}: {line}): Torch-Pruning "
-            "missed a dependency there")
 
 
 def _splits_heads(group) -> bool:

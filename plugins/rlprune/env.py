@@ -21,10 +21,10 @@ from netshrink import (
     NetshrinkError,
     SelectionError,
     attention_group,
-    failing_module,
     find_attention,
     prune_or_put_back,
     update_heads,
+    why_broken,
 )
 
 STATIC_FEATURES = ("index", "type", "in_channels", "out_channels", "kernel", "stride", "params",
@@ -372,6 +372,11 @@ def _prune_head_dims(graph, heads: AttentionHeads, name: str, ratio: float, orig
                then=lambda: update_heads(heads, heads.num_heads))
 
 
+#: The loss an episode scores when its model gives a non-finite loss or its ratios cannot be
+#: built into a model that runs.
+BROKEN_LOSS = 1e6
+
+
 class RewardFn:
     """Scores a pruned model on a fixed validation subset (the fast proxy of the paper's
     validation accuracy)."""
@@ -394,7 +399,7 @@ class RewardFn:
         acc = correct / len(self.x)
         loss /= len(self.x)
         if not math.isfinite(loss):
-            loss = 1e6
+            loss = BROKEN_LOSS
         return acc, loss
 
 
@@ -427,29 +432,15 @@ def channel_reward(model: nn.Module, names: list[str], ratios: list[float], orig
     return acc, loss, True
 
 
-#: The loss an episode scores when its ratios cannot be built into a model that runs.
-BROKEN_LOSS = 1e6
-
-
 def prune_checked(model: nn.Module, names: list[str], ratios: list[float],
                   originals: list[int], example: torch.Tensor) -> dict[str, str]:
     """:func:`prune_channels` with a forward check after each layer: a layer whose group fails
     or breaks the model is put back. Returns those layers, with why."""
     broken: dict[str, str] = {}
     prune_channels(model, names, ratios, originals, example,
-                   check=lambda: why_broken(model, example), broken=broken)
+                   check=lambda: why_broken(model, example[:1], "pruning its channels"),
+                   broken=broken)
     return broken
-
-
-def why_broken(model: nn.Module, example: torch.Tensor) -> str | None:
-    """Why ``model`` no longer runs on ``example[:1]``, naming the module, or None."""
-    found = failing_module(model, example[:1])
-    if found is None:
-        return None
-    exc = found[1]
-    line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-    return (f"pruning its channels broke module {found[0]} ({line}): Torch-Pruning missed a "
-            "dependency there")
 
 
 class EpisodeScorer:

@@ -8,6 +8,7 @@ minutes)."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from netshrink import NetshrinkError, SelectionError, failing_module
+from netshrink import NetshrinkError, SelectionError, failing_module, why_broken
 
 
 @contextmanager
@@ -53,7 +54,7 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
     :class:`SelectionError` naming the module or op if the trace or a whole-model check fails,
     or takes over ``seconds``. ``model`` is not changed."""
     what = ["Torch-Pruning traced the model"]
-    from netshrink.plugins.rlprune.env import copy_model, prune_channels, why_broken
+    from netshrink.plugins.rlprune.env import copy_model, prune_channels
 
     broken: dict[str, str] = {}
     try:
@@ -72,10 +73,10 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
                 what[0] = (f"each layer of a copy was pruned at ratio {ratio:g} to check the "
                            "model still runs")
                 work = copy_model(model)
+                check = functools.partial(why_broken, work, example[:1], "pruning its channels")
                 try:
                     prune_channels(work, names, [ratio] * len(names), _widths(work, names),
-                                   example, check=lambda w=work: why_broken(w, example),
-                                   broken=broken)
+                                   example, check=check, broken=broken)
                 except NetshrinkError as exc:  # a layer that could not be put back
                     if isinstance(exc, SelectionError):
                         raise

@@ -33,6 +33,7 @@ from netshrink import (
     last_linear,
     prune_or_put_back,
     update_heads,
+    why_broken,
 )
 from netshrink.plugins.statprune.graph import GroupInfo, build_graph, describe_group, is_depthwise
 from netshrink.plugins.statprune.guard import Deadline, deadline, describe_module, failing_module
@@ -159,7 +160,8 @@ class StatPrune(Compressor):
             limit.check()
             rec = LayerRecord(lname)
             records[lname] = rec
-            check = (lambda: _breakage(model, ctx)) if cfg.verify else (lambda: None)
+            check = ((lambda: why_broken(model, ctx.example_input(1), "pruning it"))
+                     if cfg.verify else (lambda: None))
             rec.details.update(self._prune_one(dg, module, head, selected, names, ctx, index, done,
                                                attention, check))
             for other in rec.details.get("coupled_with", []):
@@ -298,17 +300,6 @@ def _joint_features(info: GroupInfo, selected: set[int],
 
 class _Refusal(Exception):
     """Torch-Pruning cannot handle this model (raised on the copy; becomes a refusal)."""
-
-
-def _breakage(model: nn.Module, ctx) -> str | None:
-    """Why ``model`` no longer runs (naming the module whose forward fails), or None."""
-    found = failing_module(model, ctx.example_input(1))
-    if found is None:
-        return None
-    name, exc = found
-    line = (str(exc).strip().splitlines() or [""])[0][:300]
-    return (f"pruning it broke module {describe_module(model, name)} ({type(exc).__name__}: "
-            f"{line}): Torch-Pruning missed a dependency there")
 
 
 def _restore(model: nn.Module, backup: nn.Module) -> None:
