@@ -152,6 +152,19 @@ def test_checkpoint_of_another_search_is_not_reused(lenet, digits, tmp_path):
     assert other.summary["achieved_sparsity"] == pytest.approx(0.6, abs=1e-6)
 
 
+def test_checkpoint_of_other_netshrink_code_is_not_reused(lenet, digits, tmp_path,
+                                                          monkeypatch):
+    from netshrink.plugins.rlprune import checkpoint
+
+    path = tmp_path / "versioned.st"
+    _run(lenet, digits, {**FAST, "checkpoint": str(path)})
+    again, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(path)})
+    assert again.summary["resumed_from"] is not None  # same code: the finished search is reused
+    monkeypatch.setattr(checkpoint, "__version__", checkpoint.__version__ + ".other")
+    other, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(path)})
+    assert other.summary["resumed_from"] is None
+
+
 def test_default_checkpoint_goes_to_the_cache(lenet, digits, tmp_path, monkeypatch):
     monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path))
     out, _, _ = _run(lenet, digits, {**FAST, "episodes": 3, "warmup": 3})

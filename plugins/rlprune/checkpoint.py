@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from netshrink import atomic_write
+from netshrink import __version__, atomic_write
 
 log = logging.getLogger("netshrink")
 
@@ -27,10 +27,12 @@ FORMAT = "netshrink-rlprune-search/1"
 def search_key(model: nn.Module, config: dict[str, Any], layer_names: list[str], seed: int,
                reward_data: tuple[torch.Tensor, torch.Tensor]) -> str:
     """A digest of everything the search result depends on: the model's tensors, the search
-    config, the selected layers, the seed and the reward subset."""
+    config, the selected layers, the seed, the reward subset, and the netshrink and torch
+    versions (a search cached by other code is run again rather than reused)."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"config": config, "layers": layer_names, "seed": seed,
-                              "format": FORMAT}, sort_keys=True).encode())
+                              "format": FORMAT, "netshrink": __version__,
+                              "torch": torch.__version__}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
