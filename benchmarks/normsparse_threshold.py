@@ -1,43 +1,47 @@
-"""Issue 16, paper 001: what does normsparse's extra removal threshold do? The shipped LeNet-5 FC
-recipe's normsparse step with its default ``threshold: 0.05`` (a neuron goes when its magnitude
-r < 0.05 × the layer's largest r) against ``threshold: 0.0`` (the paper's rule: only neurons
-whose r went to zero), and optionally values in between, all with the same training budget.
+"""Issue 16, paper 001: what does normsparse's extra removal threshold do, and what does it
+do on a VGG? A shipped recipe's normsparse step with its default ``threshold: 0.05`` (a unit goes
+when its magnitude r < 0.05 × the layer's largest r) against ``threshold: 0.0`` (the paper's
+rule: only units whose r went to zero), and optionally values in between, all with the same
+training budget.
 
-    NETSHRINK_THREADS=1 python -m benchmarks.normsparse_threshold [--quick] [--seeds 3]
-        [--thresholds 0.05 0.0] [--l1-epochs 2] [--warmup-epochs 1] [--ft-epochs 1]
-        [--val-tolerance 0.03]
+    NETSHRINK_THREADS=1 python -m benchmarks.normsparse_threshold [--layers fc|all] [--quick]
+        [--seeds 3] [--thresholds 0.05 0.0] [--l1-epochs 2] [--warmup-epochs 1]
+        [--ft-epochs 1] [--val-tolerance 0.04] [--train N] [--model M]
 
-The step is ``recipes/normsparse_lenet5_fc.yaml``'s (``harness.recipe_steps``: l1 0.005,
-Linear layers with the head protected, so fc1 is the layer that loses neurons; patience 4,
-val_tolerance 0.01; fine-tune at lr 3e-4), on the reference of ``--model`` (default
-``lenet5@shapes32``), with only ``threshold`` changed between rows. The recipe's 30 L1 epochs
-and 5 fine-tune epochs do not fit the run's time box on one CPU thread (one LeNet-5 epoch on
-shapes32 takes about 70 s), so every row gets ``--l1-epochs`` (the λ ramp shortened to
-``--warmup-epochs``) and ``--ft-epochs`` at the recipe's fine-tune learning rate: the same
-budget and seeds for every row; the header states it. With the defaults one row-seed takes
-about 4 min on one thread of the shared 2-core machine (3 epochs and 10 evaluations; up to
-5 min at a load average of 5-6), so 2 thresholds × 3 seeds take about 25 min and each further
-threshold 12-15 min more. The recipe's ``val_tolerance: 0.01`` is raised to
-``--val-tolerance`` (0.04): on shapes32 the pruned model's validation accuracy dips 2-3.5 pp
-while neurons die in the first epochs, so at 0.01 only epoch 0 (nothing removed) is admissible
-and every row would be the dense model.
+``--layers fc`` (default) runs ``recipes/normsparse_lenet5_fc.yaml``'s step (l1 0.005, Linear
+layers with the head protected, so fc1 is the layer that loses neurons; patience 4,
+val_tolerance 0.01; fine-tune at lr 3e-4) on ``lenet5@shapes32`` (paper 001's LeNet-5 result).
+``--layers all`` runs the normsparse step of ``recipes/chain_normsparse_bioclust_vgg_small.yaml``
+(every Conv2d and Linear, l1 0.005, the config's other defaults; fine-tune at lr 1e-3) on
+``vgg_small@shapes32``: paper 001's second result, VGG-16 on CIFAR-10, on netshrink's VGG. Only
+``threshold`` changes between rows. The recipes' 30 L1 epochs and 3-5 fine-tune epochs do not
+fit the run's time box on one CPU thread (one LeNet-5 epoch on shapes32 takes about 70 s, a
+vgg_small one about 7 min), so every row gets ``--l1-epochs`` (the λ ramp shortened to
+``--warmup-epochs``) and ``--ft-epochs`` at the recipe's fine-tune learning rate, and ``--train
+N`` may shorten every epoch to the first N training images: the same budget and seeds for every
+row; the header states it. With the fc defaults one row-seed takes about 4 min on one thread of
+the shared 2-core machine (3 epochs and 10 evaluations; up to 5 min at a load average of 5-6),
+so 2 thresholds × 3 seeds take about 25 min. The recipes' ``val_tolerance`` (0.01 for fc, the
+config's 0.02 for all) is raised to ``--val-tolerance`` (0.04): on shapes32 the pruned model's
+validation accuracy dips 2-3.5 pp while LeNet-5's neurons die in the first epochs, so at 0.01
+only epoch 0 (nothing removed) is admissible and every row would be the dense model.
 
 What ``threshold: 0.0`` means in the code: the dead mask is ``r < threshold × max r`` or
-``r == 0`` (``reparam.dead_mask``), so at 0.0 exactly the neurons whose r is exactly zero go. The
+``r == 0`` (``reparam.dead_mask``), so at 0.0 exactly the units whose r is exactly zero go. The
 L1 training clamps r at 0 after every step, which is what makes exact zeros, so 0.0 is the
-paper's rule with no epsilon; whether neurons linger just above zero is measured, not assumed:
-the "kept neurons with r < x·max" column counts the row norms of the kept neurons of the
-selected Linear layers (a folded row is r × a unit vector, so its norm is r).
+paper's rule with no epsilon; whether units linger just above zero is measured, not assumed:
+the "kept units with r < x·max" column counts the norms of the kept units (rows of a Linear,
+non-zero kernel slices of a conv; a folded unit is r × a unit vector, so its norm is r).
 
 Each row compresses once per seed (0..``--seeds``-1) with ``ns.compress`` (no fine-tune in the
 step), reads the test accuracy as it comes out ("before fine-tune"), then fine-tunes a copy with
-``netshrink.train`` at the same seed ("after"; normsparse removes FC neurons physically and
-leaves no sparse or quantized encoding, so this is the loop the step's ``finetune:`` would
-run, which keeps the best validation weights, the incoming ones included). "Removed" is the
-normsparse page's: 1 − stored parameters / dense parameters. Bytes and ratio are the artifact's
-(removal is physical, so the fine-tune does not change them). Test accuracy: mean ± std over
-seeds and the 95% Wilson interval of the mean on the n test images; a row is called different
-from the 0.05 row only when the intervals do not overlap (``harness.acc_compare``).
+``netshrink.training.finetune`` at the same seed ("after"): the loop the step's ``finetune:``
+runs, which keeps the zeros of sparse-stored kernel slices and the best validation weights,
+the incoming ones included. "Removed" is the normsparse page's: 1 − stored parameters / dense
+parameters. Bytes and ratio are the artifact's (the fine-tune keeps every zero, so it does not
+change them). Test accuracy: mean ± std over seeds and the 95% Wilson interval of the mean on
+the n test images; a row is called different from the 0.05 row only when the intervals do not
+overlap (``harness.acc_compare``).
 
 ``--quick`` checks the script, not its figures: the first 2,000 train, 1,000 validation and
 2,000 test images, 1 seed (unless ``--seeds``), thresholds 0.05 0.01 0.0 (unless given).
@@ -62,8 +66,13 @@ from torch import nn
 import netshrink as ns
 from benchmarks import harness as h
 from benchmarks.__main__ import commit
+from netshrink.plugins.normsparse.config import NormSparseConfig
+from netshrink.training import finetune
 
-RECIPE = "normsparse_lenet5_fc.yaml"
+#: ``--layers``: the recipe whose first step is run. ``fc``: LeNet-5's Linear layers (paper
+#: 001's LeNet-5 result); ``all``: every Conv2d and Linear of vgg_small (its VGG-16 result).
+RECIPES = {"fc": "normsparse_lenet5_fc.yaml", "all": "chain_normsparse_bioclust_vgg_small.yaml"}
+MODEL_FOR = {"fc": "lenet5@shapes32", "all": "vgg_small@shapes32"}
 #: The config default, the row every other row is compared with.
 DEFAULT_THRESHOLD = 0.05
 THRESHOLDS = [DEFAULT_THRESHOLD, 0.0]
@@ -95,11 +104,12 @@ class Row:
     """Seed 0's step summary: reference and per-epoch validation accuracy, share removed."""
 
 
-def step_for(threshold: float, l1_epochs: int, warmup: int,
+def step_for(recipe: str, threshold: float, l1_epochs: int, warmup: int,
              val_tolerance: float | None = None) -> dict[str, Any]:
-    """The recipe's normsparse step at ``threshold``, the shortened L1 budget and (unless None)
-    ``val_tolerance``, without its fine-tune (run separately, to read the accuracy before it)."""
-    (step,) = h.recipe_steps(RECIPE)
+    """``recipe``'s normsparse step (its first) at ``threshold``, the shortened L1 budget and
+    (unless None) ``val_tolerance``, without its fine-tune (run separately, to read the accuracy
+    before it)."""
+    step = h.recipe_steps(recipe)[0]
     step.pop("finetune", None)
     step["config"] = {**step["config"], "threshold": threshold, "epochs": l1_epochs,
                       "warmup_epochs": warmup}
@@ -108,21 +118,54 @@ def step_for(threshold: float, l1_epochs: int, warmup: int,
     return step
 
 
-def finetune_config(epochs: int) -> ns.FinetuneConfig:
-    """The recipe's fine-tune with ``epochs`` epochs."""
-    (step,) = h.recipe_steps(RECIPE)
+def finetune_config(recipe: str, epochs: int) -> ns.FinetuneConfig:
+    """The fine-tune of ``recipe``'s normsparse step with ``epochs`` epochs."""
+    step = h.recipe_steps(recipe)[0]
     return ns.FinetuneConfig(**{**step.get("finetune", {}), "epochs": epochs})
 
 
-def small_units(model: nn.Module, layers: Sequence[str]) -> tuple[int, ...]:
-    """Per fraction in :data:`SMALL`: kept neurons of ``layers`` whose row norm (their r) is
-    below that fraction of their layer's largest row norm."""
+def unit_norms(model: nn.Module, record: ns.LayerRecord) -> torch.Tensor:
+    """The magnitudes r of the units ``record``'s layer kept: row norms of a Linear, the norms
+    of a conv's non-zero kernel slices (a folded unit is r × a unit vector, so its norm is r)."""
+    weight = model.get_submodule(record.name).weight.detach()
+    if record.details["kind"] == "linear":
+        return weight.norm(dim=1)
+    norms = weight.flatten(2).norm(dim=2).flatten()
+    return norms[norms > 0]
+
+
+def small_units(model: nn.Module, records: Sequence[ns.LayerRecord]) -> tuple[int, ...]:
+    """Per fraction in :data:`SMALL`: kept units of the step's layers whose r is below that
+    fraction of their layer's largest r."""
     counts = [0] * len(SMALL)
-    for name in layers:
-        norms = model.get_submodule(name).weight.detach().norm(dim=1)
+    for record in records:
+        if "kind" not in record.details:  # the protected head
+            continue
+        norms = unit_norms(model, record)
         for i, frac in enumerate(SMALL):
             counts[i] += int((norms < frac * norms.max()).sum())
     return tuple(counts)
+
+
+def units_left(records: Sequence[ns.LayerRecord]) -> dict[str, tuple[int, int]]:
+    """Neurons before → after of each Linear layer, and the conv totals: filters and kernel
+    slices (the conv rows are ``"conv filters"`` and ``"conv slices"``)."""
+    left: dict[str, tuple[int, int]] = {}
+    filters = [0, 0]
+    slices = [0, 0]
+    for r in records:
+        kind = r.details.get("kind")
+        if kind == "linear":
+            left[r.name] = (r.details["units"], r.details["neurons_left"])
+        elif kind is not None:
+            filters[0] += r.details["filters_left"] + r.details["filters_removed"]
+            filters[1] += r.details["filters_left"]
+            slices[0] += r.details["units"]
+            slices[1] += r.details["slices_left"]
+    if filters[0]:
+        left["conv filters"] = (filters[0], filters[1])
+        left["conv slices"] = (slices[0], slices[1])
+    return left
 
 
 def run_threshold(dense: nn.Module, data: ns.DataSplits, step: dict[str, Any], seeds: int,
@@ -133,25 +176,20 @@ def run_threshold(dense: nn.Module, data: ns.DataSplits, step: dict[str, Any], s
     row = Row(threshold, [], [], [], [], [], [], [], runs.accs, [])
     for seed, result in enumerate(runs.results):
         rep, summary = result.report, result.report.steps[0]
-        encoded = [f"{n}: {e.describe()}" for n, e in result.encodings.items()
-                   if not isinstance(e, ns.Dense)]
-        if encoded:  # netshrink.train would not keep these; the step's fine-tune would
-            raise RuntimeError(
-                f"normsparse_threshold: threshold {threshold}, seed {seed}: the step left "
-                f"encoded tensors ({', '.join(encoded)}); this script fine-tunes with "
-                "netshrink.train, which is only the step's fine-tune when every tensor is dense")
-        linear = [r for r in result.records if r.details.get("kind") == "linear"]
         row.removed.append(1 - rep.nonzeros / rep.params_before)
         row.nbytes.append(rep.storage_bytes)
         row.ratio.append(rep.compression_ratio)
-        row.left.append({r.name: (r.details["units"], r.details["neurons_left"]) for r in linear})
-        row.small.append(small_units(result.model, [r.name for r in linear]))
+        row.left.append(units_left(result.records))
+        row.small.append(small_units(result.model, result.records))
         row.best_epoch.append(int(summary["best_epoch"]))
         row.admissible.append(bool(summary["admissible"]))
         if seed == 0:
             row.history = {"reference": summary["reference_val_acc"], **summary["history"]}
-        work = copy.deepcopy(result.model)
-        ns.train(work, data, ft, seed=seed, desc=f"threshold {threshold:g} fine-tune seed {seed}")
+        # The step's own fine-tune: kernel slices stored sparse keep their zeros (the fc recipe
+        # leaves every tensor dense, where this is plain training).
+        work, encodings = copy.deepcopy((result.model, result.encodings))
+        finetune(work, data, encodings, ft, seed=seed,
+                 desc=f"threshold {threshold:g} fine-tune seed {seed}")
         row.after.append(ns.accuracy(work, data))
     return row
 
@@ -182,7 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.normsparse_threshold",
                                      description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="lenet5@shapes32", choices=sorted(h.MODELS))
+    parser.add_argument("--layers", default="fc", choices=sorted(RECIPES),
+                        help="fc: recipes/normsparse_lenet5_fc.yaml's step (Linear layers); all: "
+                        "recipes/chain_normsparse_bioclust_vgg_small.yaml's normsparse step "
+                        "(every Conv2d and Linear; paper 001's VGG result). Default fc")
+    parser.add_argument("--model", default=None, choices=sorted(h.MODELS),
+                        help="reference (default: lenet5@shapes32 for fc, vgg_small@shapes32 "
+                        "for all)")
+    parser.add_argument("--train", type=int, default=None,
+                        help="use only the first N training images (every row; the validation "
+                        "and test splits stay whole); default: all")
     parser.add_argument("--seeds", type=int, default=None,
                         help="compression / fine-tune seeds 0..N-1 (default 3; --quick: 1)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
@@ -213,44 +260,58 @@ def main(argv: list[str] | None = None) -> None:
     if bad:
         parser.error(f"--thresholds must be in [0, 1) (normsparse's config), got {bad}")
     thresholds = [DEFAULT_THRESHOLD, *dict.fromkeys(t for t in given if t != DEFAULT_THRESHOLD)]
+    if args.train is not None and args.train < 1:
+        parser.error(f"--train must be at least 1, got {args.train}")
+    recipe, model = RECIPES[args.layers], args.model or MODEL_FOR[args.layers]
     h.set_threads()
     rev, t0 = commit(), time.perf_counter()
-    dense, data = h.reference(args.model)
+    dense, data = h.reference(model)
     if args.quick:
         data = h.subset(data, h.QUICK_SPLITS)
+    if args.train is not None:
+        data = h.subset(data, {"train": args.train})
     dense.eval()
     n, dense_acc = len(data.test), ns.accuracy(dense, data)
-    ft = finetune_config(args.ft_epochs)
+    ft = finetune_config(recipe, args.ft_epochs)
 
     rows = []
     for threshold in thresholds:
-        step = step_for(threshold, args.l1_epochs, args.warmup_epochs, args.val_tolerance)
+        step = step_for(recipe, threshold, args.l1_epochs, args.warmup_epochs,
+                        args.val_tolerance)
         rows.append(run_threshold(dense, data, step, seeds, ft))
         print(f"threshold {threshold:g} done ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
 
-    spec, data_name, _ = h.MODELS[args.model]
+    spec, data_name, _ = h.MODELS[model]
     mode = (f" — quick mode (first {h.QUICK_SPLITS['train']:,} train / {h.QUICK_SPLITS['val']:,} "
             f"val / {h.QUICK_SPLITS['test']:,} test images): a check of the script, not its "
             "figures" if args.quick else "")
     load = os.getloadavg()[0]
-    step = step_for(DEFAULT_THRESHOLD, args.l1_epochs, args.warmup_epochs, args.val_tolerance)
+    step = step_for(recipe, DEFAULT_THRESHOLD, args.l1_epochs, args.warmup_epochs,
+                    args.val_tolerance)
+    full = h.recipe_steps(recipe)[0]
+    train_note = (f" Training split: the first {len(data.train):,} images (every row)."
+                  if args.train is not None else "")
     print(f"`python -m benchmarks.normsparse_threshold {' '.join(sys.argv[1:])}` at commit "
           f"`{rev}`{mode}\n")
+    recipe_tol = full["config"].get("val_tolerance",
+                                    NormSparseConfig.model_fields["val_tolerance"].default)
     print(f"{spec} on {data_name}, dense test {100 * dense_acc:.2f}% (n={n}); "
-          f"{seeds} seed(s). Step `{step}` (recipes/{RECIPE} with `threshold` varied and "
-          f"val_tolerance {args.val_tolerance:g} for the recipe's 0.01). Budget, the "
-          f"same for every row: {args.l1_epochs} L1 epoch(s) (λ ramp over "
-          f"{args.warmup_epochs}; the recipe runs up to 30) + {args.ft_epochs} fine-tune "
-          f"epoch(s) at lr {ft.lr:g} (the recipe: 5), keeping the best weights on validation, "
-          f"the incoming ones included. Machine: {platform.machine()}, {os.cpu_count()} CPU "
-          f"cores, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s); load "
-          f"average (1 min) {load:.2f} at the end; wall {(time.perf_counter() - t0) / 60:.1f} "
-          "min.\n")
+          f"{seeds} seed(s). Step `{step}` (recipes/{recipe}'s normsparse step with `threshold` "
+          f"varied and val_tolerance {args.val_tolerance:g} for the recipe's {recipe_tol:g})."
+          f"{train_note} Budget, the same for every row: {args.l1_epochs} L1 epoch(s) (λ ramp "
+          f"over {args.warmup_epochs}; the recipe runs up to {full['config']['epochs']}) + "
+          f"{args.ft_epochs} fine-tune epoch(s) at lr {ft.lr:g} (the recipe: "
+          f"{full.get('finetune', {}).get('epochs', '—')}), keeping the best weights on "
+          f"validation, the incoming ones included. Machine: {platform.machine()}, "
+          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"torch thread(s); load average (1 min) {load:.2f} at the end; wall "
+          f"{(time.perf_counter() - t0) / 60:.1f} min.\n")
     small = " / ".join(f"{100 * f:g}%" for f in SMALL)
     print("\n".join(h.table(
-        ["threshold", "neurons kept", "removed (mean ± std)", "bytes (mean)", "ratio",
-         f"kept neurons with r < {small} of max", "L1 epoch kept (per seed)",
+        ["threshold", "units kept (neurons; conv filters and kernel slices)",
+         "removed (mean ± std)", "bytes (mean)", "ratio",
+         f"kept units with r < {small} of max", "L1 epoch kept (per seed)",
          "test acc before fine-tune [95% CI]",
          f"test acc after {args.ft_epochs} fine-tune epoch(s) [95% CI]",
          f"vs threshold {DEFAULT_THRESHOLD:g}"],
