@@ -35,7 +35,7 @@ non-zero kernel slices of a conv; a folded unit is r × a unit vector, so its no
 
 Each row compresses once per seed (0..``--seeds``-1) with ``ns.compress`` (no fine-tune in the
 step), reads the test accuracy as it comes out ("before fine-tune"), then fine-tunes a copy with
-``netshrink.training.finetune`` at the same seed ("after"): the loop the step's ``finetune:``
+``CompressionContext.finetune`` at the same seed ("after"): the loop the step's ``finetune:``
 runs, which keeps the zeros of sparse-stored kernel slices and the best validation weights,
 the incoming ones included. "Removed" is the normsparse page's: 1 − stored parameters / dense
 parameters. Bytes and ratio are the artifact's (the fine-tune keeps every zero, so it does not
@@ -66,8 +66,6 @@ from torch import nn
 import netshrink as ns
 from benchmarks import harness as h
 from benchmarks.__main__ import commit
-from netshrink.plugins.normsparse.config import NormSparseConfig
-from netshrink.training import finetune
 
 #: ``--layers``: the recipe whose first step is run. ``fc``: LeNet-5's Linear layers (paper
 #: 001's LeNet-5 result); ``all``: every Conv2d and Linear of vgg_small (its VGG-16 result).
@@ -188,8 +186,8 @@ def run_threshold(dense: nn.Module, data: ns.DataSplits, step: dict[str, Any], s
         # The step's own fine-tune: kernel slices stored sparse keep their zeros (the fc recipe
         # leaves every tensor dense, where this is plain training).
         work, encodings = copy.deepcopy((result.model, result.encodings))
-        finetune(work, data, encodings, ft, seed=seed,
-                 desc=f"threshold {threshold:g} fine-tune seed {seed}")
+        ns.CompressionContext(data=data, encodings=encodings, seed=seed).finetune(
+            work, ft, desc=f"threshold {threshold:g} fine-tune seed {seed}")
         row.after.append(ns.accuracy(work, data))
     return row
 
@@ -198,7 +196,7 @@ def cells(row: Row, ref: Row, n: int) -> list[str]:
     """The table cells of ``row`` (verdicts against ``ref``, the 0.05 row)."""
     is_ref = row is ref
     small = " / ".join(h.span([s[i] for s in row.small]) for i in range(len(SMALL)))
-    kept = ", ".join(f"{name} {units}→{h.span([seed[name][1] for seed in row.left])}"
+    kept = ", ".join(f"{name} {units:,}→{h.span([seed[name][1] for seed in row.left])}"
                      for name, (units, _) in row.left[0].items())
     return [
         f"{row.threshold:g}" + (" (default)" if is_ref else ""),
@@ -294,11 +292,11 @@ def main(argv: list[str] | None = None) -> None:
                   if args.train is not None else "")
     print(f"`python -m benchmarks.normsparse_threshold {' '.join(sys.argv[1:])}` at commit "
           f"`{rev}`{mode}\n")
-    recipe_tol = full["config"].get("val_tolerance",
-                                    NormSparseConfig.model_fields["val_tolerance"].default)
+    recipe_tol = full["config"].get("val_tolerance")
+    recipe_tol = "the config default" if recipe_tol is None else f"{recipe_tol:g}"
     print(f"{spec} on {data_name}, dense test {100 * dense_acc:.2f}% (n={n}); "
           f"{seeds} seed(s). Step `{step}` (recipes/{recipe}'s normsparse step with `threshold` "
-          f"varied and val_tolerance {args.val_tolerance:g} for the recipe's {recipe_tol:g})."
+          f"varied and val_tolerance {args.val_tolerance:g} for the recipe's {recipe_tol})."
           f"{train_note} Budget, the same for every row: {args.l1_epochs} L1 epoch(s) (λ ramp "
           f"over {args.warmup_epochs}; the recipe runs up to {full['config']['epochs']}) + "
           f"{args.ft_epochs} fine-tune epoch(s) at lr {ft.lr:g} (the recipe: "

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
         INT8_INPUT_TYPES,
         failing_module,
         prune_or_put_back,
+        replace_or_put_back,
         why_broken,
     )
     from netshrink.pipeline import CompressionResult, accuracy, compress, save
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from netshrink.report import LayerRow, Report
     from netshrink.runtime import resident_bytes
     from netshrink.selector import LayerSelector
+    from netshrink.timelimit import Deadline, deadline
     from netshrink.training import (
         CheckpointPolicy,
         FinetuneConfig,
@@ -114,6 +116,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "DataSplits",
+    "Deadline",
     "Dense",
     "DuplicateNameError",
     "Encoding",
@@ -151,6 +154,7 @@ __all__ = [
     "cache_dir",
     "compress",
     "datasets",
+    "deadline",
     "distillation_loss",
     "encode_values",
     "evaluate",
@@ -173,6 +177,7 @@ __all__ = [
     "rank_by_vbmf",
     "read_manifest",
     "reference_model",
+    "replace_or_put_back",
     "resident_bytes",
     "save",
     "search",
@@ -230,7 +235,9 @@ _EXPORTS: dict[str, str] = {
     "hookimpl": "netshrink.registry.hookspecs",
     **dict.fromkeys(["LayerRow", "Report"], "netshrink.report"),
     "LayerSelector": "netshrink.selector",
-    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module", "prune_or_put_back", "why_broken"],
+    **dict.fromkeys(["Deadline", "deadline"], "netshrink.timelimit"),
+    **dict.fromkeys(["INT8_INPUT_TYPES", "failing_module", "prune_or_put_back",
+                    "replace_or_put_back", "why_broken"],
                     "netshrink.modules"),
     **dict.fromkeys(["export_onnx", "export_pt2"], "netshrink.export"),
     **dict.fromkeys(["Executor", "get_executor"], "netshrink.executors"),

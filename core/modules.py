@@ -7,6 +7,7 @@ types add a builder with :func:`register_module_type`.
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -474,6 +475,17 @@ def failing_module(
         model.train(was_training)
 
 
+def _where(model: nn.Module, found: tuple[str, BaseException]) -> str:
+    """``"module <name> (<Type>) (<Error>: <first line>)"`` for :func:`failing_module`'s result."""
+    name, exc = found
+    try:
+        where = f"{name} ({type(model.get_submodule(name)).__name__})"
+    except AttributeError:  # "(top level)"
+        where = name
+    line = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"module {where} ({type(exc).__name__}: {line})"
+
+
 def why_broken(model: nn.Module, example: torch.Tensor, what: str) -> str | None:
     """Why ``model`` no longer runs on ``example`` after ``what`` (e.g. ``"pruning it"``):
     ``"<what> broke module <name> (<Type>) (<Error>: <first line>): Torch-Pruning missed a
@@ -481,14 +493,47 @@ def why_broken(model: nn.Module, example: torch.Tensor, what: str) -> str | None
     found = failing_module(model, example)
     if found is None:
         return None
-    name, exc = found
-    try:
-        where = f"{name} ({type(model.get_submodule(name)).__name__})"
-    except AttributeError:  # "(top level)"
-        where = name
-    line = (str(exc).strip().splitlines() or [""])[0][:300]
-    return (f"{what} broke module {where} ({type(exc).__name__}: {line}): Torch-Pruning missed "
-            "a dependency there")
+    return f"{what} broke {_where(model, found)}: Torch-Pruning missed a dependency there"
+
+
+def replace_or_put_back(model: nn.Module, replacements: dict[str, nn.Module],
+                        example: torch.Tensor) -> dict[str, str]:
+    """Put each of ``replacements`` (module name → new module) where that module was, then check
+    that ``model`` still runs on ``example``. If it does not, the replacements are tried one at a
+    time and each one that breaks the model is put back; returns {name: why} for those (empty
+    when every replacement stays). A model can depend on a layer being what it was, e.g. timm's
+    EdgeNeXt reads ``token_projection.weight.device`` in its forward, which a factorised layer
+    no longer has. When the model does not run on ``example`` even as it was, nothing can be
+    judged: every replacement stays and a warning is logged."""
+    originals = {name: model.get_submodule(name) for name in replacements}
+
+    def put(name: str, module: nn.Module) -> None:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+    for name, module in replacements.items():
+        put(name, module)
+    if failing_module(model, example) is None:
+        return {}
+    for name, module in originals.items():
+        put(name, module)
+    found = failing_module(model, example)
+    if found is not None:  # the example does not fit the model: nothing can be judged by it
+        for name, module in replacements.items():
+            put(name, module)
+        logging.getLogger("netshrink").warning(
+            "could not check the replaced layers: the model does not run on its example input "
+            "even as it was (%s)", _where(model, found))
+        return {}
+    refused: dict[str, str] = {}
+    for name, module in replacements.items():
+        put(name, module)
+        found = failing_module(model, example)
+        if found is not None:
+            put(name, originals[name])
+            refused[name] = (f"left as it was: replacing it broke {_where(model, found)} (the "
+                             "model depends on this layer's type or attributes)")
+    return refused
 
 
 def prune_or_put_back(group: Any, check: Callable[[], str | None], *,

@@ -366,6 +366,17 @@ def test_rlprune_channel_time_limit_refuses():
         ns.compress(HardCoded(), [step], data=_tiny_data(), latency=False)
 
 
+def test_normsparse_trace_time_limit_refuses_before_training():
+    model = HardCoded()
+    before = copy.deepcopy(model.state_dict())
+    step = ns.step("normsparse", epochs=1, time_limit=1e-6)
+    with pytest.raises(ns.SelectionError, match="normsparse refused before training: the time "
+                       "limit of 1e-06 s ran out while Torch-Pruning traced the model"):
+        ns.compress(model, [step], data=_tiny_data(), latency=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_normsparse_refuses_an_untraceable_model_before_training():
     pytest.importorskip("transformers")
     model_row = cov.Model("hf:gpt2-tiny", "transformers")
@@ -375,3 +386,13 @@ def test_normsparse_refuses_an_untraceable_model_before_training():
     with pytest.raises(ns.SelectionError, match="normsparse refused before training"):
         ns.compress(model, [ns.step("normsparse", epochs=1)], data=data, latency=False)
     assert time.perf_counter() - t0 < 30  # no epoch ran
+
+
+def test_squeezenet_conv_classifier_is_the_protected_head():
+    pytest.importorskip("torchvision")
+    model = ns.load_model("torchvision:squeezenet1_0", num_classes=10, input_size=32)
+    head = ns.model_info(model).head
+    assert head == "classifier.1"  # a Conv2d: it has no Linear
+    names = [n for n, _ in LayerSelector().resolve(model, head=head,
+                                                   default_types=["Conv2d", "Linear"])]
+    assert "classifier.1" not in names and "features.0" in names

@@ -91,3 +91,45 @@ def test_pipeline_round_trip(lenet5, digits28, tmp_path):
     loaded = ns.load(path)
     x = digits28.test.tensors[0][:8]
     assert torch.equal(loaded(x), model(x))
+
+
+class _ReadsProjWeight(nn.Module):
+    """Like timm's EdgeNeXt positional encoding: its forward reads ``proj.weight``, which a
+    factorised ``proj`` (two layers in a Sequential) no longer has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 48, 3, padding=1)
+        self.body = nn.Conv2d(48, 48, 3, padding=1)
+
+    def forward(self, x):
+        return self.body(self.proj(x.to(self.proj.weight.dtype)))
+
+
+def test_a_layer_the_model_reads_is_put_back():
+    model = _ReadsProjWeight()
+    x = torch.randn(2, 3, 16, 16)
+    model, rec = _run(model, {"ratio": 0.25})
+    assert type(model.proj) is nn.Conv2d and isinstance(model.body, nn.Sequential)
+    assert rec["proj"]["skipped"].startswith("left as it was: replacing it broke module "
+                                             "(top level)")
+    assert "'Sequential' object has no attribute 'weight'" in rec["proj"]["skipped"]
+    assert "skipped" not in rec["body"]
+    model(x)  # runs
+
+
+def test_replace_or_put_back_keeps_what_runs():
+    model = _ReadsProjWeight()
+    new_body = nn.Conv2d(48, 48, 1)
+    refused = ns.replace_or_put_back(
+        model, {"proj": nn.Sequential(nn.Conv2d(3, 48, 1)), "body": new_body},
+        torch.randn(1, 3, 8, 8))
+    assert list(refused) == ["proj"] and model.body is new_body
+    assert type(model.proj) is nn.Conv2d
+
+
+def test_replace_or_put_back_cannot_judge_an_example_the_model_refuses(caplog):
+    model = _ReadsProjWeight()
+    new = nn.Sequential(nn.Conv2d(3, 48, 1))
+    assert ns.replace_or_put_back(model, {"proj": new}, torch.randn(1, 5, 8, 8)) == {}
+    assert model.proj is new and "could not check the replaced layers" in caplog.text

@@ -156,3 +156,22 @@ def test_timm_architectures(name):
     _run(model, {}, {"types": ["Conv2d"]})
     assert sum(p.numel() for p in model.parameters()) < before
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_a_layer_the_model_reads_is_put_back():
+    class ReadsWeight(nn.Module):  # like timm's EdgeNeXt positional encoding
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(3, 32, 3, padding=1)
+            self.body = nn.Conv2d(32, 32, 3, padding=1)
+
+        def forward(self, x):
+            return self.body(self.proj(x.to(self.proj.weight.dtype)))
+
+    out, rec = _run(ReadsWeight(), {"method": "ratio", "rank": 0.25})
+    model = out.model
+    assert type(model.proj) is nn.Conv2d and not isinstance(model.body, nn.Conv2d)
+    assert rec["proj"]["skipped"].startswith("left as it was: replacing it broke module")
+    assert "params_after" not in rec["proj"] and "params_after" in rec["body"]
+    assert out.summary["skipped"]["proj"] == rec["proj"]["skipped"]
+    model(torch.randn(1, 3, 8, 8))

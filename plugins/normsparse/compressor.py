@@ -68,7 +68,7 @@ class NormSparse(Compressor):
                     "weights, so run it before quantizing/clustering steps"
                 )
         ctx.require_data()
-        check_traceable(model, ctx)
+        check_traceable(model, ctx, cfg.time_limit)
         params_before = {n: sum(p.numel() for p in m.parameters()) for n, m in layers}
         model_params_before = sum(p.numel() for p in model.parameters())
         reference_acc = ctx.evaluate(model, "val")

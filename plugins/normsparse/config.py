@@ -84,6 +84,10 @@ class NormSparseConfig(CompressorConfig):
     min_keep: int = Field(
         1, ge=1, description="Neurons/filters every layer keeps at least (never empties a layer)."
     )
+    time_limit: float = Field(
+        600.0, gt=0, description="Seconds Torch-Pruning's trace of the model may take when it is "
+        "checked, before any training; past it the step is refused (the model is unchanged). "
+        "The removal after training traces the same graph once more.")
 
     @field_validator("l1")
     @classmethod

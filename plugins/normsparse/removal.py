@@ -22,6 +22,7 @@ from netshrink import (
     SelectionError,
     Sparse,
     attention_group,
+    deadline,
     find_attention,
     prune_or_put_back,
     update_heads,
@@ -63,17 +64,23 @@ def _coupled_ok(
     return True
 
 
-def check_traceable(model: nn.Module, ctx: CompressionContext) -> None:
-    """Refuse, before any training, a model Torch-Pruning cannot trace: the physical removal
-    after training would fail there (e.g. GPT-2's concatenations). Raises
-    :class:`SelectionError` naming the error; ``model`` keeps its mode."""
+def check_traceable(model: nn.Module, ctx: CompressionContext, seconds: float) -> None:
+    """Refuse, before any training, a model Torch-Pruning cannot trace, or cannot trace within
+    ``seconds``: the physical removal after training would fail there (e.g. GPT-2's
+    concatenations) or take as long. Raises :class:`SelectionError` naming the error; ``model``
+    keeps its mode."""
     import torch_pruning as tp
 
     was_training = model.training
     model.eval()
     try:
-        tp.DependencyGraph().build_dependency(
-            model, example_inputs=ctx.example_input(), verbose=False)
+        with deadline(seconds, "Torch-Pruning traced the model"):
+            tp.DependencyGraph().build_dependency(
+                model, example_inputs=ctx.example_input(), verbose=False)
+    except TimeoutError as exc:
+        raise SelectionError(
+            f"normsparse refused before training: {exc}; raise 'time_limit', or select layers "
+            "of a smaller model, or use an unstructured method (magnitude, sigmaprune)") from None
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise SelectionError(

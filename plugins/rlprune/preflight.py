@@ -9,36 +9,11 @@ minutes)."""
 from __future__ import annotations
 
 import functools
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from netshrink import NetshrinkError, SelectionError, failing_module, why_broken
-
-
-@contextmanager
-def _time_limit(seconds: float, what: list[str]) -> Iterator[None]:
-    """Raise :class:`TimeoutError` naming ``what[0]`` after ``seconds`` (main thread only:
-    signals reach no other thread, where the check runs without a limit)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(
-            signal, "setitimer"):
-        yield
-        return
-
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"the time limit of {seconds:g} s ran out while {what[0]}")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+from netshrink import NetshrinkError, SelectionError, deadline, failing_module, why_broken
 
 
 def _line(exc: BaseException) -> str:
@@ -53,12 +28,11 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
     other layer of ``names``. Returns the layers to leave out, with why; refuses with a
     :class:`SelectionError` naming the module or op if the trace or a whole-model check fails,
     or takes over ``seconds``. ``model`` is not changed."""
-    what = ["Torch-Pruning traced the model"]
     from netshrink.plugins.rlprune.env import copy_model, prune_channels
 
     broken: dict[str, str] = {}
     try:
-        with _time_limit(seconds, what):
+        with deadline(seconds, "Torch-Pruning traced the model") as limit:
             try:
                 link()
             except (TimeoutError, SelectionError):
@@ -70,7 +44,7 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
                     f"rlprune channel mode: Torch-Pruning cannot trace the model{at}: "
                     f"{_line(exc)}; use granularity='weight' or exclude that module") from None
             for ratio in ratios:
-                what[0] = (f"each layer of a copy was pruned at ratio {ratio:g} to check the "
+                limit.doing = (f"each layer of a copy was pruned at ratio {ratio:g} to check the "
                            "model still runs")
                 work = copy_model(model)
                 check = functools.partial(why_broken, work, example[:1], "pruning its channels")
@@ -91,7 +65,7 @@ def check_channel_surgery(model: nn.Module, names: list[str], ratios: list[float
                     f"{next(iter(broken.values()))}; use granularity='weight'")
             found = None
             for ratio in ratios:
-                what[0] = f"a copy was pruned at ratio {ratio:g} to check it still runs"
+                limit.doing = f"a copy was pruned at ratio {ratio:g} to check it still runs"
                 work = copy_model(model)
                 try:
                     prune_channels(work, names, [ratio] * len(names), _widths(work, names),

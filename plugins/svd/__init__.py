@@ -5,7 +5,8 @@ A Linear layer becomes two smaller plain ``nn.Linear`` layers. A Conv2d ``W (O, 
 factorised as the matrix ``(O, I·kh·kw)``: a ``kh x kw`` convolution ``I -> r`` (the original
 stride, padding, dilation and padding mode) then a 1x1 convolution ``r -> O`` (the original
 bias). Grouped convolutions and subclasses that override ``forward`` are skipped with the reason
-in the layer's record."""
+in the layer's record, and so is a layer the model still needs as it was (a forward pass checks
+the factorised model; :func:`netshrink.replace_or_put_back`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from netshrink import (
     hookimpl,
     rank_by_energy,
     rank_by_ratio,
+    replace_or_put_back,
     truncated_svd,
 )
 
@@ -96,15 +98,20 @@ class SVD(Compressor):
         return options
 
     def compress(self, model, layers, ctx) -> StepResult:
-        records = []
+        found: list[tuple[str, dict[str, Any]]] = []
+        replacements: dict[str, nn.Module] = {}
         for lname, module in ctx.progress(layers, desc="factorise"):
             details, replacement = self._factorise(lname, module)
             if replacement is not None:
                 replacement.train(module.training)
-                parent_name, _, child = lname.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, replacement)
-            records.append(LayerRecord(lname, details))
-        return StepResult(model, records)
+                replacements[lname] = replacement
+            found.append((lname, details))
+        # a layer the model still needs as it was (its type or attributes) is put back
+        put_back = replace_or_put_back(model, replacements, ctx.example_input(1))
+        for lname, details in found:
+            if lname in put_back:
+                details["skipped"] = put_back[lname]
+        return StepResult(model, [LayerRecord(lname, details) for lname, details in found])
 
     def _factorise(self, lname: str, module: nn.Module) -> tuple[dict[str, Any], nn.Module | None]:
         """The record's details and the replacement of one layer (None: left alone)."""

@@ -39,7 +39,7 @@ class TorchvisionAdapter(ModelAdapter):
             options={"input_size": input_size, **opts},
             input_shape=(3, input_size, input_size),
             num_classes=int(opts["num_classes"]),
-            head=last_linear(model),
+            head=classifier_head(model, int(opts["num_classes"])),
         )
         return model, info
 
@@ -47,6 +47,18 @@ class TorchvisionAdapter(ModelAdapter):
         import torchvision
 
         return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def classifier_head(model: nn.Module, num_classes: int) -> str | None:
+    """The classifier layer: the last ``nn.Linear``, or where a model has none (SqueezeNet's
+    ``classifier.1``), the last ``nn.Conv2d`` with ``num_classes`` output channels. Selectors
+    protect it, so no structural method cuts the model's classes."""
+    head = last_linear(model)
+    if head is not None:
+        return head
+    convs = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.out_channels == num_classes]
+    return convs[-1] if convs else None
 
 
 @hookimpl

@@ -29,6 +29,7 @@ from netshrink import (
     rank_by_energy,
     rank_by_ratio,
     rank_by_vbmf,
+    replace_or_put_back,
     singular_values,
     truncated_svd,
 )
@@ -119,13 +120,20 @@ class Tucker(Compressor):
     def compress(self, model, layers, ctx) -> StepResult:
         records: list[LayerRecord] = []
         params_before = sum(p.numel() for p in model.parameters())
+        replacements: dict[str, nn.Module] = {}
         for index, (lname, module) in enumerate(ctx.progress(layers, desc="decompose")):
             details, replacement = self._factorise(lname, module, ctx.seed + index)
             if replacement is not None:
                 replacement.train(module.training)
-                _replace(model, lname, replacement)
+                replacements[lname] = replacement
                 details["params_after"] = sum(p.numel() for p in replacement.parameters())
             records.append(LayerRecord(lname, details))
+        # a layer the model still needs as it was (its type or attributes) is put back
+        put_back = replace_or_put_back(model, replacements, ctx.example_input(1))
+        for record in records:
+            if record.name in put_back:
+                record.details.pop("params_after", None)
+                record.details["skipped"] = put_back[record.name]
         params_after = sum(p.numel() for p in model.parameters())
         return StepResult(model, records, {
             "params_before": params_before, "params_after": params_after,
@@ -204,13 +212,6 @@ class Tucker(Compressor):
         if cfg.round_to > 1:
             rank = -(-rank // cfg.round_to) * cfg.round_to
         return int(min(rank, size))
-
-
-def _replace(model: nn.Module, name: str, replacement: nn.Module) -> None:
-    """Put ``replacement`` where module ``name`` was (attribute on its parent)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, replacement)
 
 
 @hookimpl
