@@ -25,6 +25,27 @@ class Deadline:
         self.seconds = seconds
         self.started = time.monotonic()
         self.doing = doing
+        self._holding = 0
+        self._expired = False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the alarm while the body runs, e.g. a change to the model that must finish whole
+        or not start; if the time ran out meanwhile, :class:`TimeoutError` is raised on leaving,
+        after the body."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        if self._holding == 0 and self._expired:
+            raise TimeoutError(self.message())
+
+    def _alarm(self) -> None:
+        """The timer went off: raise now, or on leaving :meth:`paused`."""
+        self._expired = True
+        if self._holding == 0:
+            raise TimeoutError(self.message())
 
     def check(self) -> None:
         """Raise :class:`TimeoutError` if the time is up."""
@@ -47,7 +68,7 @@ def deadline(seconds: float, doing: str = "starting") -> Iterator[Deadline]:
         return
 
     def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(limit.message())
+        limit._alarm()
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)

@@ -4,6 +4,7 @@ folding back to plain weights, and the errors for bad input."""
 from __future__ import annotations
 
 import copy
+import time
 from collections import OrderedDict
 
 import pytest
@@ -184,6 +185,44 @@ def test_residual_coupled_filters_removed_only_together():
     remove_dead_units(model, ctx, layers, None, 1, True)
     assert block.conv2.out_channels == 31 and stem.out_channels == 31
     assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_removal_out_of_time_keeps_the_rest_as_zeros(digits, monkeypatch):
+    import torch_pruning as tp
+
+    model = MLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[:10] = 0
+        model.fc2.weight[:10] = 0
+    layers = [("fc1", model.fc1), ("fc2", model.fc2)]
+    calls = []
+    real = tp.DependencyGraph.get_pruning_group
+
+    def slow_after_fc1(self, module, fn, idxs):  # Torch-Pruning walking a graph for minutes
+        calls.append(module)
+        if module is model.fc2:
+            time.sleep(5)
+        return real(self, module, fn, idxs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", slow_after_fc1)
+    skipped: dict[str, str] = {}
+    t0 = time.perf_counter()
+    removed = remove_dead_units(model, CompressionContext(data=digits, info=_info()), layers,
+                                model.head, 1, True, skipped=skipped, seconds=1.5)
+    assert time.perf_counter() - t0 < 4.5
+    assert removed == {"fc1": 10, "fc2": 0} and model.fc1.out_features == 38
+    assert list(skipped) == ["fc2"] and skipped["fc2"].startswith(
+        "the time limit of 1.5 s ran out while Torch-Pruning grouped the channels of fc2")
+    assert model.fc2.out_features == 32 and bool((model.fc2.weight[:10] == 0).all())
+
+
+def test_deadline_holds_its_alarm_while_paused():
+    finished = False
+    with (pytest.raises(TimeoutError, match="ran out while changing the model"),
+          ns.deadline(0.2, "changing the model") as limit, limit.paused()):
+        time.sleep(0.5)
+        finished = True
+    assert finished
 
 
 # -- end to end -------------------------------------------------------------------------------

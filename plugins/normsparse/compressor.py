@@ -95,7 +95,8 @@ class NormSparse(Compressor):
 
         skipped: dict[str, str] = {}
         removed = remove_dead_units(
-            model, ctx, work, head, cfg.min_keep, cfg.remove_filters, skipped=skipped
+            model, ctx, work, head, cfg.min_keep, cfg.remove_filters, skipped=skipped,
+            seconds=cfg.time_limit,
         )
         records = []
         for rep in reps:

@@ -85,9 +85,10 @@ class NormSparseConfig(CompressorConfig):
         1, ge=1, description="Neurons/filters every layer keeps at least (never empties a layer)."
     )
     time_limit: float = Field(
-        600.0, gt=0, description="Seconds Torch-Pruning's trace of the model may take when it is "
-        "checked, before any training; past it the step is refused (the model is unchanged). "
-        "The removal after training traces the same graph once more.")
+        600.0, gt=0, description="Seconds Torch-Pruning may take, twice: its trace of the model, "
+        "checked before any training (past it the step is refused, the model unchanged), and the "
+        "removal of dead units after training (past it the layers not yet done keep their dead "
+        "units as zeros, which their records say).")
 
     @field_validator("l1")
     @classmethod

@@ -18,6 +18,7 @@ from torch import nn
 from netshrink import (
     AttentionHeads,
     CompressionContext,
+    Deadline,
     Dense,
     SelectionError,
     Sparse,
@@ -99,6 +100,7 @@ def remove_dead_units(
     min_keep: int,
     remove_filters: bool,
     skipped: dict[str, str] | None = None,
+    seconds: float = 600.0,
 ) -> dict[str, int]:
     """Physically remove every all-zero neuron (Linear) or filter (conv) of ``layers`` whose
     removal does not touch the head's outputs or unselected layers; returns removed counts
@@ -106,25 +108,46 @@ def remove_dead_units(
     above (an attention netshrink cannot cut), goes into ``skipped`` by layer name.
 
     Layers are visited in model order, so a filter that lost all its inputs upstream goes too.
+    Torch-Pruning gets ``seconds`` in all (it can walk some graphs for minutes, e.g.
+    efficientvit_m0's): when they run out, the layer being grouped and every later one keep
+    their dead units as zeros, saying so in ``skipped``; a removal under way always finishes.
     """
     model.eval()
+    skipped = {} if skipped is None else skipped
+    removed: dict[str, int] = {}
+    try:
+        with deadline(seconds, "Torch-Pruning traced the model") as limit:
+            _remove(model, ctx, layers, head, min_keep, remove_filters, skipped, removed, limit)
+    except TimeoutError as exc:
+        for name, _ in layers:
+            if name not in removed:
+                removed[name] = 0
+                skipped[name] = (f"{exc}; its dead units are kept as zeros (raise 'time_limit' "
+                                 "to remove them)")
+    return removed
+
+
+def _remove(model: nn.Module, ctx: CompressionContext, layers: list[tuple[str, nn.Module]],
+            head: nn.Module | None, min_keep: int, remove_filters: bool, skipped: dict[str, str],
+            removed: dict[str, int], limit: Deadline) -> None:
+    """:func:`remove_dead_units`' work under ``limit``: Torch-Pruning's graph walks may be
+    interrupted, changes to the model are not (:meth:`Deadline.paused`)."""
     import torch_pruning as tp  # imported here: it pulls in timm (seconds) at load time
 
     dg = tp.DependencyGraph().build_dependency(
         model, example_inputs=ctx.example_input(), verbose=False
     )
     attention = find_attention(model)
-    skipped = {} if skipped is None else skipped
     targets = {id(m): m for _, m in layers}
-    removed: dict[str, int] = {}
     for name, module in layers:
+        limit.doing = f"Torch-Pruning grouped the channels of {name}"
         is_linear = isinstance(module, nn.Linear)
         if module is head or (not is_linear and not remove_filters):
             removed[name] = 0
             continue
         if id(module) in attention:
             removed[name] = _remove_dead_head_dims(
-                model, dg, attention[id(module)], ctx, min_keep, name, skipped)
+                model, dg, attention[id(module)], ctx, min_keep, name, skipped, limit)
             continue
         fn = tp.prune_linear_out_channels if is_linear else tp.prune_conv_out_channels
         dead = zero_units(module.weight)
@@ -150,15 +173,17 @@ def remove_dead_units(
             if not dg.check_pruning_group(group):
                 eligible = []
             else:
-                broken = prune_or_put_back(
-                    group, lambda: why_broken(model, ctx.example_input(1), "removing them"),
-                    before=lambda g=group: _fold_constant_inputs(model, g,
-                                                                 ctx.example_input(batch=16)))
-                if broken is not None:
-                    skipped[name] = f"{broken}; its dead units were put back, kept as zeros"
-                    eligible = []
+                with limit.paused():
+                    broken = prune_or_put_back(
+                        group, lambda: why_broken(model, ctx.example_input(1), "removing them"),
+                        before=lambda g=group: _fold_constant_inputs(
+                            model, g, ctx.example_input(batch=16)))
+                    if broken is not None:
+                        skipped[name] = f"{broken}; its dead units were put back, kept as zeros"
+                        eligible = []
+                    removed[name] = len(eligible)  # recorded before a pending alarm is raised
+                continue
         removed[name] = len(eligible)
-    return removed
 
 
 def _splits_heads(group) -> bool:
@@ -176,6 +201,7 @@ def _remove_dead_head_dims(
     min_keep: int,
     name: str,
     skipped: dict[str, str],
+    limit: Deadline,
 ) -> int:
     """Remove the dead whole heads and the head dims dead in every other head of an attention's
     ``qkv`` (q, k and v rows all zero), keeping at least one head, one dim and ``min_keep``
@@ -213,17 +239,18 @@ def _remove_dead_head_dims(
     if not dg.check_pruning_group(pruning):
         return 0
     rows = heads.qkv.out_features
-    _fold_constant_inputs(model, pruning, ctx.example_input(batch=16))
-    pruning.prune()
-    update_heads(heads, count - len(gone))
-    if heads.head_dim != width:
-        # logits were scaled by width ** -0.5 and are now by head_dim ** -0.5: rescale q
-        factor = math.sqrt(heads.head_dim / width)
-        with torch.no_grad():
-            heads.qkv.weight[: heads.dim].mul_(factor)
-            if heads.qkv.bias is not None:
-                heads.qkv.bias[: heads.dim].mul_(factor)
-    return rows - heads.qkv.out_features
+    with limit.paused():
+        _fold_constant_inputs(model, pruning, ctx.example_input(batch=16))
+        pruning.prune()
+        update_heads(heads, count - len(gone))
+        if heads.head_dim != width:
+            # logits were scaled by width ** -0.5 and are now by head_dim ** -0.5: rescale q
+            factor = math.sqrt(heads.head_dim / width)
+            with torch.no_grad():
+                heads.qkv.weight[: heads.dim].mul_(factor)
+                if heads.qkv.bias is not None:
+                    heads.qkv.bias[: heads.dim].mul_(factor)
+        return rows - heads.qkv.out_features
 
 
 def _fold_constant_inputs(model: nn.Module, group, x: torch.Tensor) -> None:
