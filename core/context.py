@@ -71,6 +71,13 @@ class CompressionContext:
             raise DataError("no data and no known input shape: pass data=... to compress")
         return self.info.example_input(batch, self.device)
 
+    def example_input_if_known(self, batch: int = 1) -> torch.Tensor | None:
+        """:meth:`example_input`, or None when there is no data and no known input shape (a
+        check that needs an input is then skipped)."""
+        if self.data is None and not (self.info and self.info.input_shape):
+            return None
+        return self.example_input(batch)
+
     # -- randomness, progress ---------------------------------------------------------------
 
     def generator(self, offset: int = 0) -> torch.Generator:

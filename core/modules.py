@@ -497,14 +497,15 @@ def why_broken(model: nn.Module, example: torch.Tensor, what: str) -> str | None
 
 
 def replace_or_put_back(model: nn.Module, replacements: dict[str, nn.Module],
-                        example: torch.Tensor) -> dict[str, str]:
+                        example: torch.Tensor | None) -> dict[str, str]:
     """Put each of ``replacements`` (module name → new module) where that module was, then check
     that ``model`` still runs on ``example``. If it does not, the replacements are tried one at a
     time and each one that breaks the model is put back; returns {name: why} for those (empty
     when every replacement stays). A model can depend on a layer being what it was, e.g. timm's
     EdgeNeXt reads ``token_projection.weight.device`` in its forward, which a factorised layer
     no longer has. When the model does not run on ``example`` even as it was, nothing can be
-    judged: every replacement stays and a warning is logged."""
+    judged: every replacement stays and a warning is logged; with no ``example`` (no data and no
+    known input shape) every replacement stays unchecked."""
     originals = {name: model.get_submodule(name) for name in replacements}
 
     def put(name: str, module: nn.Module) -> None:
@@ -513,7 +514,7 @@ def replace_or_put_back(model: nn.Module, replacements: dict[str, nn.Module],
 
     for name, module in replacements.items():
         put(name, module)
-    if failing_module(model, example) is None:
+    if example is None or failing_module(model, example) is None:
         return {}
     for name, module in originals.items():
         put(name, module)

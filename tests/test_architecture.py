@@ -35,7 +35,7 @@ LAYERS: list[set[str]] = [
     {"compressor"},
     {"runtime"},  # the packed run-time form of encodings
     {"selector", "adapters", "data", "encodings", "modules", "metrics", "attention"},  # contracts
-    {"checkedfile", "config", "errors", "fileio", "progress", "version"},
+    {"checkedfile", "config", "errors", "fileio", "progress", "timelimit", "version"},
 ]
 LAYER_OF = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

@@ -107,7 +107,7 @@ class SVD(Compressor):
                 replacements[lname] = replacement
             found.append((lname, details))
         # a layer the model still needs as it was (its type or attributes) is put back
-        put_back = replace_or_put_back(model, replacements, ctx.example_input(1))
+        put_back = replace_or_put_back(model, replacements, ctx.example_input_if_known(1))
         for lname, details in found:
             if lname in put_back:
                 details["skipped"] = put_back[lname]

@@ -129,7 +129,7 @@ class Tucker(Compressor):
                 details["params_after"] = sum(p.numel() for p in replacement.parameters())
             records.append(LayerRecord(lname, details))
         # a layer the model still needs as it was (its type or attributes) is put back
-        put_back = replace_or_put_back(model, replacements, ctx.example_input(1))
+        put_back = replace_or_put_back(model, replacements, ctx.example_input_if_known(1))
         for record in records:
             if record.name in put_back:
                 record.details.pop("params_after", None)
