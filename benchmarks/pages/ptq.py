@@ -11,7 +11,7 @@ from benchmarks.pages import peers as page
 
 TITLE = "Post-training quantization: netshrink's options against NNCF, AIMET, torchao, PyTorch"
 OUT = "benchmarks/ptq.md"
-MODELS = ("lenet5@shapes32",)
+MODELS = ("lenet5@shapes32", "mobilenet_v3_small@shapes64")
 QUICK_MODELS = ("lenet5",)
 SEEDS = 1  # every row is deterministic (no fine-tune, calibration on a fixed split)
 ABOUT = [
