@@ -41,8 +41,9 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # An ImageNet-style timm CNN (32x downsampling: 1x1 features at 32x32), 6 epochs; it stays
     # below the 85% band there (docs/datasets.md).
     "regnetx_002@shapes32": ("timm:regnetx_002", "shapes32", {"epochs": 6}),
-    # RGB ImageNet-style CNNs at 64x64 (2x2 final features), the references of the difficulty
-    # table in docs/datasets.md (the torchvision ones at the default 15 epochs).
+    # RGB ImageNet-style CNNs at 64x64 (2x2 final features), with the epochs of their rows in
+    # the difficulty table of docs/datasets.md (torchvision: the default 15, in the band;
+    # regnetx_002: 10, below it).
     "mobilenet_v3_small@shapes64": ("torchvision:mobilenet_v3_small", "shapes64", {}),
     "shufflenet_v2_x0_5@shapes64": ("torchvision:shufflenet_v2_x0_5", "shapes64", {}),
     "regnetx_002@shapes64": ("timm:regnetx_002", "shapes64", {"epochs": 10}),

@@ -14,6 +14,17 @@ os.environ.setdefault("NETSHRINK_PROGRESS", "0")
 os.environ.setdefault("NETSHRINK_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
 
 
+@pytest.fixture
+def small_shapes(monkeypatch):
+    """Make every ``shapes`` dataset name load a 400-image build of the same generator at the
+    same size and channels: enough to plan or validate against, not 70,000 images."""
+    import netshrink.plugins.shapes as shapes_plugin
+
+    full = shapes_plugin.shapes
+    monkeypatch.setattr(shapes_plugin, "shapes", lambda size, gray, **_: full(
+        size, gray, n_train=200, n_val=100, n_test=100))
+
+
 @pytest.fixture(scope="session")
 def digits28():
     """The 28x28 digits splits."""

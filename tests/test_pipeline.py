@@ -121,19 +121,8 @@ def test_readme_shows_a_recipe():
     assert README_RECIPES, "README.md has no ```yaml recipe block: update README_RECIPES"
 
 
-def _planning_data(name: str) -> ns.DataSplits:
-    """The recipe's dataset; for a ``shapes`` benchmark set, a 400-image build of the same
-    generator at the same size and channels (planning needs its shapes, not 70,000 images)."""
-    match = re.fullmatch(r"shapes(\d+)(-gray)?", name)
-    if match is None:
-        return ns.datasets.load(name)
-    from netshrink.plugins.shapes import shapes
-
-    return shapes(size=int(match[1]), gray=bool(match[2]), n_train=200, n_val=100, n_test=100)
-
-
 @pytest.mark.parametrize("source", SHIPPED)
-def test_shipped_recipes_plan_on_their_model(source, tmp_path, caplog):
+def test_shipped_recipes_plan_on_their_model(source, tmp_path, caplog, small_shapes):
     """Every shipped recipe, and the README's, validates against its own model and data the way
     a run starts (compressors, configs, overrides, selectors, data needs), without compressing."""
     path = source
@@ -144,7 +133,7 @@ def test_shipped_recipes_plan_on_their_model(source, tmp_path, caplog):
     assert recipe.model and recipe.data, "a shipped recipe names its model and its data"
     if recipe.model.startswith("timm:"):
         pytest.importorskip("timm")
-    splits = _planning_data(recipe.data)
+    splits = ns.datasets.load(recipe.data)
     model = ns.load_model(recipe.model, **splits.model_options())
     with caplog.at_level(logging.WARNING, logger="netshrink"):
         planned = plan(recipe, model, _info_for(model, splits), splits)
