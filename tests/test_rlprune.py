@@ -245,9 +245,67 @@ def test_ddpg_pieces():
         assert torch.equal(p, q)  # optimiser moments restored too
 
 
+def _filled(reward_norm: str, scale: float, shift: float) -> DDPG:
+    agent = DDPG(5, hidden=8, lr_actor=1e-2, lr_critic=1e-2, tau=0.5, discount=1.0,
+                 batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=0,
+                 reward_norm=reward_norm)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(8):
+        reward = shift + scale * (0.80 + 0.01 * (i % 4))
+        agent.buffer.add(torch.rand(5, generator=gen), 0.1 * i, reward,
+                         torch.rand(5, generator=gen), True)
+    return agent
+
+
+@pytest.mark.parametrize("reward_norm", ["baseline", "zscore"])
+def test_zscore_rewards_make_the_update_independent_of_the_reward_scale(reward_norm):
+    # Accuracies 0.80-0.83 and the same episodes scored on a 100x scale with an offset: with
+    # z-scored rewards the critic sees the same targets, so the agents learn the same thing;
+    # with AMC's baseline only the offset cancels, and the critic's targets are 100x larger.
+    small, large = _filled(reward_norm, 1.0, 0.0), _filled(reward_norm, 100.0, 5.0)
+    for agent in (small, large):
+        agent.update(torch.Generator().manual_seed(1))
+    same = all(torch.allclose(p, q, atol=1e-5)
+               for p, q in zip(small.critic.parameters(), large.critic.parameters()))
+    assert same == (reward_norm == "zscore")
+    if reward_norm == "zscore":  # the baseline is the mean of every stored reward
+        assert large.baseline == pytest.approx(5.0 + 100 * 0.815, rel=1e-6)
+
+
+def test_refit_best_starts_learning_from_the_best_warmup_episode(lenet, digits, tmp_path):
+    # noise 0: after warm-up the actor's own output is the episode (no exploration), so the
+    # first learned episode shows what the actor starts from.
+    config = {**FAST, "episodes": 4, "warmup": 3, "noise": 0.0, "reward": "loss"}
+    histories = {}
+    for refit in (False, True):
+        seen = []
+        _run(lenet, digits, {**config, "refit_best": refit,
+                             "checkpoint": str(tmp_path / f"{refit}.st")},
+             on_episode=lambda e, r, b, seen=seen: seen.append(r))
+        histories[refit] = seen
+    assert histories[False][:3] == histories[True][:3]  # the same warm-up
+    best_warm = max(histories[True][:3])
+    # Refitted, the first learned episode lands near the best warm-up vector's reward; an
+    # untrained actor's episode (near 0.5 everywhere) is scored differently.
+    assert histories[True][3] == pytest.approx(best_warm, abs=0.1 * abs(best_warm))
+    assert histories[True][3] != histories[False][3]
+
+
+def test_magnitude_state_feature_changes_the_search(lenet, digits, tmp_path):
+    plain, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(tmp_path / "a.st")})
+    fed, _, _ = _run(lenet, digits, {**FAST, "state_features": "amc+magnitude",
+                                      "checkpoint": str(tmp_path / "b.st")})
+    assert fed.summary["achieved_sparsity"] == pytest.approx(0.8, abs=1e-6)
+    # The warm-up episodes are the same draws; the learned ones see one more input.
+    rewards = plain.summary["episode_rewards"], fed.summary["episode_rewards"]
+    assert rewards[0][:2] == rewards[1][:2] and rewards[0][2:] != rewards[1][2:]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("reward_norm", "rank"),
+        ("state_features", "magnitude"),
         ("target_sparsity", 1.0),
         ("target_sparsity", 1.5),
         ("target_sparsity", 0.0),

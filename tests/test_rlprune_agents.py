@@ -264,6 +264,7 @@ def test_benchmark_script_runs_quick(tmp_path, capsys):
         "| uniform | 1 |",
         "| magnitude | 1 |",
         "| ddpg | 1 |",
+        "| ddpg-tuned | 1 |",
         "| random | 1 |",
         "| evolution | 1 |",
     ):

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from netshrink import (
@@ -42,6 +43,7 @@ from netshrink.plugins.rlprune.checkpoint import search_key
 from netshrink.plugins.rlprune.ddpg import DDPG
 from netshrink.plugins.rlprune.env import (
     STATE_DIM,
+    STATIC_FEATURES,
     BudgetModel,
     EpisodeScorer,
     RewardFn,
@@ -176,6 +178,26 @@ class RLPruneConfig(CompressorConfig):
     buffer_size: int = Field(2000, ge=1, description="Replay buffer capacity (transitions).")
     baseline_alpha: float = Field(
         0.5, ge=0.0, le=1.0, description="Rate of the moving-average reward baseline."
+    )
+    reward_norm: Literal["baseline", "zscore"] = Field(
+        "baseline",
+        description="agent 'ddpg': how rewards are scaled for the critic. 'baseline' (AMC, "
+        "the paper): minus a moving-average baseline (rate baseline_alpha). 'zscore': minus "
+        "the mean and divided by the std of every reward in the replay buffer, so episodes a "
+        "fraction of a point apart still give the critic targets of order one.",
+    )
+    refit_best: bool = Field(
+        False,
+        description="agent 'ddpg': when warm-up ends, fit the actor to the best episode so "
+        "far (behaviour cloning, as prior 'magnitude' does at the start), so the learned "
+        "episodes explore around the best vector found instead of an untrained policy.",
+    )
+    state_features: Literal["amc", "amc+magnitude"] = Field(
+        "amc",
+        description="agent 'ddpg': the layer state. 'amc' (the paper): index, type, channels, "
+        "kernel, stride, weights, MACs, and what the episode has removed so far. "
+        "'amc+magnitude' adds the ratio global magnitude pruning would give the layer at the "
+        "target (how much of it lies below the network-wide threshold).",
     )
     executor: str = Field(
         "local",
@@ -375,8 +397,12 @@ class RLPrune(Compressor):
                 cfg.agent, cfg.episodes, cfg.reward, cfg.noise, cfg.population, cfg.mutation, prior
             )
             return run_baseline(budget, ctx.generator(offset=17), settings, score, **common)
+        static = static_features(infos)
+        if cfg.state_features == "amc+magnitude":
+            magnitude = torch.tensor(magnitude_prior(infos, cfg.target_sparsity))
+            static = torch.cat([static, magnitude.unsqueeze(1)], dim=1)
         agent = DDPG(
-            STATE_DIM,
+            STATE_DIM + static.shape[1] - len(STATIC_FEATURES),
             hidden=cfg.hidden,
             lr_actor=cfg.lr_actor,
             lr_critic=cfg.lr_critic,
@@ -386,12 +412,14 @@ class RLPrune(Compressor):
             buffer_size=cfg.buffer_size,
             baseline_alpha=cfg.baseline_alpha,
             seed=ctx.seed * 1_000_003 + ctx.step_index,
+            reward_norm=cfg.reward_norm,
         )
         settings = SearchSettings(
-            cfg.episodes, cfg.warmup, cfg.noise, cfg.noise_decay, cfg.reward, prior
+            cfg.episodes, cfg.warmup, cfg.noise, cfg.noise_decay, cfg.reward, prior,
+            refit_best=cfg.refit_best,
         )
         return run_search(
-            static_features(infos),
+            static,
             budget,
             agent,
             ctx.generator(offset=17),

@@ -106,7 +106,7 @@ class DDPG:
 
     def __init__(self, state_dim: int, *, hidden: int, lr_actor: float, lr_critic: float,
                  tau: float, discount: float, batch_size: int, buffer_size: int,
-                 baseline_alpha: float, seed: int) -> None:
+                 baseline_alpha: float, seed: int, reward_norm: str = "baseline") -> None:
         # Network initialisation uses its own seeded RNG so it never disturbs (or depends on)
         # the global torch RNG: the same seed always gives the same agent.
         with torch.random.fork_rng(devices=[]):
@@ -120,6 +120,7 @@ class DDPG:
         self.buffer = ReplayBuffer(buffer_size, state_dim)
         self.tau, self.discount, self.batch_size = tau, discount, batch_size
         self.baseline_alpha = baseline_alpha
+        self.reward_norm = reward_norm
         self.baseline: float | None = None
         self.updates = 0
 
@@ -130,15 +131,24 @@ class DDPG:
 
     def update(self, generator: torch.Generator) -> dict[str, float]:
         """One DDPG step: critic regression to the bootstrapped target, actor ascent on Q,
-        then soft target updates. Rewards are centred on a moving-average baseline (AMC) so
-        the critic learns which ratios beat the recent average, not the accuracy level."""
+        then soft target updates.
+
+        ``reward_norm`` ``"baseline"`` (AMC) centres rewards on a moving-average baseline, so the
+        critic learns which ratios beat the recent average, not the accuracy level;
+        ``"zscore"`` also divides by their spread: rewards become z-scores over every reward in
+        the replay buffer, so episodes a fraction of a point apart give targets of order one."""
         if self.buffer.size < min(self.batch_size, 2):
             return {}
         s, a, r, s1, done = self.buffer.sample(self.batch_size, generator)
-        mean_r = float(r.mean())
-        self.baseline = mean_r if self.baseline is None else (
-            self.baseline + self.baseline_alpha * (mean_r - self.baseline))
-        r = r - self.baseline
+        if self.reward_norm == "zscore":
+            stored = self.buffer.rewards[: self.buffer.size]
+            self.baseline = float(stored.mean())
+            r = (r - self.baseline) / (float(stored.std()) + 1e-8)
+        else:
+            mean_r = float(r.mean())
+            self.baseline = mean_r if self.baseline is None else (
+                self.baseline + self.baseline_alpha * (mean_r - self.baseline))
+            r = r - self.baseline
         with torch.no_grad():
             future = self.critic_target(s1, self.actor_target(s1))
             target = r + self.discount * (1.0 - done) * future

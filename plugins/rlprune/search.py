@@ -49,6 +49,9 @@ class SearchSettings:
     reward: str
     prior: list[float] | None = None
     """Ratios to explore around during warm-up (episode 0 takes them as they are)."""
+    refit_best: bool = False
+    """When warm-up ends, fit the actor to the best episode so far (behaviour cloning), so
+    the learned episodes explore around it instead of around an untrained policy."""
 
 
 def layer_state(static: torch.Tensor, budget: BudgetModel, prefix: list[float]) -> torch.Tensor:
@@ -243,6 +246,11 @@ def run_search(
                 settings,
                 score_batch,
             )
+        if settings.refit_best and episode == settings.warmup and state.best_ratios:
+            # Deterministic (no draw from the generator), and done before this episode's
+            # checkpoint, so a search resumed after it finds the refitted actor as saved.
+            with one_thread():
+                clone_policy(agent, static, budget, state.best_ratios)
         rng: torch.Tensor | None = None
         if episode in ahead:
             (ratios, states, actions), (acc, loss), rng = ahead.pop(episode)
