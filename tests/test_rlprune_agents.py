@@ -271,3 +271,19 @@ def test_benchmark_script_runs_quick(tmp_path, capsys):
         assert row in out
     assert "n=360" in out  # the test accuracy carries its n (and its interval)
     assert (tmp_path / "lenet5-digits-3ep-1seeds.png").stat().st_size > 5_000
+
+
+def test_tuning_script_runs_quick(capsys):
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import rlprune_tuning
+
+    rlprune_tuning.main(["--quick", "--data", "digits", "--episodes", "2", "--seeds", "2"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "| 2 |" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(rlprune_tuning.VARIANTS)
+    assert "seeds 10-11" in out
