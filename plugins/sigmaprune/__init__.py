@@ -4,8 +4,8 @@ standard deviation (the "3σ rule").
 Paper: a 2023 Chinese journal paper on combined pruning (title and authors not recorded):
 trained fully connected weights are roughly
 normal, so a per-layer statistical threshold μ + kσ separates the few large, useful weights
-from the many redundant ones; the paper uses it on the FC layers (k = 1, 2, 3 compared) after a
-DDPG agent has pruned the convolutions (see ``rlprune``).
+from the many redundant ones; the paper uses it on the FC layers (comparing thresholds, μ + 3σ
+pruning most) after a DDPG agent has pruned the convolutions (see ``rlprune``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ https://doi.org/10.11772/j.issn.1001-9081.2020030362; Tucker-2 for CNNs after Ki
 2016, https://arxiv.org/abs/1511.06530).
 
 A ``kxk`` convolution ``W (O, I, k, k)`` is approximated by HOOI over its two channel modes
-(tensorly's ``partial_tucker``) and replaced by three cascaded convolutions: ``1x1 I->R_in``,
+(``backend``: netshrink's Gram-matrix iterations by default, or tensorly's ``partial_tucker``)
+and replaced by three cascaded convolutions: ``1x1 I->R_in``,
 ``kxk R_in->R_out`` (the original stride, padding and dilation) and ``1x1 R_out->O`` (the original
 bias). A linear layer (and a 1x1 convolution) becomes two factors of a truncated SVD. Ranks come
 from a ratio, an energy threshold or VBMF; a layer is replaced only when that saves parameters.
