@@ -42,10 +42,11 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # below the 85% band there (docs/datasets.md).
     "regnetx_002@shapes32": ("timm:regnetx_002", "shapes32", {"epochs": 6}),
     # RGB ImageNet-style CNNs at 64x64 (2x2 final features), with the epochs of their rows in
-    # the difficulty table of docs/datasets.md (torchvision: the default 15, in the band;
-    # regnetx_002: 10, below it).
+    # the difficulty table of docs/datasets.md (the default 15, in the band; regnetx_002: 10,
+    # below it).
     "mobilenet_v3_small@shapes64": ("torchvision:mobilenet_v3_small", "shapes64", {}),
     "shufflenet_v2_x0_5@shapes64": ("torchvision:shufflenet_v2_x0_5", "shapes64", {}),
+    "mobilenetv3_small_100@shapes64": ("timm:mobilenetv3_small_100", "shapes64", {}),
     "regnetx_002@shapes64": ("timm:regnetx_002", "shapes64", {"epochs": 10}),
 }
 EVERYTHING = {"types": ["Conv2d", "Linear"], "protect_head": False}
