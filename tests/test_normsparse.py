@@ -298,9 +298,11 @@ def test_keeps_zeros_of_an_earlier_pruning_step(mlp, digits):
     assert int((weight != 0).sum()) == enc.nonzeros
 
 
-def test_early_stopping_keeps_admissible_checkpoint(mlp, digits):
+def test_early_stopping_keeps_admissible_checkpoint(mlp, digits, caplog):
     # A huge penalty kills the network in the first epoch: no admissible checkpoint after the
-    # start, so training stops after `patience` epochs and nothing is removed.
+    # start, so training stops after `patience` epochs, nothing is removed, and a warning says
+    # so (the model comes back unpruned after the training).
+    caplog.set_level("WARNING")
     out, _ = _compress_direct(
         copy.deepcopy(mlp),
         digits,
@@ -314,6 +316,8 @@ def test_early_stopping_keeps_admissible_checkpoint(mlp, digits):
     )
     assert out.summary["epochs_run"] == 2 and out.summary["best_epoch"] == 0
     assert out.model.fc1.out_features == 48
+    unpruned = [r.getMessage() for r in caplog.records if "returned unpruned" in r.getMessage()]
+    assert len(unpruned) == 1 and "val_tolerance 0.000" in unpruned[0]
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -127,6 +127,22 @@ class NormSparse(Compressor):
             "params_after": model_params_after,
             "history": {k: history[k] for k in ("val_acc", "removed", "l1")},
         }
+        if history["admissible"] and history["best_epoch"] == 0 and len(history["val_acc"]) > 1:
+            # Only the starting point was admissible: hours of L1 training may return the model
+            # unchanged, which must not pass silently.
+            accs = history["val_acc"][1:]
+            i = max(range(len(accs)), key=accs.__getitem__)
+            ctx.logger.warning(
+                "normsparse: no L1 epoch kept the pruned validation accuracy within "
+                "val_tolerance %.3f of %.4f (the best, epoch %d, reached %.4f with %.1f%% of "
+                "the penalised weights removed); the model is returned unpruned: raise "
+                "val_tolerance, lower l1 or threshold, or fine-tune after the step",
+                cfg.val_tolerance,
+                reference_acc,
+                i + 1,
+                accs[i],
+                100 * history["removed"][i + 1],
+            )
         if not history["admissible"]:
             ctx.logger.warning(
                 "normsparse: no checkpoint kept validation accuracy within %.3f of %.4f; kept the "
