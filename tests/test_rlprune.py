@@ -291,6 +291,25 @@ def test_refit_best_starts_learning_from_the_best_warmup_episode(lenet, digits, 
     assert histories[True][3] != histories[False][3]
 
 
+def test_tuned_search_interrupted_before_the_refit_resumes_to_the_same_result(
+        lenet, digits, tmp_path):
+    config = {**FAST, "episodes": 5, "warmup": 2, "refit_best": True, "reward_norm": "zscore",
+              "state_features": "amc+magnitude"}
+    full, _, _ = _run(lenet, digits, {**config, "checkpoint": str(tmp_path / "full.st")})
+
+    def stop_after_warmup(episode, reward, best):
+        if episode == 1:  # the last warm-up episode: the refit is the resumed run's first act
+            raise KeyboardInterrupt
+
+    path = str(tmp_path / "cut.st")
+    with pytest.raises(KeyboardInterrupt):
+        _run(lenet, digits, {**config, "checkpoint": path}, on_episode=stop_after_warmup)
+    resumed, _, _ = _run(lenet, digits, {**config, "checkpoint": path})
+    assert resumed.summary["resumed_from"] == 2
+    assert resumed.summary["episode_rewards"] == full.summary["episode_rewards"]
+    assert resumed.summary["ratios"] == full.summary["ratios"]
+
+
 def test_magnitude_state_feature_changes_the_search(lenet, digits, tmp_path):
     plain, _, _ = _run(lenet, digits, {**FAST, "checkpoint": str(tmp_path / "a.st")})
     fed, _, _ = _run(lenet, digits, {**FAST, "state_features": "amc+magnitude",
