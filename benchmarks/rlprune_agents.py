@@ -33,8 +33,9 @@ import netshrink as ns
 from benchmarks.harness import ROOT, acc_cell, fresh_cache, mean_std, save_plot, table
 
 #: Row name -> rlprune config of that search. "ddpg" is the paper's (AMC's) agent as shipped;
-#: "ddpg-tuned" adds the agent changes of issue 16 (chosen on seeds 10-12, held out from the
-#: seeds 0.. the table reports; docs/methods/rlprune.md).
+#: "ddpg-tuned" adds the agent changes of issue 16, chosen on seeds 10-19 by
+#: benchmarks/rlprune_tuning.py, held out from the seeds 0.. the table reports
+#: (docs/methods/rlprune.md).
 TUNED = {"reward_norm": "zscore", "refit_best": True}
 AGENTS: dict[str, dict[str, Any]] = {
     "ddpg": {"agent": "ddpg"},
