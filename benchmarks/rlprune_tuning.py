@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import netshrink as ns
-from benchmarks.harness import fresh_cache, table
+from benchmarks.harness import fresh_cache, mean_std, table
 from benchmarks.rlprune_agents import reward_subset, run_one
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 [statistics.fmean(r["episode_rewards"][warmup:] or [float("nan")])
                  for r in runs],
             ]
-            rows.append([name, len(runs), *(_mean_std(c) for c in cells),
+            rows.append([name, len(runs), *(f"{mean_std(c, 100)}%" for c in cells),
                          f"{statistics.fmean(r['wall_s'] for r in runs):.0f}"])
             print(f"{name}: done", flush=True)
     print(f"`python -m benchmarks.rlprune_tuning` — {args.model} on {data_name}, {episodes} "
@@ -81,11 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(table(["variant", "seeds", "best reward (val, n=512)",
                            "test acc before fine-tune", "mean reward after warm-up",
                            "wall s / seed"], rows)))
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.fmean(values):.2f} ± {100 * std:.2f}%"
 
 
 if __name__ == "__main__":

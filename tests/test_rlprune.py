@@ -216,9 +216,10 @@ def test_budget_clipping_forces_the_last_layer():
         BudgetModel(infos, 0.99, 0.0, 0.9, channel=False)
 
 
-def _small_ddpg(seed: int) -> DDPG:
+def _small_ddpg(seed: int, reward_norm: str = "baseline") -> DDPG:
     return DDPG(5, hidden=8, lr_actor=1e-2, lr_critic=1e-2, tau=0.5, discount=1.0,
-                batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=seed)
+                batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=seed,
+                reward_norm=reward_norm)
 
 
 def test_ddpg_pieces():
@@ -246,9 +247,7 @@ def test_ddpg_pieces():
 
 
 def _filled(reward_norm: str, scale: float, shift: float) -> DDPG:
-    agent = DDPG(5, hidden=8, lr_actor=1e-2, lr_critic=1e-2, tau=0.5, discount=1.0,
-                 batch_size=4, buffer_size=10, baseline_alpha=0.5, seed=0,
-                 reward_norm=reward_norm)
+    agent = _small_ddpg(seed=0, reward_norm=reward_norm)
     gen = torch.Generator().manual_seed(0)
     for i in range(8):
         reward = shift + scale * (0.80 + 0.01 * (i % 4))

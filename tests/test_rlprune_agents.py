@@ -237,15 +237,20 @@ def test_batched_scoring_gives_the_same_search(agent):
     assert batches == ([20] if agent == "random" else [6, 6, 6, 2])
 
 
-def test_benchmark_script_runs_quick(tmp_path, capsys):
+def _benchmark(name: str):
+    """``benchmarks.<name>``: benchmarks/ lives at the repository root, not in the install."""
+    import importlib
     import sys
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:  # benchmarks/ lives at the repository root, not in the install
+    if root not in sys.path:
         sys.path.insert(0, root)
-    from benchmarks import rlprune_agents
+    return importlib.import_module(f"benchmarks.{name}")
 
+
+def test_benchmark_script_runs_quick(tmp_path, capsys):
+    rlprune_agents = _benchmark("rlprune_agents")
     rlprune_agents.main(
         [
             "--quick",
@@ -274,14 +279,7 @@ def test_benchmark_script_runs_quick(tmp_path, capsys):
 
 
 def test_tuning_script_runs_quick(capsys):
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from benchmarks import rlprune_tuning
-
+    rlprune_tuning = _benchmark("rlprune_tuning")
     rlprune_tuning.main(["--quick", "--data", "digits", "--episodes", "2", "--seeds", "2"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "| 2 |" in line]

@@ -42,8 +42,7 @@ from netshrink.plugins.rlprune.baselines import BaselineSettings, run_baseline
 from netshrink.plugins.rlprune.checkpoint import search_key
 from netshrink.plugins.rlprune.ddpg import DDPG
 from netshrink.plugins.rlprune.env import (
-    STATE_DIM,
-    STATIC_FEATURES,
+    DYNAMIC_FEATURES,
     BudgetModel,
     EpisodeScorer,
     RewardFn,
@@ -402,7 +401,7 @@ class RLPrune(Compressor):
             magnitude = torch.tensor(magnitude_prior(infos, cfg.target_sparsity))
             static = torch.cat([static, magnitude.unsqueeze(1)], dim=1)
         agent = DDPG(
-            STATE_DIM + static.shape[1] - len(STATIC_FEATURES),
+            static.shape[1] + len(DYNAMIC_FEATURES),
             hidden=cfg.hidden,
             lr_actor=cfg.lr_actor,
             lr_critic=cfg.lr_critic,
