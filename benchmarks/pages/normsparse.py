@@ -1,5 +1,5 @@
 """Page ``normsparse`` (paper 001): parameters removed, accuracy and latency against magnitude
-pruning at the same stored-parameter count; kernel-level sparsity on resnet18; bad input."""
+pruning at the same stored-parameter count; kernel-level sparsity on vgg_small; bad input."""
 
 from __future__ import annotations
 
@@ -12,25 +12,41 @@ from benchmarks import harness as h
 
 TITLE = "normsparse benchmark (paper 001)"
 OUT = "benchmarks/normsparse.md"
+#: L1 epochs of the LeNet-5 recipe on shapes32 (its 30 would take ~35 min per method here).
+LENET5_L1_CAP = 10
 ABOUT = [
     '"Removed" is 1 − stored parameters / dense parameters (stored parameters: the non-zeros '
     "the artifact holds, physically smaller tensors plus sparse values).",
+    "LeNet-300-100 stays on digits28 (a smoke run: 360 test images; on shapes32 this MLP "
+    "reaches only 65.5%, below the 85–95% band of docs/datasets.md). LeNet-5 and vgg_small "
+    "run on their shapes32 references (test n = 10,000). On shapes32 the LeNet-5 recipe's L1 "
+    f"phase is capped at {LENET5_L1_CAP} epochs (about a minute each here, and magnitude "
+    "pruning gets the same budget again), one seed per row.",
 ]
-#: model -> (recipe, paper's claim, target share removed, quick L1 epochs)
+#: model -> (recipe, paper's claim, target share removed, quick L1 epochs, harness model,
+#: L1 epochs cap of the full run or None)
 PAPER = {
     "lenet300": ("normsparse_lenet300.yaml", "LeNet-300-100 on MNIST, −85.4% parameters for "
-                 "+0.09% error", 0.85, 15),
+                 "+0.09% error", 0.85, 15, "lenet300", None),
     "lenet5": ("normsparse_lenet5_fc.yaml", "LeNet-5 FC layers only, −82.2% parameters, no "
-               "error increase", 0.80, 10),
+               "error increase", 0.80, 10, "lenet5@shapes32", LENET5_L1_CAP),
 }
-RESNET18 = {"l1": 0.005, "lr_magnitude": 0.002, "epochs": 3}
+KERNELS = {"l1": 0.005, "lr_magnitude": 0.002, "epochs": 3}
+KERNEL_MODEL = "vgg_small@shapes32"
 
 
 def _paper_steps(model: str, quick: bool) -> list[dict[str, Any]]:
     steps = h.recipe_steps(PAPER[model][0])
     if quick:  # fewer L1 epochs: the figures are then not the deliverable ones
         steps[0]["config"]["epochs"] = PAPER[model][3]
+    elif PAPER[model][5] is not None:
+        steps[0]["config"]["epochs"] = PAPER[model][5]
     return steps
+
+
+def _model(model: str, quick: bool) -> str:
+    """The harness model of a paper row (quick: LeNet-5 on digits28, which checks the page)."""
+    return model if quick else PAPER[model][4]
 
 
 def _magnitude(model: nn.Module, layers: list[str], nonzeros: int, epochs: int,
@@ -49,25 +65,28 @@ def _all_layers(quick: bool) -> list[dict[str, Any]]:
              "finetune": {"epochs": 3}}]
 
 
-def _resnet18() -> list[dict[str, Any]]:
-    # No fine-tune: one epoch of the core fine-tune (fresh Adam at lr 1e-3) cost resnet18 15 pp.
-    return [{"compressor": "normsparse", "select": {"types": ["Conv2d"]}, "config": RESNET18}]
+def _kernels() -> list[dict[str, Any]]:
+    # No fine-tune: one epoch of the core fine-tune (fresh Adam at lr 1e-3) cost timm resnet18
+    # 15 pp on digits32.
+    return [{"compressor": "normsparse", "select": {"types": ["Conv2d"]}, "config": KERNELS}]
 
 
 def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
     """The compressions whose steps are known before the run (magnitude's sparsity follows
     normsparse's result)."""
-    out = {f"{m} / paper": (m, _paper_steps(m, quick)) for m in PAPER}
-    out["lenet5 / all layers"] = ("lenet5", _all_layers(quick))
+    out = {f"{m} / paper": (_model(m, quick), _paper_steps(m, quick)) for m in PAPER}
+    out["lenet5 / all layers"] = (_model("lenet5", quick), _all_layers(quick))
     if not quick:
-        out["resnet18 / convs"] = ("resnet18", _resnet18())
+        out[f"{KERNEL_MODEL} / convs"] = (KERNEL_MODEL, _kernels())
     return out
 
 
 def paper(b: h.Bench, m: str) -> list[str]:
     """The paper's model: normsparse vs magnitude at the same stored-parameter count."""
-    dense, data = h.reference(m)
+    dense, data = h.reference(_model(m, b.quick))
     steps = _paper_steps(m, b.quick)
+    capped = (f" (L1 epochs capped at {steps[0]['config']['epochs']})"
+              if b.quick or PAPER[m][5] else "")
     ours = h.compress(dense, steps, data, b.seeds)
     rep, s = ours.first.report, ours.first.report.steps[0]
     layers = [r.name for r in ours.first.records]
@@ -77,7 +96,7 @@ def paper(b: h.Bench, m: str) -> list[str]:
                                          steps[0]["config"].get("lr", 1e-3))
     mag = h.compress(dense, mag_steps, data, b.seeds)
     lat = h.speedups(dense, {"normsparse": ours.first.model, "magnitude": mag.first.model},
-                     data.val.tensors[0][:1])
+                     data.batch("val", 1)[0])
     rows = [[label, r.acc(), r.delta(), f"{r.first.report.nonzeros:,}",
              h.pct(1 - r.first.report.nonzeros / rep.params_before),
              f"{r.first.report.storage_bytes:,}", f"{r.first.report.compression_ratio:.2f}x",
@@ -92,7 +111,7 @@ def paper(b: h.Bench, m: str) -> list[str]:
     fc_before = sum(h.params(dense.get_submodule(n)) for n in fc)
     return [
         f"## {m} / {data.name}", "", f"Paper: {PAPER[m][1]}.", "",
-        f"Recipe `recipes/{PAPER[m][0]}`{' (quick: fewer L1 epochs)' if b.quick else ''}: "
+        f"Recipe `recipes/{PAPER[m][0]}`{capped}: "
         f"`{steps}`. normsparse ran {s['epochs_run']} L1 epochs (best: epoch {s['best_epoch']}), "
         f"so magnitude gets {budget} fine-tune epochs. Dense: {rep.params_before:,} parameters, "
         f"{rep.dense_bytes:,} bytes, test accuracy {h.pct(rep.accuracy_before)}.", "",
@@ -113,7 +132,7 @@ def paper(b: h.Bench, m: str) -> list[str]:
 
 def all_layers(b: h.Bench) -> list[str]:
     """The default config on every LeNet-5 layer but the head: kernel slices and filters."""
-    dense, data = h.reference("lenet5")
+    dense, data = h.reference(_model("lenet5", b.quick))
     result = h.compress(dense, _all_layers(b.quick), data).first
     rep = result.report
     rows = []
@@ -125,7 +144,7 @@ def all_layers(b: h.Bench) -> list[str]:
                      d.get("filters_removed", d.get("neurons_removed")),
                      enc.describe() if enc is not None else "dense (smaller)"])
     return [
-        "## lenet5 / digits28, all layers but the head, default config", "",
+        f"## lenet5 / {data.name}, all layers but the head, default config", "",
         f"Steps `{_all_layers(b.quick)}`: conv kernel slices stored sparse, empty filters and dead "
         "neurons removed physically.", "",
         *h.table(["layer", "weight shape before → after", "units removed", "removed "
@@ -137,21 +156,21 @@ def all_layers(b: h.Bench) -> list[str]:
     ]
 
 
-def resnet18(b: h.Bench) -> list[str]:
-    """Kernel-level sparsity on timm resnet18: slices, filters, reload."""
-    dense, data = h.reference("resnet18")
-    runs = h.compress(dense, _resnet18(), data)
+def kernels(b: h.Bench) -> list[str]:
+    """Kernel-level sparsity on the convs of a CNN: slices, filters, reload."""
+    dense, data = h.reference(KERNEL_MODEL)
+    runs = h.compress(dense, _kernels(), data)
     result, rep = runs.first, runs.first.report
-    loaded = h.ns.load(result.save(b.tmp / "resnet18.nsk", report=False)).eval()
-    x = data.test.tensors[0][:32]
+    loaded = h.ns.load(result.save(b.tmp / "kernels.nsk", report=False)).eval()
+    x = data.batch("test", 32)[0]
     with torch.no_grad():
         diff = float((loaded(x) - result.model.eval()(x)).abs().max())
     sparse = [e for e in result.encodings.values() if isinstance(e, h.ns.Sparse)]
     convs = [r.details for r in result.records if r.details.get("kind") == "conv"]
     units, removed = sum(d["units"] for d in convs), sum(d["units_removed"] for d in convs)
     return [
-        "## timm resnet18 (in_chans=1, num_classes=10, 32×32 digits32)", "",
-        f"Step `{_resnet18()}`, no fine-tune.", "",
+        f"## {h.MODELS[KERNEL_MODEL][0]} on {data.name}, the convs", "",
+        f"Step `{_kernels()}`, no fine-tune.", "",
         *h.table(["figure", "value"], [
             ["conv kernel slices removed", f"{removed:,} / {units:,} ({h.pct(removed / units)})"],
             ["conv filters removed physically", sum(d["filters_removed"] for d in convs)],
@@ -189,4 +208,4 @@ def bad_input() -> list[str]:
 def run(b: h.Bench) -> list[str]:
     """The page's sections in order."""
     return [*paper(b, "lenet300"), *paper(b, "lenet5"), *all_layers(b),
-            *([] if b.quick else resnet18(b)), *bad_input()]
+            *([] if b.quick else kernels(b)), *bad_input()]
