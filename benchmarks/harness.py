@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,7 +134,15 @@ def compress(model: nn.Module, steps: Any, data: ns.DataSplits, seeds: int = 1) 
         t0 = time.perf_counter()
         results.append(ns.compress(model, steps, data=data, seed=seed, latency=False))
         walls.append(time.perf_counter() - t0)
-        assert len(results[-1].artifact) == results[-1].report.storage_bytes
+        rep = results[-1].report
+        assert len(results[-1].artifact) == rep.storage_bytes
+        # A line per run on stderr: pages run for tens of minutes, often with stdout in a log.
+        names = " -> ".join(str(s["compressor"] if isinstance(s, dict) else
+                                getattr(s, "compressor", type(s).__name__))
+                            for s in (steps if isinstance(steps, list) else [steps]))
+        print(f"[{time.strftime('%H:%M:%S')}] {names} on {data.name}, seed {seed}: "
+              f"{walls[-1]:.0f} s, test {100 * rep.accuracy_after:.2f}%, "
+              f"{rep.compression_ratio:.2f}x", file=sys.stderr, flush=True)
     return Runs(results, walls, len(data.test))
 
 

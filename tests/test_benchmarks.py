@@ -105,6 +105,19 @@ def test_isolated_turns_failures_into_rows(bench):
         "error": "timed out after 0 s"}
 
 
+def test_compress_reports_each_seed_on_stderr(bench, capsys):
+    """Long pages show progress in a log: one line per seed with time, accuracy and ratio."""
+    model, data = bench.h.reference("lenet300")
+    runs = bench.h.compress(model, [{"compressor": "magnitude", "config": {"sparsity": 0.5}},
+                                    ns.step("quantize", bits=4)], data, seeds=2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    for seed, line in enumerate(lines):
+        acc, ratio = 100 * runs.accs[seed], runs.results[seed].report.compression_ratio
+        assert f"magnitude -> quantize on {data.name}, seed {seed}: " in line
+        assert f"test {acc:.2f}%" in line and f"{ratio:.2f}x" in line
+
+
 def test_runner_writes_page_with_command_commit_and_intervals(bench, tmp_path, monkeypatch):
     """A tiny page through the same runner as every page: header, table, plot."""
     h = bench.h
