@@ -12,26 +12,33 @@ from benchmarks import harness as h
 
 TITLE = "normsparse benchmark (paper 001)"
 OUT = "benchmarks/normsparse.md"
-#: L1 epochs of the LeNet-5 recipe on shapes32 (its 30 would take ~35 min per method here).
-LENET5_L1_CAP = 10
+#: Config changes on shapes32: the L1 epochs capped (the recipe's 30 would take ~35 min per
+#: method here) and ``val_tolerance`` 0.04 (at the recipe's 0.01 and the default 0.02 no L1
+#: epoch is admissible on shapes32 and the step returns the model unpruned, docs/methods).
+SHAPES = {"epochs": 6, "val_tolerance": 0.04}
 ABOUT = [
     '"Removed" is 1 − stored parameters / dense parameters (stored parameters: the non-zeros '
     "the artifact holds, physically smaller tensors plus sparse values).",
     "LeNet-300-100 stays on digits28 (a smoke run: 360 test images; on shapes32 this MLP "
     "reaches only 65.5%, below the 85–95% band of docs/datasets.md). LeNet-5 and vgg_small "
-    "run on their shapes32 references (test n = 10,000). On shapes32 the LeNet-5 recipe's L1 "
-    f"phase is capped at {LENET5_L1_CAP} epochs (about a minute each here, and magnitude "
-    "pruning gets the same budget again), one seed per row.",
+    "run on their shapes32 references (test n = 10,000), one seed per row. There the LeNet-5 "
+    f"steps run with `{SHAPES}`: the L1 phase capped (about a minute per epoch here, and "
+    "magnitude pruning gets the same budget again) and a looser admissibility rule (at the "
+    "recipe's `val_tolerance` 0.01 no L1 epoch qualifies on shapes32 and the model comes back "
+    "unpruned).",
 ]
 #: model -> (recipe, paper's claim, target share removed, quick L1 epochs, harness model,
-#: L1 epochs cap of the full run or None)
+#: config changes of the full run)
 PAPER = {
     "lenet300": ("normsparse_lenet300.yaml", "LeNet-300-100 on MNIST, −85.4% parameters for "
-                 "+0.09% error", 0.85, 15, "lenet300", None),
+                 "+0.09% error", 0.85, 15, "lenet300", {}),
     "lenet5": ("normsparse_lenet5_fc.yaml", "LeNet-5 FC layers only, −82.2% parameters, no "
-               "error increase", 0.80, 10, "lenet5@shapes32", LENET5_L1_CAP),
+               "error increase", 0.80, 10, "lenet5@shapes32", SHAPES),
 }
-KERNELS = {"l1": 0.005, "lr_magnitude": 0.002, "epochs": 3}
+#: One L1 epoch over the ramp (about 9 minutes of vgg_small on shapes32 here); any accuracy drop
+#: admissible, since this section shows the kernel-level storage and its reload, not accuracy.
+KERNELS = {"l1": 0.005, "lr_magnitude": 0.002, "epochs": 1, "warmup_epochs": 1,
+           "val_tolerance": 1.0}
 KERNEL_MODEL = "vgg_small@shapes32"
 
 
@@ -39,8 +46,8 @@ def _paper_steps(model: str, quick: bool) -> list[dict[str, Any]]:
     steps = h.recipe_steps(PAPER[model][0])
     if quick:  # fewer L1 epochs: the figures are then not the deliverable ones
         steps[0]["config"]["epochs"] = PAPER[model][3]
-    elif PAPER[model][5] is not None:
-        steps[0]["config"]["epochs"] = PAPER[model][5]
+    else:
+        steps[0]["config"].update(PAPER[model][5])
     return steps
 
 
@@ -61,7 +68,7 @@ def _magnitude(model: nn.Module, layers: list[str], nonzeros: int, epochs: int,
 
 
 def _all_layers(quick: bool) -> list[dict[str, Any]]:
-    return [{"compressor": "normsparse", "config": {"epochs": 8} if quick else {},
+    return [{"compressor": "normsparse", "config": {"epochs": 8} if quick else dict(SHAPES),
              "finetune": {"epochs": 3}}]
 
 
@@ -85,8 +92,8 @@ def paper(b: h.Bench, m: str) -> list[str]:
     """The paper's model: normsparse vs magnitude at the same stored-parameter count."""
     dense, data = h.reference(_model(m, b.quick))
     steps = _paper_steps(m, b.quick)
-    capped = (f" (L1 epochs capped at {steps[0]['config']['epochs']})"
-              if b.quick or PAPER[m][5] else "")
+    changed = {k: steps[0]["config"][k] for k in (["epochs"] if b.quick else PAPER[m][5])}
+    capped = f" (changed: `{changed}`)" if changed else ""
     ours = h.compress(dense, steps, data, b.seeds)
     rep, s = ours.first.report, ours.first.report.steps[0]
     layers = [r.name for r in ours.first.records]
@@ -144,7 +151,8 @@ def all_layers(b: h.Bench) -> list[str]:
                      d.get("filters_removed", d.get("neurons_removed")),
                      enc.describe() if enc is not None else "dense (smaller)"])
     return [
-        f"## lenet5 / {data.name}, all layers but the head, default config", "",
+        f"## lenet5 / {data.name}, all layers but the head, default config"
+        f"{'' if b.quick else ' but ' + str(SHAPES)}", "",
         f"Steps `{_all_layers(b.quick)}`: conv kernel slices stored sparse, empty filters and dead "
         "neurons removed physically.", "",
         *h.table(["layer", "weight shape before → after", "units removed", "removed "
