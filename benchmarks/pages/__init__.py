@@ -30,4 +30,6 @@ PAGES = {
     "search": search,
     "search_chains": search_chains,
     "statprune_tucker": statprune_tucker,
+    # One page per model on the shapes data (docs/benchmarks/overview_<model>.md).
+    **{f"overview_{m}": overview.model_page(m) for m in overview.SHAPES_MODELS},
 }

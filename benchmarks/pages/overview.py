@@ -7,6 +7,7 @@ import copy
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from benchmarks import harness as h
@@ -18,8 +19,9 @@ OUT = "benchmarks.md"
 ABOUT = [
     "A smoke run on the digits sets (`digits28`, `digits32`: 360 test images, one image = "
     "0.28 pp): it shows that every method and chain runs on each model and cannot tell methods "
-    "apart; the figures on the hard shapes data are on the per-topic pages (peers, ptq, "
-    "search) and the method pages.",
+    "apart; the figures on the hard shapes data are on the per-topic pages and the method "
+    "pages, and the same rows per shapes model come from `python -m benchmarks "
+    "overview_<model>` (docs/benchmarks/overview_<model>.md).",
     "Sizes are the bytes of the file each method saves (netshrink: the `.nsk` artifact, equal "
     "to the report's `storage_bytes`; peers: the file each peer's docs tell a user to save, "
     "see the peers page). Ratio = dense fp32 bytes / that size. Every fine-tune (netshrink's and the peers') gets the same "
@@ -28,12 +30,25 @@ ABOUT = [
 ]
 MODELS = ("lenet300", "lenet5", "vgg_small", "resnet_small", "resnet18")
 QUICK_MODELS = ("lenet300",)
+#: The models of the per-model pages on the shapes data (``python -m benchmarks
+#: overview_<model>`` writes docs/benchmarks/overview_<model>.md): every zoo CNN in the 85-95%
+#: band and the RGB ImageNet-style CNNs of docs/datasets.md. One page per model, because one
+#: model's rows take about an hour here.
+SHAPES_MODELS = ("lenet5@shapes32", "vgg_small@shapes32", "resnet_small@shapes32",
+                 "mobilenetv3_small_100@shapes64", "mobilenet_v3_small@shapes64",
+                 "shufflenet_v2_x0_5@shapes64")
+#: On the shapes data every method trains and fine-tunes on the first TRAIN_IMAGES training
+#: images (validation and test splits whole), one fine-tune epoch, shorter method training.
+TRAIN_IMAGES = 10_000
 # joint's whole-file target per model: the ResNets' BatchNorm tensors and manifest alone exceed
 # 1% of their dense size, so 100x is infeasible there; after statprune -> tucker the model is
 # already 1.3-2.8x smaller and the fixed rest stays, hence the lower chain targets.
 JOINT_TARGET = {"lenet300": 100, "lenet5": 100, "vgg_small": 100, "resnet_small": 25,
                 "resnet18": 50}
 JOINT_CHAIN_TARGET = {"vgg_small": 100, "resnet_small": 12, "resnet18": 20}
+#: The targets of a CNN not named above (the ImageNet-style ones: BatchNorm everywhere, as in
+#: the ResNets).
+JOINT_DEFAULT, JOINT_CHAIN_DEFAULT = 25, 12
 # First convs and shortcut 1x1s keep 8 bits under 4-bit codebooks: at 4 bits they cost most of
 # the accuracy (docs/benchmarks/bioclust.md).
 BIOCLUST_8BIT = {"re:^(conv1|stem\\.0|features\\.0)$": {"bits": 8},
@@ -47,42 +62,48 @@ def _step(compressor: str, select: dict[str, Any] = h.EVERYTHING, ft: Any = None
 
 
 def methods(model: str, quick: bool) -> dict[str, list[dict[str, Any]]]:
-    """label -> recipe steps for ``model``."""
-    ft = {"epochs": 1 if quick else 3, "lr": 0.001}
+    """label -> recipe steps for ``model`` (a harness model; ``@shapes`` ones get the shorter
+    training of the per-model pages: one fine-tune epoch, 6 L1 epochs at ``val_tolerance``
+    0.04, 2 joint epochs)."""
+    shapes, base = "@shapes" in model, model.split("@")[0]
+    ft = {"epochs": 1 if quick or shapes else 3, "lr": 0.001}
     mag90 = _step("magnitude", ft=ft, sparsity=0.9, scope="global")
     bio = {**_step("bioclust", bits=4, population=4 if quick else 16, noise_scale=0.5),
            "overrides": BIOCLUST_8BIT}
     normsparse = _step("normsparse", {"types": ["Linear", "Conv2d"]}, ft, l1=0.005,
-                       epochs=10 if quick else 30)
-    joint = {"target_ratio": JOINT_TARGET[model], "min_bits": 3, "epochs": 3 if quick else 10,
-             "lr": 0.002, "batch_size": 32}
+                       epochs=10 if quick else 6 if shapes else 30,
+                       **({"val_tolerance": 0.04} if shapes else {}))
+    joint = {"target_ratio": JOINT_TARGET.get(base, JOINT_DEFAULT), "min_bits": 3,
+             "epochs": 3 if quick else 2 if shapes else 10, "lr": 0.002, "batch_size": 32}
     out = {
         "magnitude 90% (global) + ft": [mag90],
         "quantize 4-bit/ch": [_step("quantize", bits=4)],
         "deep-compression style (magnitude 90% + ft + quantize 5-bit)":
             [mag90, _step("quantize", bits=5)],
     }
-    if model in ("lenet300", "lenet5"):
+    if base in ("lenet300", "lenet5"):
         out["svd (Linear, energy 0.9) + ft"] = [
             _step("svd", {"types": ["Linear"]}, ft, rank_by="energy", energy=0.9)]
     out["bioclust (4-bit codebook, 8-bit stem/shortcuts)"] = [bio]
     out["normsparse + ft"] = [normsparse]
-    out[f"joint (adaptive sparsity+bits, {JOINT_TARGET[model]}x target)"] = [
+    out[f"joint (adaptive sparsity+bits, {joint['target_ratio']}x target)"] = [
         _step("joint", **joint)]
-    if model not in ("lenet300", "lenet5"):  # the paper-002/003 combinations target CNNs
-        paper002 = h.recipe_steps(f"paper002_{'resnet18' if model == 'resnet18' else 'resnet_small'}.yaml")
+    if base not in ("lenet300", "lenet5"):  # the paper-002/003 combinations target CNNs
+        paper002 = h.recipe_steps(f"paper002_{'resnet18' if base == 'resnet18' else 'resnet_small'}.yaml",
+                                  **({"epochs": 1} if shapes else {}))
         out["statprune + tucker + distilled ft (paper 002 recipe)"] = paper002
         rl = _step("rlprune", {"types": ["Conv2d"]}, target_sparsity=0.8,
                    episodes=12 if quick else 30, warmup=4 if quick else 8, reward_samples=200,
                    prior="magnitude", resume=False)  # time the search, not a cached one
-        if model == "vgg_small":
+        if base == "vgg_small":
             paper003 = [rl, _step("sigmaprune", {"types": ["Linear"]}, ft, k=2.0, statistic="abs")]
             out["rlprune + sigmaprune + ft (paper 003)"] = paper003
             out["rlprune + sigmaprune + ft -> quantize 5-bit"] = [*paper003, _step("quantize", bits=5)]
         else:  # ResNets have no FC layer but the head: the RL half of paper 003 only
             out["rlprune 80% conv weights + ft (paper 003, RL half)"] = [{**rl, "finetune": ft}]
         out["statprune -> tucker -> joint"] = [
-            *paper002, _step("joint", **{**joint, "target_ratio": JOINT_CHAIN_TARGET[model]})]
+            *paper002, _step("joint", **{**joint, "target_ratio": JOINT_CHAIN_TARGET.get(
+                base, JOINT_CHAIN_DEFAULT)})]
     out["normsparse -> bioclust"] = [normsparse, bio]
     return out
 
@@ -96,14 +117,17 @@ def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
 def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
     """One row, measured in a fresh interpreter (see :func:`harness.isolated`)."""
     reference, data = h.reference(model)
-    example = data.val.tensors[0][:1]
+    if "@shapes" in model:
+        data = h.subset(data, {"train": TRAIN_IMAGES, **(h.QUICK_SPLITS if quick else {})})
+    example = data.batch("val", 1)[0]
     dense_bytes = sum(t.numel() * 4 for t in reference.state_dict().values())
     dense_acc = h.ns.accuracy(reference, data)
     t0 = time.perf_counter()
     if label == "dense":
         family, compressed, size, accs = "dense", copy.deepcopy(reference), dense_bytes, [dense_acc]
     elif label in PEERS:
-        compressed, size = single(label, reference, data, 1 if quick else 3)
+        compressed, size = single(label, reference, data,
+                                  1 if quick or "@shapes" in model else 3)
         family, accs = "peer", [h.ns.accuracy(compressed, data)]
     else:
         runs = h.compress(reference, methods(model, quick)[label], data, seeds)
@@ -157,27 +181,48 @@ def pareto(ax: Any, rows: list[dict[str, Any]], model: str) -> None:
     ax.legend(fontsize=8)
 
 
+def section(b: h.Bench, model: str) -> list[str]:
+    """One model: the table, the Pareto plot, the verdicts."""
+    labels = ["dense", *methods(model, b.quick), *PEERS]
+    rows = []
+    for label in labels:
+        print(f"[{model}] {label}", file=sys.stderr, flush=True)
+        rows.append(h.isolated(row, model, label, b.quick, b.seeds, timeout=3600))
+        rows[-1].setdefault("method", label)
+    ok = [r for r in rows if "error" not in r]
+    path, link = b.plot(f"pareto_{model}.png")
+    h.save_plot(lambda ax: pareto(ax, ok, model), path)
+    spec, data_name, _ = h.MODELS[model]
+    return [f"## {model} (`{spec}` on `{data_name}`)", "", *h.table(
+        ["method", "family", "test acc [95% CI]", "Δ acc (pp)", "size on disk", "ratio",
+         "speedup b1", "speedup b64", "wall (s)", "peak RSS (MB)"],
+        [[r["method"], "-", f"failed: {r['error']}", *[""] * 7] if "error" in r else
+         [r["method"], r["family"], h.acc_cell(r["accs"], r["n"]),
+          f"{100 * (r['acc'] - r['dense_acc']):+.2f}",
+          f"{r['bytes']:,.0f} B", f"{r['ratio']:.1f}x", r["b1"], r["b64"],
+          f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in rows]),
+        f"![Pareto plot for {model}]({link})", "", "Verdicts:", "", *verdicts(ok), ""]
+
+
 def run(b: h.Bench) -> list[str]:
-    """Every model: the table, the Pareto plot, the verdicts."""
-    lines: list[str] = []
-    for model in QUICK_MODELS if b.quick else MODELS:
-        labels = ["dense", *methods(model, b.quick), *PEERS]
-        rows = []
-        for label in labels:
-            print(f"[{model}] {label}", file=sys.stderr, flush=True)
-            rows.append(h.isolated(row, model, label, b.quick, b.seeds, timeout=3600))
-            rows[-1].setdefault("method", label)
-        ok = [r for r in rows if "error" not in r]
-        path, link = b.plot(f"pareto_{model}.png")
-        h.save_plot(lambda ax, ok=ok, model=model: pareto(ax, ok, model), path)
-        spec, data_name, _ = h.MODELS[model]
-        lines += [f"## {model} (`{spec}` on `{data_name}`)", "", *h.table(
-            ["method", "family", "test acc [95% CI]", "Δ acc (pp)", "size on disk", "ratio",
-             "speedup b1", "speedup b64", "wall (s)", "peak RSS (MB)"],
-            [[r["method"], "-", f"failed: {r['error']}", *[""] * 7] if "error" in r else
-             [r["method"], r["family"], h.acc_cell(r["accs"], r["n"]),
-              f"{100 * (r['acc'] - r['dense_acc']):+.2f}",
-              f"{r['bytes']:,.0f} B", f"{r['ratio']:.1f}x", r["b1"], r["b64"],
-              f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in rows]),
-            f"![Pareto plot for {model}]({link})", "", "Verdicts:", "", *verdicts(ok), ""]
-    return lines
+    """Every model of the smoke page in turn."""
+    return [line for model in (QUICK_MODELS if b.quick else MODELS)
+            for line in section(b, model)]
+
+
+def model_page(model: str) -> SimpleNamespace:
+    """The page spec of one shapes model (``python -m benchmarks overview_<model>``)."""
+    spec, data_name, _ = h.MODELS[model]
+    about = [
+        f"Every method and peer of docs/benchmarks.md on `{spec}` trained on `{data_name}` "
+        "(docs/datasets.md). Every method trains and fine-tunes on the first "
+        f"{TRAIN_IMAGES:,} training images, one fine-tune epoch (netshrink's and the peers'), "
+        "6 L1 epochs for normsparse and 2 epochs for joint; validation and test splits whole "
+        "(test n = 10,000). Quick mode: 2,000 training and test images, one seed.",
+        *ABOUT[1:],
+    ]
+    return SimpleNamespace(
+        TITLE=f"Benchmarks: {model}", OUT=f"benchmarks/overview_{model}.md", ABOUT=about,
+        SEEDS=3, run=lambda b: section(b, model),
+        cases=lambda quick: {f"{model} / {label}": (model, steps)
+                             for label, steps in methods(model, quick).items()})
