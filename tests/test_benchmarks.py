@@ -271,3 +271,15 @@ def test_peers_page_verdicts_are_computed(bench):
     assert text[2] == f"- **{names[2]}**: no point measured (failed: X: y)."
     # A smaller netshrink point that is clearly less accurate does not dominate:
     assert page.dominators(row(names[0], "z", 2_000, 0.99), ours[:1], 360) == []
+
+
+def test_normsparse_bad_input_rows_show_the_error_each_case_is_about(bench):
+    """Each bad-input row of the normsparse page raises the error its label names (a model
+    without Linear/Conv layers fails on selection, not on its output width)."""
+    from benchmarks.pages import normsparse
+
+    rows = [line for line in normsparse.bad_input() if line.startswith("| ") and "`" in line]
+    errors = {row.split(" | ")[0][2:]: row.split("`")[1] for row in rows}
+    assert errors == {"negative L1 weight": "RecipeError", "threshold ≥ 1": "RecipeError",
+                      "no Linear/Conv layer selected": "SelectionError",
+                      "only the classifier head selected": "SelectionError"}

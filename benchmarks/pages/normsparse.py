@@ -198,7 +198,8 @@ def bad_input() -> list[str]:
     cases = {
         "negative L1 weight": (lenet, {"compressor": "normsparse", "config": {"l1": -0.01}}),
         "threshold ≥ 1": (lenet, {"compressor": "normsparse", "config": {"threshold": 1.0}}),
-        "no Linear/Conv layer selected": (nn.Sequential(nn.Flatten(), nn.LayerNorm(784)),
+        "no Linear/Conv layer selected": (nn.Sequential(nn.Flatten(), nn.AdaptiveAvgPool1d(10),
+                                                        nn.LayerNorm(10)),
                                           {"compressor": "normsparse"}),
         "only the classifier head selected": (lenet, {"compressor": "normsparse", "select": {
             "names": ["fc3"], "protect_head": False}}),
