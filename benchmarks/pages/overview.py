@@ -117,7 +117,8 @@ def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
 def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
     """One row, measured in a fresh interpreter (see :func:`harness.isolated`)."""
     reference, data = h.reference(model)
-    if "@shapes" in model:
+    shapes = "@shapes" in model
+    if shapes:
         data = h.subset(data, {"train": TRAIN_IMAGES, **(h.QUICK_SPLITS if quick else {})})
     example = data.batch("val", 1)[0]
     dense_bytes = sum(t.numel() * 4 for t in reference.state_dict().values())
@@ -126,8 +127,7 @@ def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
     if label == "dense":
         family, compressed, size, accs = "dense", copy.deepcopy(reference), dense_bytes, [dense_acc]
     elif label in PEERS:
-        compressed, size = single(label, reference, data,
-                                  1 if quick or "@shapes" in model else 3)
+        compressed, size = single(label, reference, data, 1 if quick or shapes else 3)
         family, accs = "peer", [h.ns.accuracy(compressed, data)]
     else:
         runs = h.compress(reference, methods(model, quick)[label], data, seeds)
