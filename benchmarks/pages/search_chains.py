@@ -3,24 +3,31 @@ chain's size and with as many fine-tune epochs as the chain's fine-tunes add up 
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
 import netshrink as ns
 from benchmarks import harness as h
+from benchmarks.pages import overview
 
 TITLE = "Search against the shipped chains"
 OUT = "benchmarks/search_chains.md"
 SEEDS = 3
-#: Shipped chains -> the harness model they were written for, on their own data (digits32): on
-#: shapes32 normsparse's 30 training epochs of vgg_small alone would take about five hours here.
-CHAINS = {"chain_normsparse_bioclust_vgg_small.yaml": "vgg_small",
-          "chain_rlprune_sigmaprune_quantize_vgg_small.yaml": "vgg_small",
-          "chain_statprune_tucker_joint_resnet_small.yaml": "resnet_small"}
-QUICK_CHAINS = {"chain_rlprune_sigmaprune_quantize_vgg_small.yaml": "vgg_small"}
+#: Shipped chains -> the harness model of the page: the model each was written for, on shapes32.
+CHAINS = {"chain_normsparse_bioclust_vgg_small.yaml": "vgg_small@shapes32",
+          "chain_rlprune_sigmaprune_quantize_vgg_small.yaml": "vgg_small@shapes32",
+          "chain_statprune_tucker_joint_resnet_small.yaml": "resnet_small@shapes32"}
+QUICK_CHAINS = {"chain_rlprune_sigmaprune_quantize_vgg_small.yaml": "vgg_small@shapes32"}
 ABOUT = [
-    "Each chain of `recipes/chain_*.yaml` runs as shipped, once per seed, on the model and data "
-    "it was written for (`digits32`, 360 test images: intervals are wide). "
+    "Each chain of `recipes/chain_*.yaml` runs once per seed on the model it was written for, "
+    "on shapes32 instead of the recipe's `digits32`, with the training budget of the per-model "
+    f"overview pages: the first {overview.TRAIN_IMAGES:,} training images (validation and test "
+    f"splits whole), {overview.SHAPES_FT_EPOCHS} fine-tune epoch per fine-tune, normsparse "
+    f"{overview.SHAPES_NORMSPARSE['epochs']} L1 epochs at `val_tolerance` "
+    f"{overview.SHAPES_NORMSPARSE['val_tolerance']}, joint {overview.SHAPES_JOINT_EPOCHS} "
+    "epochs; every other setting as shipped. (As shipped, normsparse's 30 epochs of vgg_small "
+    "on shapes32 alone take about five hours here.) "
     "`netshrink.search` then runs with the chain's smallest artifact (over the seeds) as its "
     "budget, over the default option grids (`magnitude`, `quantize`, `svd`, `tucker`, "
     "`bioclust` as plain k-means) and the default objective (KL divergence from the "
@@ -38,9 +45,26 @@ def chains(quick: bool) -> dict[str, str]:
     return QUICK_CHAINS if quick else CHAINS
 
 
+def shapes_budget(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A chain's steps with the overview pages' shapes budget: every fine-tune
+    ``SHAPES_FT_EPOCHS`` epochs, normsparse ``SHAPES_NORMSPARSE``, joint ``SHAPES_JOINT_EPOCHS``
+    epochs; the rest as shipped."""
+    out = copy.deepcopy(steps)
+    for step in out:
+        if step.get("finetune"):
+            step["finetune"]["epochs"] = overview.SHAPES_FT_EPOCHS
+        config = step.setdefault("config", {})
+        if step["compressor"] == "normsparse":
+            config.update(overview.SHAPES_NORMSPARSE)
+        elif step["compressor"] == "joint":
+            config["epochs"] = overview.SHAPES_JOINT_EPOCHS
+    return out
+
+
 def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
     """Every chain the page compresses (the searches follow from them)."""
-    return {f"{m} / {name}": (m, h.recipe_steps(name)) for name, m in chains(quick).items()}
+    return {f"{m} / {name}": (m, shapes_budget(h.recipe_steps(name)))
+            for name, m in chains(quick).items()}
 
 
 def finetune_epochs(steps: list[dict[str, Any]]) -> int:
@@ -83,6 +107,8 @@ def run(b: h.Bench) -> list[str]:
     with h.fresh_cache(b.tmp):  # no scan checkpoint of an earlier run is reused
         for model_key, recipes in by_model.items():
             model, data = h.reference(model_key)
+            data = h.subset(data, {"train": overview.TRAIN_IMAGES,
+                                   **(h.QUICK_SPLITS if b.quick else {})})
             table, rows = None, []
             for name, steps in recipes:
                 print(f"{model_key}: {name}", file=sys.stderr, flush=True)
