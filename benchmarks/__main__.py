@@ -11,8 +11,10 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+import netshrink as ns
 from benchmarks.harness import ROOT, Bench
 from benchmarks.pages import PAGES
 
@@ -58,6 +61,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=None,
                         help="compression seeds per configuration (default: the page's; "
                         "1 with --quick)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="measure every row again instead of resuming the rows an "
+                        "interrupted run of the same command saved at the same commit")
     parser.add_argument("--out", type=Path, default=ROOT / "docs",
                         help="documentation root the page goes under (default: docs/)")
     args = parser.parse_args(argv)
@@ -76,6 +82,17 @@ def command(args: argparse.Namespace) -> str:
         + ([f"--seeds {args.seeds}"] if args.seeds is not None else []))
 
 
+def rows_dir(args: argparse.Namespace, rev: str, seeds: int) -> Path | None:
+    """Where the page's finished rows persist, so an interrupted run resumes: one folder per
+    clean commit, page, mode, seeds and ``NETSHRINK_THREADS`` under the netshrink cache; ``None`` (nothing saved or
+    resumed) when the code differs from the commit or git is missing."""
+    if re.fullmatch(r"[0-9a-f]{12}", rev) is None:  # "+ uncommitted changes", "unknown"
+        return None
+    threads = os.environ.get("NETSHRINK_THREADS", "unset")
+    run = f"{args.page}{'-quick' if args.quick else ''}-seeds{seeds}-threads{threads}"
+    return ns.cache_dir() / "benchmark-rows" / rev / run
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Generate one page; returns the path written."""
     args = parse(argv)
@@ -88,7 +105,10 @@ def main(argv: list[str] | None = None) -> Path:
     load_start, rev = os.getloadavg(), commit()  # the commit the run starts from
     started, t0 = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.page}-") as tmp:
-        bench = Bench(quick=args.quick, seeds=seeds, page=out, tmp=Path(tmp))
+        rows = rows_dir(args, rev, seeds)
+        if rows is not None and args.fresh:
+            shutil.rmtree(rows, ignore_errors=True)
+        bench = Bench(quick=args.quick, seeds=seeds, page=out, tmp=Path(tmp), rows=rows)
         body = spec.run(bench)
     load_end = os.getloadavg()
     head = [
@@ -104,6 +124,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; total "
         f"wall time {(time.perf_counter() - t0) / 60:.1f} min, CPU time {cpu() / 60:.1f} min.",
         "",
+        *([f"{len(bench.resumed)} row(s) of this page were measured by an earlier, interrupted "
+           "run of the same command at the same commit and resumed from its saved rows: "
+           + ", ".join(f"`{k}`" for k in bench.resumed) + ". The wall and CPU times above "
+           "do not include them.", ""]
+          if bench.resumed else []),
         "Accuracies are on the test split: mean ± std over the seeds, and the 95% Wilson interval "
         "of that mean on the n test examples; a comparison whose intervals overlap gets no "
         "verdict. Speedups are dense latency / compressed latency, median over interleaved "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import multiprocessing
 import os
 import resource
@@ -12,7 +14,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -276,14 +278,44 @@ def save_plot(draw: Callable[[Any], None], path: Path, size: tuple[float, float]
     return path
 
 
+#: A saved row larger than this is not a row this harness wrote: it is measured again.
+MAX_ROW_BYTES = 1_000_000
+
+
 @dataclass
 class Bench:
-    """What a page's ``run`` receives: the mode, the seeds, where its page and plots go."""
+    """What a page's ``run`` receives: the mode, the seeds, where its page and plots go, and
+    where finished rows persist (``rows``; ``None``: nothing is saved or resumed)."""
 
     quick: bool
     seeds: int
     page: Path
     tmp: Path
+    rows: Path | None = None
+    #: The keys of the rows :meth:`row` took from an earlier, interrupted run.
+    resumed: list[str] = field(default_factory=list)
+
+    def row(self, key: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``measure()``, saved under ``key`` in :attr:`rows`; a row an earlier run of the same
+        page at the same commit saved there is returned instead of measured again. Rows with an
+        ``"error"`` are not saved (a rerun tries them again); a saved file that is not a row
+        this harness wrote for ``key`` (unreadable, too large, another key) is measured again.
+        Values are saved as JSON (anything else as its ``str``)."""
+        path = self.rows / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json" \
+            if self.rows else None
+        if path is not None and path.is_file() and path.stat().st_size <= MAX_ROW_BYTES:
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                saved = None
+            if isinstance(saved, dict) and saved.get("key") == key \
+                    and isinstance(saved.get("row"), dict):
+                self.resumed.append(key)
+                return saved["row"]
+        out = measure()
+        if path is not None and "error" not in out:
+            ns.atomic_write(path, json.dumps({"key": key, "row": out}, default=str))
+        return out
 
     def plot(self, name: str) -> tuple[Path, str]:
         """Path for a plot next to the page, and the link to it from the page."""

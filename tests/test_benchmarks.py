@@ -283,3 +283,65 @@ def test_normsparse_bad_input_rows_show_the_error_each_case_is_about(bench):
     assert errors == {"negative L1 weight": "RecipeError", "threshold ≥ 1": "RecipeError",
                       "no Linear/Conv layer selected": "SelectionError",
                       "only the classifier head selected": "SelectionError"}
+
+
+# -- resuming an interrupted page ---------------------------------------------------------------
+
+
+def test_bench_rows_are_saved_and_resumed_but_not_errors_or_foreign_files(bench, tmp_path):
+    calls = []
+
+    def measure(value):
+        def go():
+            calls.append(value)
+            return value
+        return go
+
+    b = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "p.md", tmp=tmp_path,
+                      rows=tmp_path / "rows")
+    assert b.row("m / a", measure({"acc": 0.5, "accs": [0.5]})) == {"acc": 0.5, "accs": [0.5]}
+    assert b.row("m / a", measure({"acc": 0.9})) == {"acc": 0.5, "accs": [0.5]}  # resumed
+    assert b.resumed == ["m / a"] and len(calls) == 1
+    assert b.row("m / e", measure({"error": "boom"})) == {"error": "boom"}
+    assert b.row("m / e", measure({"error": "again"})) == {"error": "again"}  # not saved
+    saved = list((tmp_path / "rows").iterdir())
+    assert len(saved) == 1
+    saved[0].write_text("{not json")  # a damaged file is measured again, not trusted
+    assert b.row("m / a", measure({"acc": 0.7})) == {"acc": 0.7}
+    saved[0].write_text('{"key": "m / other", "row": {"acc": 0.1}}')  # another row's file
+    assert b.row("m / a", measure({"acc": 0.8})) == {"acc": 0.8}
+    nothing = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "p.md", tmp=tmp_path)
+    assert nothing.row("m / a", measure({"acc": 0.6})) == {"acc": 0.6}  # rows=None: no resume
+    assert nothing.resumed == [] and len(calls) == 6
+
+
+def test_runner_resumes_rows_of_an_interrupted_run_at_the_same_commit(bench, tmp_path,
+                                                                       monkeypatch):
+    """Rows persist per commit: a rerun reuses them and the header says which; --fresh, a
+    different commit or uncommitted code measures everything again."""
+    measured = []
+
+    def run(b):
+        rows = [b.row(f"tiny / {name}", lambda name=name: measured.append(name) or {"v": name})
+                for name in ("a", "b")]
+        return [str(rows)]
+
+    page = types.SimpleNamespace(TITLE="Tiny", OUT="benchmarks/tiny.md", ABOUT=[],
+                                 cases=lambda quick: {}, run=run)
+    monkeypatch.setitem(bench.PAGES, "tiny", page)
+    monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(bench.runner, "commit", lambda: "0123456789ab")
+    args = ["tiny", "--quick", "--out", str(tmp_path)]
+    first = bench.runner.main(args).read_text()
+    assert measured == ["a", "b"] and "resumed" not in first
+    second = bench.runner.main(args).read_text()
+    assert measured == ["a", "b"]
+    assert "2 row(s) of this page were measured by an earlier, interrupted run" in second
+    assert "`tiny / a`, `tiny / b`" in second and "{'v': 'a'}" in second
+    bench.runner.main([*args, "--fresh"])
+    assert measured == ["a", "b", "a", "b"]
+    monkeypatch.setattr(bench.runner, "commit", lambda: "0123456789ab + uncommitted changes")
+    bench.runner.main(args)
+    monkeypatch.setattr(bench.runner, "commit", lambda: "ba9876543210")
+    bench.runner.main(args)
+    assert measured == ["a", "b"] * 4

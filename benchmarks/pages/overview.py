@@ -79,7 +79,8 @@ def methods(model: str, quick: bool) -> dict[str, list[dict[str, Any]]]:
                        **{**({"epochs": 30} if not shapes else SHAPES_NORMSPARSE),
                           **({"epochs": 10} if quick else {})})
     joint = {"target_ratio": JOINT_TARGET.get(base, JOINT_DEFAULT), "min_bits": 3,
-             "epochs": 3 if quick else SHAPES_JOINT_EPOCHS if shapes else 10, "lr": 0.002, "batch_size": 32}
+             "epochs": 3 if quick else SHAPES_JOINT_EPOCHS if shapes else 10,
+             "lr": 0.002, "batch_size": 32}
     out = {
         "magnitude 90% (global) + ft": [mag90],
         "quantize 4-bit/ch": [_step("quantize", bits=4)],
@@ -192,7 +193,8 @@ def section(b: h.Bench, model: str) -> list[str]:
     rows = []
     for label in labels:
         print(f"[{model}] {label}", file=sys.stderr, flush=True)
-        rows.append(h.isolated(row, model, label, b.quick, b.seeds, timeout=3600))
+        rows.append(b.row(f"{model} / {label}", lambda label=label: h.isolated(
+            row, model, label, b.quick, b.seeds, timeout=3600)))
         rows[-1].setdefault("method", label)
     ok = [r for r in rows if "error" not in r]
     path, link = b.plot(f"pareto_{model}.png")
