@@ -35,14 +35,18 @@ def bench(monkeypatch):
 def test_every_page_case_plans_on_its_model(bench, quick, tmp_path, small_shapes):
     """Compressor names, config fields and selectors of every compression a page runs are valid
     for its model (`netshrink validate`), so a long run cannot die on a typo an hour in."""
-    checked = 0
+    checked, seen = 0, set()
     for page_name, page in bench.PAGES.items():
         for label, (model, steps) in page.cases(quick).items():
             spec, data, _ = bench.h.MODELS[model]
             if spec.startswith("timm:"):
                 pytest.importorskip("timm")
+            text = yaml.safe_dump({"steps": steps})
+            if (spec, data, text) in seen:  # pages share cases: each is validated once
+                continue
+            seen.add((spec, data, text))
             recipe = tmp_path / "r.yaml"
-            recipe.write_text(yaml.safe_dump({"steps": steps}))
+            recipe.write_text(text)
             args = ["validate", str(recipe), "--model", spec, "--data", data]
             out = CliRunner().invoke(cli, args)
             assert out.exit_code == 0, f"{page_name} / {label}: {out.output}{out.exception or ''}"
@@ -345,3 +349,40 @@ def test_runner_resumes_rows_of_an_interrupted_run_at_the_same_commit(bench, tmp
     monkeypatch.setattr(bench.runner, "commit", lambda: "ba9876543210")
     bench.runner.main(args)
     assert measured == ["a", "b"] * 4
+
+
+def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(bench, tmp_path,
+                                                                            monkeypatch):
+    """peers_<model>: each netshrink point and each peer curve is a saved row; a rerun measures
+    nothing that succeeded and again what failed; the page has table, plot and verdicts."""
+    from benchmarks import peers
+    from benchmarks.pages import peers as page
+
+    def broken(*args):
+        raise ValueError("nope")
+
+    fast = {"PyTorch dynamic int8": peers.PEERS["PyTorch dynamic int8"],
+            "broken": peers.Peer("torch", "k", (1,), (1,), broken)}
+    monkeypatch.setattr(peers, "PEERS", fast)
+    monkeypatch.setattr(page, "ours", lambda quick: {"quantize 4-bit/ch": (
+        "bits 4", [{"compressor": "quantize", "select": bench.h.EVERYTHING,
+                    "config": {"bits": 4}}])})
+    measured = []
+    for name in ("ours_rows", "peer_rows"):
+        real = getattr(page, name)
+        monkeypatch.setattr(page, name, lambda *a, real=real, name=name, **k: (
+            measured.append(name), real(*a, **k))[1])
+    b = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "benchmarks" / "p.md", tmp=tmp_path,
+                      rows=tmp_path / "rows")
+    text = "\n".join(page.model_run(b, "lenet5"))
+    assert measured == ["ours_rows", "peer_rows", "peer_rows"]
+    assert "| quantize 4-bit/ch | netshrink |" in text and "PyTorch dynamic int8" in text
+    assert "- **broken**: no point measured (failed: ValueError: nope)." in text
+    n_train = min(2_000, len(bench.h.reference("lenet5")[1].train))  # quick: at most 2,000
+    assert f"fine-tune epoch(s) of {n_train:,} training images" in text
+    assert (tmp_path / "benchmarks" / "peers_lenet5.png").stat().st_size > 5_000
+    again = "\n".join(page.model_run(b, "lenet5"))
+    assert measured[3:] == ["peer_rows"]  # only the failed curve is measured again
+    assert b.resumed == ["lenet5 / netshrink / quantize 4-bit/ch",
+                         "lenet5 / peer / PyTorch dynamic int8"]
+    assert again.split("![")[0] == text.split("![")[0]

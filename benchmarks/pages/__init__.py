@@ -32,4 +32,6 @@ PAGES = {
     "statprune_tucker": statprune_tucker,
     # One page per model on the shapes data (docs/benchmarks/overview_<model>.md).
     **{f"overview_{m}": overview.model_page(m) for m in overview.SHAPES_MODELS},
+    # The peers page's curves per CNN on the shapes data (docs/benchmarks/peers_<model>.md).
+    **{f"peers_{m}": peers.model_page(m) for m in peers.CNN_MODELS},
 }

@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import statistics
 import sys
+from types import SimpleNamespace
 from typing import Any
 
 from benchmarks import harness as h
 from benchmarks import peers as p
+from benchmarks.pages import overview
 
 TITLE = "Peers at their best: bytes on disk against accuracy"
 OUT = "benchmarks/peers.md"
 MODELS = ("lenet5@shapes32",)
 QUICK_MODELS = ("lenet5",)
+#: The CNNs with a page of their own (``python -m benchmarks peers_<model>`` writes
+#: docs/benchmarks/peers_<model>.md): everything there trains on the first
+#: ``overview.TRAIN_IMAGES`` training images, as on the per-model overview pages (one epoch of
+#: all 50,000 is about 6 min for vgg_small here, and every training peer fine-tunes once per
+#: knob value and seed).
+CNN_MODELS = ("vgg_small@shapes32", "resnet_small@shapes32", "mobilenetv3_small_100@shapes64",
+              "mobilenet_v3_small@shapes64", "shufflenet_v2_x0_5@shapes64")
 SPARSITIES = (0.7, 0.9, 0.95)
 QUICK_SPARSITIES = (0.9,)
 ABOUT = [
@@ -120,11 +129,14 @@ def merge(name: str, knobs: tuple[Any, ...], curves: list[list[p.Point]]) -> lis
 
 
 def peer_rows(model: Any, data: Any, b: h.Bench,
-              values: dict[str, tuple[Any, ...]] | None = None) -> list[dict[str, Any]]:
-    """Every peer curve (``values``: only these peers, at these knob values)."""
+              values: dict[str, tuple[Any, ...]] | None = None,
+              names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Every peer curve (``values``: only these peers, at these knob values; ``names``: only
+    these peers, at their own values)."""
     rows = []
     for name, peer in p.PEERS.items():
-        if values is not None and name not in values:
+        if (values is not None and name not in values) or (names is not None
+                                                            and name not in names):
             continue
         print(f"  peer: {name}", file=sys.stderr, flush=True)
         seeds = range(b.seeds) if peer.finetunes else range(1)
@@ -252,3 +264,48 @@ def run(b: h.Bench) -> list[str]:
         heading = f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s))"
         lines += section(b, m, heading, "peers", dense_row(model, data), rows, len(data.test))
     return lines
+
+
+# -- one page per CNN ---------------------------------------------------------------------------
+
+
+def _saved(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows as one :meth:`Bench.row` value; with an ``error`` key (so not saved, and measured
+    again by a rerun) when any of them failed."""
+    failed = [r["error"] for r in rows if "error" in r]
+    return {"rows": rows, **({"error": failed[0]} if failed else {})}
+
+
+def model_run(b: h.Bench, m: str) -> list[str]:
+    """One CNN's page body: as :func:`run`, on the first ``overview.TRAIN_IMAGES`` training
+    images, each netshrink point and each peer curve a saved row, so an interrupted run at the
+    same commit resumes (:meth:`Bench.row`)."""
+    print(f"[{m}]", file=sys.stderr, flush=True)
+    model, data = h.reference(m)
+    data = h.subset(data, {"train": overview.TRAIN_IMAGES, **(h.QUICK_SPLITS if b.quick else {})})
+    rows: list[dict[str, Any]] = []
+    for label, point in ours(b.quick).items():
+        rows += b.row(f"{m} / netshrink / {label}", lambda label=label, point=point: _saved(
+            ours_rows(model, data, b, {label: point})))["rows"]
+    for name in p.PEERS:
+        rows += b.row(f"{m} / peer / {name}", lambda name=name: _saved(
+            peer_rows(model, data, b, names=(name,))))["rows"]
+    spec, data_name, _ = h.MODELS[m]
+    heading = (f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s) of "
+               f"{len(data.train):,} training images)")
+    return section(b, m, heading, "peers", dense_row(model, data), rows, len(data.test))
+
+
+def model_page(m: str) -> SimpleNamespace:
+    """The page spec of one CNN (``python -m benchmarks peers_<model>``)."""
+    spec, data_name, _ = h.MODELS[m]
+    about = [
+        f"The peers page's curves on `{spec}` trained on `{data_name}` (docs/datasets.md), "
+        f"everything that trains on the first {overview.TRAIN_IMAGES:,} training images "
+        "(validation and test splits whole); quick mode: 2,000 training and test images, one "
+        "seed, fewer points.", "", *ABOUT]
+    return SimpleNamespace(
+        TITLE=f"Peers at their best: {m}", OUT=f"benchmarks/peers_{m}.md", ABOUT=about,
+        SEEDS=3, run=lambda b: model_run(b, m),
+        cases=lambda quick: {f"{m} / {label}": (m, steps)
+                             for label, (_, steps) in ours(quick).items()})
