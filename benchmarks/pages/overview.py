@@ -42,8 +42,16 @@ SHAPES_MODELS = ("lenet5@shapes32", "vgg_small@shapes32", "resnet_small@shapes32
 TRAIN_IMAGES = 10_000
 SHAPES_FT_EPOCHS = 1
 #: normsparse's L1 training on the shapes data: 6 epochs; at the recipes' ``val_tolerance`` of
-#: 0.01 nothing is admissible there (docs/benchmarks/normsparse.md).
+#: 0.01 nothing is admissible there (docs/benchmarks/normsparse.md). LeNet-5 keeps 0.04 (its
+#: pages ran so); on vgg_small no epoch stays within 0.04 (the best: -7.4 pp at 90% of the
+#: weights removed, before the fine-tune that follows), so the CNNs allow 0.10.
 SHAPES_NORMSPARSE = {"epochs": 6, "val_tolerance": 0.04}
+SHAPES_NORMSPARSE_CNN = {"epochs": 6, "val_tolerance": 0.10}
+
+
+def shapes_normsparse(model: str) -> dict[str, Any]:
+    """normsparse's epochs and ``val_tolerance`` on the shapes data for harness ``model``."""
+    return SHAPES_NORMSPARSE if model.split("@")[0] == "lenet5" else SHAPES_NORMSPARSE_CNN
 SHAPES_JOINT_EPOCHS = 2
 # joint's whole-file target per model: the ResNets' BatchNorm tensors and manifest alone exceed
 # 1% of their dense size, so 100x is infeasible there; after statprune -> tucker the model is
@@ -69,14 +77,14 @@ def _step(compressor: str, select: dict[str, Any] = h.EVERYTHING, ft: Any = None
 def methods(model: str, quick: bool) -> dict[str, list[dict[str, Any]]]:
     """label -> recipe steps for ``model`` (a harness model; ``@shapes`` ones get the shorter
     training of the per-model pages: one fine-tune epoch, 6 L1 epochs at ``val_tolerance``
-    0.04, 2 joint epochs)."""
+    0.04 on LeNet-5 and 0.10 on the CNNs, 2 joint epochs)."""
     shapes, base = "@shapes" in model, model.split("@")[0]
     ft = {"epochs": 1 if quick else SHAPES_FT_EPOCHS if shapes else 3, "lr": 0.001}
     mag90 = _step("magnitude", ft=ft, sparsity=0.9, scope="global")
     bio = {**_step("bioclust", bits=4, population=4 if quick else 16, noise_scale=0.5),
            "overrides": BIOCLUST_8BIT}
     normsparse = _step("normsparse", {"types": ["Linear", "Conv2d"]}, ft, l1=0.005,
-                       **{**({"epochs": 30} if not shapes else SHAPES_NORMSPARSE),
+                       **{**({"epochs": 30} if not shapes else shapes_normsparse(model)),
                           **({"epochs": 10} if quick else {})})
     joint = {"target_ratio": JOINT_TARGET.get(base, JOINT_DEFAULT), "min_bits": 3,
              "epochs": 3 if quick else SHAPES_JOINT_EPOCHS if shapes else 10,
@@ -224,7 +232,9 @@ def model_page(model: str) -> SimpleNamespace:
         f"Every method and peer of docs/benchmarks.md on `{spec}` trained on `{data_name}` "
         "(docs/datasets.md). Every method trains and fine-tunes on the first "
         f"{TRAIN_IMAGES:,} training images, one fine-tune epoch (netshrink's and the peers'), "
-        "6 L1 epochs for normsparse and 2 epochs for joint; validation and test splits whole "
+        f"{shapes_normsparse(model)['epochs']} L1 epochs for normsparse (`val_tolerance` "
+        f"{shapes_normsparse(model)['val_tolerance']}) and {SHAPES_JOINT_EPOCHS} epochs for "
+        "joint; validation and test splits whole "
         "(test n = 10,000). Quick mode: 2,000 training and test images, one seed.",
         *ABOUT[1:],
     ]

@@ -24,8 +24,8 @@ ABOUT = [
     "on shapes32 instead of the recipe's `digits32`, with the training budget of the per-model "
     f"overview pages: the first {overview.TRAIN_IMAGES:,} training images (validation and test "
     f"splits whole), {overview.SHAPES_FT_EPOCHS} fine-tune epoch per fine-tune, normsparse "
-    f"{overview.SHAPES_NORMSPARSE['epochs']} L1 epochs at `val_tolerance` "
-    f"{overview.SHAPES_NORMSPARSE['val_tolerance']}, joint {overview.SHAPES_JOINT_EPOCHS} "
+    f"{overview.SHAPES_NORMSPARSE_CNN['epochs']} L1 epochs at `val_tolerance` "
+    f"{overview.SHAPES_NORMSPARSE_CNN['val_tolerance']}, joint {overview.SHAPES_JOINT_EPOCHS} "
     "epochs; every other setting as shipped. (As shipped, normsparse's 30 epochs of vgg_small "
     "on shapes32 alone take about five hours here.) "
     "`netshrink.search` then runs with the chain's smallest artifact (over the seeds) as its "
@@ -45,17 +45,17 @@ def chains(quick: bool) -> dict[str, str]:
     return QUICK_CHAINS if quick else CHAINS
 
 
-def shapes_budget(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A chain's steps with the overview pages' shapes budget: every fine-tune
-    ``SHAPES_FT_EPOCHS`` epochs, normsparse ``SHAPES_NORMSPARSE``, joint ``SHAPES_JOINT_EPOCHS``
-    epochs; the rest as shipped."""
+def shapes_budget(steps: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
+    """A chain's steps with the overview pages' shapes budget for harness ``model``: every
+    fine-tune ``SHAPES_FT_EPOCHS`` epochs, normsparse :func:`overview.shapes_normsparse`, joint
+    ``SHAPES_JOINT_EPOCHS`` epochs; the rest as shipped."""
     out = copy.deepcopy(steps)
     for step in out:
         if step.get("finetune"):
             step["finetune"]["epochs"] = overview.SHAPES_FT_EPOCHS
         config = step.setdefault("config", {})
         if step["compressor"] == "normsparse":
-            config.update(overview.SHAPES_NORMSPARSE)
+            config.update(overview.shapes_normsparse(model))
         elif step["compressor"] == "joint":
             config["epochs"] = overview.SHAPES_JOINT_EPOCHS
     return out
@@ -63,7 +63,7 @@ def shapes_budget(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
     """Every chain the page compresses (the searches follow from them)."""
-    return {f"{m} / {name}": (m, shapes_budget(h.recipe_steps(name)))
+    return {f"{m} / {name}": (m, shapes_budget(h.recipe_steps(name), m))
             for name, m in chains(quick).items()}
 
 
