@@ -84,8 +84,9 @@ def command(args: argparse.Namespace) -> str:
 
 def rows_dir(args: argparse.Namespace, rev: str, seeds: int) -> Path | None:
     """Where the page's finished rows persist, so an interrupted run resumes: one folder per
-    clean commit, page, mode, seeds and ``NETSHRINK_THREADS`` under the netshrink cache; ``None`` (nothing saved or
-    resumed) when the code differs from the commit or git is missing."""
+    clean commit, page, mode, seeds and ``NETSHRINK_THREADS`` under the netshrink cache;
+    ``None`` (nothing saved or resumed) when the code differs from the commit or git is
+    missing."""
     if re.fullmatch(r"[0-9a-f]{12}", rev) is None:  # "+ uncommitted changes", "unknown"
         return None
     threads = os.environ.get("NETSHRINK_THREADS", "unset")
