@@ -60,20 +60,40 @@ class Deadline:
 @contextmanager
 def deadline(seconds: float, doing: str = "starting") -> Iterator[Deadline]:
     """A :class:`Deadline` of ``seconds``; raises :class:`TimeoutError` with its message when it
-    passes (at once in the main thread, else at the next :meth:`Deadline.check`)."""
+    passes (at once in the main thread, else at the next :meth:`Deadline.check`).
+
+    An enclosing real-time timer (a caller's ``signal.setitimer`` or ``signal.alarm``, or an
+    outer :func:`deadline`) keeps its time: if it is due first its own handler runs when it is
+    due, and on leaving its remaining time is armed again (at once if it passed meanwhile)."""
     limit = Deadline(seconds, doing)
     main = threading.current_thread() is threading.main_thread()
     if not main or not hasattr(signal, "setitimer"):
         yield limit
         return
 
+    outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    outer_due = limit.started + outer_left if outer_left > 0 else None
+    outer_fired = False
+
     def expire(signum: int, frame: object) -> None:
+        nonlocal outer_fired
+        if outer_due is not None and not outer_fired and time.monotonic() >= outer_due:
+            outer_fired = True  # the enclosing timer's turn: its handler, then ours again
+            if callable(previous):
+                previous(signum, frame)
+            left = limit.started + seconds - time.monotonic()
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
+            return
         limit._alarm()
 
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    first = seconds if outer_due is None else min(seconds, outer_left)
+    signal.setitimer(signal.ITIMER_REAL, first)
     try:
         yield limit
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_due is not None and not outer_fired:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_due - time.monotonic(), 1e-6),
+                             outer_interval)
