@@ -21,7 +21,8 @@ ABOUT = [
     "0.28 pp): it shows that every method and chain runs on each model and cannot tell methods "
     "apart; the figures on the hard shapes data are on the per-topic pages and the method "
     "pages, and the same rows per shapes model come from `python -m benchmarks "
-    "overview_<model>` (docs/benchmarks/overview_<model>.md).",
+    "overview_<model>` (docs/benchmarks/overview_<model>.md), every peer curve per shapes "
+    "CNN from `python -m benchmarks peers_<model>` (docs/benchmarks/peers_<model>.md).",
     "Sizes are the bytes of the file each method saves (netshrink: the `.nsk` artifact, equal "
     "to the report's `storage_bytes`; peers: the file each peer's docs tell a user to save, "
     "see the peers page). Ratio = dense fp32 bytes / that size. Every fine-tune (netshrink's and the peers') gets the same "
