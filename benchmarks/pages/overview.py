@@ -48,12 +48,14 @@ SHAPES_FT_EPOCHS = 1
 #: weights removed, before the fine-tune that follows), so the CNNs allow 0.10.
 SHAPES_NORMSPARSE = {"epochs": 6, "val_tolerance": 0.04}
 SHAPES_NORMSPARSE_CNN = {"epochs": 6, "val_tolerance": 0.10}
+SHAPES_JOINT_EPOCHS = 2
 
 
 def shapes_normsparse(model: str) -> dict[str, Any]:
     """normsparse's epochs and ``val_tolerance`` on the shapes data for harness ``model``."""
     return SHAPES_NORMSPARSE if model.split("@")[0] == "lenet5" else SHAPES_NORMSPARSE_CNN
-SHAPES_JOINT_EPOCHS = 2
+
+
 # joint's whole-file target per model: the ResNets' BatchNorm tensors and manifest alone exceed
 # 1% of their dense size, so 100x is infeasible there; after statprune -> tucker the model is
 # already 1.3-2.8x smaller and the fixed rest stays, hence the lower chain targets.
