@@ -386,3 +386,23 @@ def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(benc
     assert b.resumed == ["lenet5 / netshrink / quantize 4-bit/ch",
                          "lenet5 / peer / PyTorch dynamic int8"]
     assert again.split("![")[0] == text.split("![")[0]
+
+
+def test_search_chains_resumes_chain_rows_and_shares_the_scan(bench, tmp_path, monkeypatch):
+    from benchmarks.pages import search_chains as page
+
+    calls = []
+
+    def fake_chain_row(name, steps, model, data, seeds, table):
+        calls.append((name, table))
+        return [name, "1,000", "acc", "990", 1, "acc", "indistinguishable", "plan"], "scan"
+
+    monkeypatch.setattr(page, "chain_row", fake_chain_row)
+    b = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "p.md", tmp=tmp_path,
+                      rows=tmp_path / "rows")
+    recipes = [("a.yaml", []), ("b.yaml", [])]
+    first = page.model_section(b, "lenet5", recipes)
+    assert calls == [("a.yaml", None), ("b.yaml", "scan")]  # the second reuses the scan
+    assert page.model_section(b, "lenet5", recipes) == first and len(calls) == 2
+    assert b.resumed == ["lenet5 / a.yaml", "lenet5 / b.yaml"]
+    assert any(line.startswith("| a.yaml | 1,000 |") for line in first)

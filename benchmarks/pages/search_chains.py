@@ -98,25 +98,34 @@ def chain_row(name: str, steps: list[dict[str, Any]], model: Any, data: ns.DataS
     ], table
 
 
+def model_section(b: h.Bench, model_key: str,
+                  recipes: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
+    """One model's table: each chain a saved row (:meth:`Bench.row`), so an interrupted run at
+    the same commit resumes; the chains measured in one run share the sensitivity scan."""
+    model, data = h.reference(model_key)
+    data = h.subset(data, {"train": overview.TRAIN_IMAGES, **(h.QUICK_SPLITS if b.quick else {})})
+    table, rows = None, []
+    for name, steps in recipes:
+        print(f"{model_key}: {name}", file=sys.stderr, flush=True)
+
+        def measure(name: str = name, steps: list[dict[str, Any]] = steps) -> dict[str, Any]:
+            nonlocal table
+            cells, table = chain_row(name, steps, model, data, b.seeds, table)
+            return {"cells": cells}
+
+        rows.append(b.row(f"{model_key} / {name}", measure)["cells"])
+    return [f"## {model_key} ({ns.model_info(model).spec}, {data.name})", "",
+            *h.table(["chain", "its smallest bytes", "its test acc [95% CI]",
+                      "searched bytes (largest seed)", "search fine-tune epochs",
+                      "searched test acc [95% CI]", "searched vs chain",
+                      "searched choice per layer (seed 0)"], rows)]
+
+
 def run(b: h.Bench) -> list[str]:
     """One table per model: each chain against the search at the chain's size."""
     by_model = h.cases_by_model(cases(b.quick))
     for model_key in by_model:  # before the fresh cache below, which would retrain them
         h.reference(model_key)
-    body: list[str] = []
     with h.fresh_cache(b.tmp):  # no scan checkpoint of an earlier run is reused
-        for model_key, recipes in by_model.items():
-            model, data = h.reference(model_key)
-            data = h.subset(data, {"train": overview.TRAIN_IMAGES,
-                                   **(h.QUICK_SPLITS if b.quick else {})})
-            table, rows = None, []
-            for name, steps in recipes:
-                print(f"{model_key}: {name}", file=sys.stderr, flush=True)
-                row, table = chain_row(name, steps, model, data, b.seeds, table)
-                rows.append(row)
-            body += [f"## {model_key} ({ns.model_info(model).spec}, {data.name})", ""]
-            body += h.table(["chain", "its smallest bytes", "its test acc [95% CI]",
-                             "searched bytes (largest seed)", "search fine-tune epochs",
-                             "searched test acc [95% CI]", "searched vs chain",
-                             "searched choice per layer (seed 0)"], rows)
-    return body
+        return [line for model_key, recipes in by_model.items()
+                for line in model_section(b, model_key, recipes)]
