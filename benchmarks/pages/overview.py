@@ -51,6 +51,12 @@ SHAPES_NORMSPARSE_CNN = {"epochs": 6, "val_tolerance": 0.10}
 SHAPES_JOINT_EPOCHS = 2
 
 
+def train_subset(data: Any, quick: bool) -> Any:
+    """``data`` with the shapes pages' training budget: the first :data:`TRAIN_IMAGES` training
+    images, validation and test whole (quick: :data:`harness.QUICK_SPLITS`)."""
+    return h.subset(data, {"train": TRAIN_IMAGES, **(h.QUICK_SPLITS if quick else {})})
+
+
 def shapes_normsparse(model: str) -> dict[str, Any]:
     """normsparse's epochs and ``val_tolerance`` on the shapes data for harness ``model``."""
     return SHAPES_NORMSPARSE if model.split("@")[0] == "lenet5" else SHAPES_NORMSPARSE_CNN
@@ -136,7 +142,7 @@ def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
     reference, data = h.reference(model)
     shapes = "@shapes" in model
     if shapes:
-        data = h.subset(data, {"train": TRAIN_IMAGES, **(h.QUICK_SPLITS if quick else {})})
+        data = train_subset(data, quick)
     example = data.batch("val", 1)[0]
     dense_bytes = sum(t.numel() * 4 for t in reference.state_dict().values())
     dense_acc = h.ns.accuracy(reference, data)
@@ -234,7 +240,8 @@ def model_page(model: str) -> SimpleNamespace:
     about = [
         f"Every method and peer of docs/benchmarks.md on `{spec}` trained on `{data_name}` "
         "(docs/datasets.md). Every method trains and fine-tunes on the first "
-        f"{TRAIN_IMAGES:,} training images, one fine-tune epoch (netshrink's and the peers'), "
+        f"{TRAIN_IMAGES:,} training images, {SHAPES_FT_EPOCHS} fine-tune epoch (netshrink's and "
+        "the peers'), "
         f"{shapes_normsparse(model)['epochs']} L1 epochs for normsparse (`val_tolerance` "
         f"{shapes_normsparse(model)['val_tolerance']}) and {SHAPES_JOINT_EPOCHS} epochs for "
         "joint; validation and test splits whole "

@@ -282,7 +282,7 @@ def model_run(b: h.Bench, m: str) -> list[str]:
     same commit resumes (:meth:`Bench.row`)."""
     print(f"[{m}]", file=sys.stderr, flush=True)
     model, data = h.reference(m)
-    data = h.subset(data, {"train": overview.TRAIN_IMAGES, **(h.QUICK_SPLITS if b.quick else {})})
+    data = overview.train_subset(data, b.quick)
     rows: list[dict[str, Any]] = []
     for label, point in ours(b.quick).items():
         rows += b.row(f"{m} / netshrink / {label}", lambda label=label, point=point: _saved(

@@ -103,7 +103,7 @@ def model_section(b: h.Bench, model_key: str,
     """One model's table: each chain a saved row (:meth:`Bench.row`), so an interrupted run at
     the same commit resumes; the chains measured in one run share the sensitivity scan."""
     model, data = h.reference(model_key)
-    data = h.subset(data, {"train": overview.TRAIN_IMAGES, **(h.QUICK_SPLITS if b.quick else {})})
+    data = overview.train_subset(data, b.quick)
     table, rows = None, []
     for name, steps in recipes:
         print(f"{model_key}: {name}", file=sys.stderr, flush=True)
