@@ -2,7 +2,8 @@
 
 Every page is generated here: the page's spec (benchmarks/pages/<page>.py) measures and returns
 its body; the runner adds the header (command, commit, machine, threads, load average, wall
-time) and writes docs/benchmarks.md (page ``all``) or docs/benchmarks/<page>.md.
+time) and writes docs/benchmarks/<page>.md. ``python -m benchmarks.index`` then rewrites
+docs/benchmarks.md, the index of the pages.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("page", nargs="?", default="all", choices=sorted(PAGES),
-                        help="the page to (re)generate (default: all, docs/benchmarks.md)")
+    parser.add_argument("page", nargs="?", default="smoke_digits", choices=sorted(PAGES),
+                        help="the page to (re)generate (default: smoke_digits, the digits smoke "
+                        "run, docs/benchmarks/smoke_digits.md)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller models and fewer epochs: checks the page, not its figures")
     parser.add_argument("--seeds", type=int, default=None,

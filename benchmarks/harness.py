@@ -319,7 +319,7 @@ class Bench:
 
     def plot(self, name: str) -> tuple[Path, str]:
         """Path for a plot next to the page, and the link to it from the page."""
-        path = self.page.parent / ("benchmarks" if self.page.name == "benchmarks.md" else "") / name
+        path = self.page.parent / name
         return path, path.relative_to(self.page.parent).as_posix()
 
 

@@ -18,7 +18,6 @@ from benchmarks.pages import (
 )
 
 PAGES = {
-    "all": overview,
     "bioclust": bioclust,
     "defaults": defaults,
     "joint": joint,
@@ -29,6 +28,8 @@ PAGES = {
     "runtime": runtime,
     "search": search,
     "search_chains": search_chains,
+    # The digits smoke run (docs/benchmarks/smoke_digits.md).
+    "smoke_digits": overview,
     "statprune_tucker": statprune_tucker,
     # One page per model on the shapes data (docs/benchmarks/overview_<model>.md).
     **{f"overview_{m}": overview.model_page(m) for m in overview.SHAPES_MODELS},

@@ -1,5 +1,7 @@
-"""Page ``all`` (docs/benchmarks.md): every method and the shipped chains on the reference
-models against the peers a user would pick instead, each row in a fresh interpreter."""
+"""Page ``smoke_digits`` (docs/benchmarks/smoke_digits.md): every method and the shipped chains
+on the reference models against the peers a user would pick instead, each row in a fresh
+interpreter, on the digits sets; and the same rows per model on the shapes data
+(``overview_<model>``)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from benchmarks import harness as h
 from benchmarks.peers import OVERVIEW as PEERS
 from benchmarks.peers import single
 
-TITLE = "Benchmarks"
-OUT = "benchmarks.md"
+TITLE = "Benchmarks: smoke run on the digits sets"
+OUT = "benchmarks/smoke_digits.md"
 ABOUT = [
     "A smoke run on the digits sets (`digits28`, `digits32`: 360 test images, one image = "
     "0.28 pp): it shows that every method and chain runs on each model and cannot tell methods "
@@ -238,10 +240,10 @@ def model_page(model: str) -> SimpleNamespace:
     """The page spec of one shapes model (``python -m benchmarks overview_<model>``)."""
     spec, data_name, _ = h.MODELS[model]
     about = [
-        f"Every method and peer of docs/benchmarks.md on `{spec}` trained on `{data_name}` "
-        "(docs/datasets.md). Every method trains and fine-tunes on the first "
-        f"{TRAIN_IMAGES:,} training images, {SHAPES_FT_EPOCHS} fine-tune epoch (netshrink's and "
-        "the peers'), "
+        "Every method and peer of the digits smoke page (docs/benchmarks/smoke_digits.md) on "
+        f"`{spec}` trained on `{data_name}` (docs/datasets.md). Every method trains and "
+        f"fine-tunes on the first {TRAIN_IMAGES:,} training images, {SHAPES_FT_EPOCHS} fine-tune "
+        "epoch (netshrink's and the peers'), "
         f"{shapes_normsparse(model)['epochs']} L1 epochs for normsparse (`val_tolerance` "
         f"{shapes_normsparse(model)['val_tolerance']}) and {SHAPES_JOINT_EPOCHS} epochs for "
         "joint; validation and test splits whole "

@@ -1,0 +1,174 @@
+"""``python -m benchmarks.index [--out DIR]``: writes docs/benchmarks.md, the index of the
+benchmark pages.
+
+It measures nothing. It reads the header every generated page starts with (the command, the
+commit, the date, the wall time, the seeds) and lists, per page, what it covers and on which
+data; per model of the shapes data, which of its pages exist and the command of each one that
+does not exist yet. Rerun it after regenerating any page (a test checks that the index names
+every page under docs/benchmarks/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import netshrink as ns
+from benchmarks.harness import ROOT
+
+#: A page's header line, as ``benchmarks.__main__`` writes it (pages made before the runner
+#: recorded the commit have none).
+HEADER = re.compile(
+    r"Produced by `(?P<command>[^`]+)`(?: at commit `(?P<commit>[^`]+)`)? on "
+    r"(?P<date>\d{4}-\d\d-\d\d \d\d:\d\d) UTC(?P<quick> \(quick mode)?")
+WALL = re.compile(r"total wall time (?P<minutes>[\d.]+) min")
+SEEDS = re.compile(r"\((?P<seeds>\d+) seed\(s\) per configuration\)")
+DATA = re.compile(r"\b(digits(?:28|32)|shapes(?:32|64)(?:_gray)?)\b")
+#: Pages are small markdown files; anything larger is not one of them.
+MAX_PAGE_BYTES = 2_000_000
+
+
+@dataclass(frozen=True)
+class Page:
+    """What a page's header and body say about the run that made it."""
+
+    name: str
+    title: str
+    command: str | None
+    commit: str | None
+    date: str | None
+    wall_min: float | None
+    seeds: int | None
+    quick: bool
+    data: tuple[str, ...]
+    #: The ``## `` headings, whose first word names the model of a per-model section.
+    sections: tuple[str, ...]
+
+
+def read_page(path: Path) -> Page:
+    """The header fields of the page at ``path`` (``None`` where the page does not state one)."""
+    if path.stat().st_size > MAX_PAGE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes, more than a benchmark page "
+                         f"({MAX_PAGE_BYTES:,})")
+    text = path.read_text(encoding="utf-8")
+    title = next((line[2:].strip() for line in text.splitlines() if line.startswith("# ")),
+                 path.stem)
+    head, wall, seeds = HEADER.search(text), WALL.search(text), SEEDS.search(text)
+    return Page(
+        name=path.stem, title=title,
+        command=head["command"] if head else None,
+        commit=head["commit"] if head else None,
+        date=head["date"] if head else None,
+        wall_min=float(wall["minutes"]) if wall else None,
+        seeds=int(seeds["seeds"]) if seeds else None,
+        quick=bool(head and head["quick"]),
+        data=tuple(sorted(set(DATA.findall(text)))),
+        sections=tuple(line[3:].split(" ")[0] for line in text.splitlines()
+                       if line.startswith("## ")))
+
+
+def _commit_cell(page: Page) -> str:
+    if page.command is None:
+        return "no header"
+    return f"`{page.commit}`" if page.commit else "not recorded"
+
+
+def page_table(pages: list[Page]) -> list[str]:
+    """One row per page: link, data, command, commit, date, wall time, seeds."""
+    lines = ["| page | data | command | commit | date (UTC) | wall time | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for p in pages:
+        lines.append(
+            f"| [{p.title}](benchmarks/{p.name}.md){' (quick mode)' if p.quick else ''} | "
+            f"{', '.join(f'`{d}`' for d in p.data) or '—'} | "
+            f"{f'`{p.command}`' if p.command else '—'} | {_commit_cell(p)} | {p.date or '—'} | "
+            f"{f'{p.wall_min:.1f} min' if p.wall_min is not None else '—'} | "
+            f"{p.seeds if p.seeds is not None else '—'} |")
+    return lines
+
+
+def model_table(models: list[str], kinds: list[str], pages: dict[str, Page],
+                defined: set[str]) -> list[str]:
+    """One row per model, one column per page kind (``<kind>_<model>``): a link with its
+    commit, the command that would make it when it is a page of ``defined`` not generated
+    yet, or "—"; and the other pages with a section on the model."""
+    lines = ["| model | " + " | ".join(kinds) + " | sections on other pages |",
+             "|---|" + "---|" * (len(kinds) + 1)]
+    for m in models:
+        cells = []
+        for kind in kinds:
+            name, page = f"{kind}_{m}", pages.get(f"{kind}_{m}")
+            cells.append(f"[`{page.commit}`](benchmarks/{name}.md)" if page and page.commit
+                         else f"[page](benchmarks/{name}.md)" if page
+                         else f"not run yet: `python -m benchmarks {name}`" if name in defined
+                         else "—")
+        others = [p for p in pages.values()
+                  if m in p.sections and p.name not in {f"{k}_{m}" for k in kinds}]
+        cells.append(", ".join(f"[{p.name}](benchmarks/{p.name}.md)" for p in others) or "—")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(docs: Path, commit: str, now: datetime.datetime) -> str:
+    """The index of the pages under ``docs/benchmarks/``, as markdown."""
+    from benchmarks.pages import PAGES, overview, peers
+
+    pages = {p.name: p for p in map(read_page, sorted((docs / "benchmarks").glob("*.md")))}
+    models = list(dict.fromkeys([*overview.SHAPES_MODELS, *peers.CNN_MODELS]))
+    kinds = ["overview", "peers"]
+    in_table = {f"{k}_{m}" for k in kinds for m in models}
+    missing = sorted(name for name, spec in PAGES.items()
+                     if not (docs / spec.OUT).is_file() and name not in in_table)
+    return "\n".join([
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m benchmarks.index` at commit `{commit}` on {now:%Y-%m-%d %H:%M} "
+        "UTC from the headers of the pages below. This index measures nothing: every figure is "
+        "on the page that states the command and commit that made it.",
+        "",
+        "Every page is regenerated by `python -m benchmarks PAGE` (`python -m benchmarks --help` "
+        "lists them); a rerun at the same commit resumes an interrupted page. The data sets are "
+        "described in [Datasets](datasets.md): `shapes32`/`shapes64` are the hard generated sets "
+        "(test n = 10,000), `digits28`/`digits32` scikit-learn's 8×8 digits (test n = 360, a "
+        "smoke run only). The pages run with `NETSHRINK_THREADS=1` on a 2-core machine shared "
+        "with other jobs, so their wall times are upper bounds of what the work needs.",
+        "",
+        "## Per model on the shapes data",
+        "",
+        "`overview`: every method, the shipped chains and the single peer points; `peers`: every "
+        "peer library as a curve over its own knob against netshrink's points, and whether "
+        "netshrink dominates each curve.",
+        "",
+        *model_table(models, kinds, pages, set(PAGES)),
+        "",
+        "## Every page",
+        "",
+        *page_table(list(pages.values())),
+        "",
+        *(["Pages defined in `benchmarks/pages/` that have not been generated yet: "
+           + ", ".join(f"`{n}`" for n in missing) + ".", ""] if missing else []),
+    ]).rstrip("\n") + "\n"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """Write ``<out>/benchmarks.md``; returns its path."""
+    from benchmarks.__main__ import commit
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.index", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs",
+                        help="documentation root holding benchmarks/ (default: docs/)")
+    args = parser.parse_args(argv)
+    text = render(args.out, commit(), datetime.datetime.now(datetime.timezone.utc))
+    path = args.out / "benchmarks.md"
+    ns.atomic_write(path, text)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+if __name__ == "__main__":
+    main()
