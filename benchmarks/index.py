@@ -28,6 +28,11 @@ HEADER = re.compile(
 WALL = re.compile(r"total wall time (?P<minutes>[\d.]+) min")
 SEEDS = re.compile(r"\((?P<seeds>\d+) seed\(s\) per configuration\)")
 DATA = re.compile(r"\b(digits(?:28|32)|shapes(?:32|64)(?:_gray)?)\b")
+#: An accuracy cell: ``mean[ ± std]% [lo, hi]`` (the interval in percent).
+ACC = re.compile(r"(?P<mean>\d+(?:\.\d+)?)(?: ± [\d.]+)?% \[(?P<lo>[\d.]+), (?P<hi>[\d.]+)\]")
+ACC_COLUMN = "test acc [95% CI]"
+#: The band every dense reference of the shapes data is trained into (docs/datasets.md).
+BAND = (85.0, 95.0)
 #: Pages are small markdown files; anything larger is not one of them.
 MAX_PAGE_BYTES = 2_000_000
 
@@ -47,6 +52,9 @@ class Page:
     data: tuple[str, ...]
     #: The ``## `` headings, whose first word names the model of a per-model section.
     sections: tuple[str, ...]
+    #: (row label, mean %, interval low %, interval high %) of every table row with a
+    #: ``test acc [95% CI]`` cell.
+    accuracies: tuple[tuple[str, float, float, float], ...] = ()
 
 
 def read_page(path: Path) -> Page:
@@ -68,7 +76,39 @@ def read_page(path: Path) -> Page:
         quick=bool(head and head["quick"]),
         data=tuple(sorted(set(DATA.findall(text)))),
         sections=tuple(line[3:].split(" ")[0] for line in text.splitlines()
-                       if line.startswith("## ")))
+                       if line.startswith("## ")),
+        accuracies=tuple(accuracy_rows(text)))
+
+
+def accuracy_rows(text: str) -> list[tuple[str, float, float, float]]:
+    """Every row of the page's tables whose ``test acc [95% CI]`` cell has an interval."""
+    rows, column = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            column = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if ACC_COLUMN in cells:
+            column = cells.index(ACC_COLUMN)
+        elif column is not None and column < len(cells) and (m := ACC.search(cells[column])):
+            rows.append((cells[0], float(m["mean"]), float(m["lo"]), float(m["hi"])))
+    return rows
+
+
+def checks(page: Page) -> str:
+    """What the issue's "must show" asks of a model's page, read off its table: the dense
+    reference's accuracy against the band, and how many pairs of the other rows differ by more
+    than their (printed) intervals."""
+    dense = [r for r in page.accuracies if r[0].startswith("dense")]
+    rest = [r for r in page.accuracies if not r[0].startswith("dense")]
+    if not dense or not rest:
+        return "—"
+    _, mean, lo, hi = dense[0]
+    band = "in" if BAND[0] <= mean <= BAND[1] else "**outside**"
+    pairs = [(a, b) for i, a in enumerate(rest) for b in rest[i + 1:]]
+    apart = sum(a[3] < b[2] or b[3] < a[2] for a, b in pairs)
+    return (f"dense {mean:.2f}% [{lo:.1f}, {hi:.1f}], {band} the {BAND[0]:.0f}–{BAND[1]:.0f}% "
+            f"band; {apart} of {len(pairs)} pairs of rows differ by more than their intervals")
 
 
 def _commit_cell(page: Page) -> str:
@@ -96,8 +136,8 @@ def model_table(models: list[str], kinds: list[str], pages: dict[str, Page],
     """One row per model, one column per page kind (``<kind>_<model>``): a link with its
     commit, the command that would make it when it is a page of ``defined`` not generated
     yet, or "—"; and the other pages with a section on the model."""
-    lines = ["| model | " + " | ".join(kinds) + " | sections on other pages |",
-             "|---|" + "---|" * (len(kinds) + 1)]
+    lines = ["| model | " + " | ".join(kinds) + f" | checks ({kinds[0]} page) | sections on "
+             "other pages |", "|---|" + "---|" * (len(kinds) + 2)]
     for m in models:
         cells = []
         for kind in kinds:
@@ -106,6 +146,8 @@ def model_table(models: list[str], kinds: list[str], pages: dict[str, Page],
                          else f"[page](benchmarks/{name}.md)" if page
                          else f"not run yet: `python -m benchmarks {name}`" if name in defined
                          else "—")
+        first = pages.get(f"{kinds[0]}_{m}")
+        cells.append(checks(first) if first else "—")
         others = [p for p in pages.values()
                   if m in p.sections and p.name not in {f"{k}_{m}" for k in kinds}]
         cells.append(", ".join(f"[{p.name}](benchmarks/{p.name}.md)" for p in others) or "—")
@@ -141,7 +183,9 @@ def render(docs: Path, commit: str, now: datetime.datetime) -> str:
         "",
         "`overview`: every method, the shipped chains and the single peer points; `peers`: every "
         "peer library as a curve over its own knob against netshrink's points, and whether "
-        "netshrink dominates each curve.",
+        "netshrink dominates each curve. The checks are read off the overview page's table "
+        "(the issue's \"must show\"): the dense reference against the 85–95% band, and how many "
+        "pairs of its other rows (methods, chains, peers) have disjoint 95% intervals.",
         "",
         *model_table(models, kinds, pages, set(PAGES)),
         "",

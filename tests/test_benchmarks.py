@@ -427,7 +427,12 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
           "commit `0123456789ab` on 2026-12-01 14:29 UTC; every number below comes from that "
           "run (3 seed(s) per configuration).\n\nMachine: total wall time 38.3 min, CPU time "
           "2 min.",
-          "## lenet5@shapes32 (`zoo:lenet5` on `shapes32`)")
+          "## lenet5@shapes32 (`zoo:lenet5` on `shapes32`)\n\n"
+          "| method | test acc [95% CI] | bytes |\n|---|---|---|\n"
+          "| dense | 97.25% [96.6, 97.9] n=10000 | 10 |\n"
+          "| a | 81.48 ± 0.16% [80.7, 82.2] n=10000 | 5 |\n"
+          "| b | 85.86 ± 0.00% [85.2, 86.5] n=10000 | 4 |\n"
+          "| c | 86.64% [86.0, 87.3] n=10000 | 3 |\n")
     _page(pages / "old.md", "Old", "Produced by `python -m benchmarks` on 2026-11-23 20:42 UTC.",
           "## lenet5@shapes32 on digits28")
     _page(pages / "hand.md", "Hand written", "No header here.")
@@ -439,6 +444,8 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     lenet5 = next(line for line in lines if line.startswith("| lenet5@shapes32 |"))
     assert "[`0123456789ab`](benchmarks/overview_lenet5@shapes32.md)" in lenet5
     assert "[old](benchmarks/old.md)" in lenet5  # another page with a section on it
+    # b and c overlap; a is apart from both; the dense reference is above the band
+    assert "dense 97.25% [96.6, 97.9], **outside** the 85–95% band; 2 of 3 pairs" in lenet5
     vgg = next(line for line in lines if line.startswith("| vgg_small@shapes32 |"))
     assert "not run yet: `python -m benchmarks overview_vgg_small@shapes32`" in vgg
     row = next(line for line in lines if "(benchmarks/overview_lenet5@shapes32.md) |" in line
