@@ -72,6 +72,10 @@ def ours(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
             [_step("quantize", bits=4, group_size=32, clip="mse", rounding="gptq")])
         out["quantize 4-bit/ch gptq"] = (
             "bits 4, gptq", [_step("quantize", bits=4, rounding="gptq")])
+        # 3 bits with a clipped range: a quarter smaller than 4 bits, for the peers' 4-bit
+        # points (AIMET's AdaRound among them) to be compared against.
+        out["quantize 3-bit/ch mse-clip gptq"] = (
+            "bits 3, gptq", [_step("quantize", bits=3, clip="mse", rounding="gptq")])
         out["quantize W8A8"] = ("bits 8, int8 activations",
                                 [_step("quantize", bits=8, activations="int8")])
         out["quantize W4A8 g32 gptq"] = (
