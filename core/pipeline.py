@@ -447,6 +447,10 @@ def compress(
                 )
             _check_finite_after(work, f"{item.title}: {where}", _FINETUNE_HINT)
             summary["finetune_best_val_acc"] = hist.get("best_val_acc")
+            # 0: no epoch beat the step's own weights on validation, so they were kept
+            summary["finetune_best_epoch"] = hist.get("best_epoch")
+            summary["finetune_epochs"] = item.step.finetune.epochs
+            summary["finetune_start_val_acc"] = hist.get("start_val_acc")
         summary["wall_time_s"] = round(time.perf_counter() - t0, 3)
         for rec in out.records:
             rec.method = item.compressor.name

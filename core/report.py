@@ -107,12 +107,16 @@ class Report(BaseModel):
     """Per batch size (``batch<N>``): :func:`netshrink.metrics.compare_latency`'s figures
     (older reports hold only ``dense_ms``, ``compressed_ms`` and ``speedup``)."""
     artifact_sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$")
+    """Hex SHA-256 of the artifact's bytes: which file this report describes."""
     #: Bytes the loaded model holds (``netshrink.resident_bytes``): dense decode and packed
     #: runtime (``netshrink.load(path, runtime="packed")``), measured on the artifact.
     resident_bytes_dense: int | None = Field(None, ge=0)
     resident_bytes_packed: int | None = Field(None, ge=0)
-    """Hex SHA-256 of the artifact's bytes: which file this report describes."""
     steps: list[dict[str, Any]] = []
+    """Per step: ``step`` (index), ``compressor``, ``layers``, the compressor's own summary,
+    ``wall_time_s``; after a step's fine-tune also ``finetune_epochs``,
+    ``finetune_start_val_acc``, ``finetune_best_val_acc`` and ``finetune_best_epoch`` (the epoch
+    whose weights were kept; 0 when none beat the step's own weights)."""
     wall_time_s: float = 0.0
     recipe: dict[str, Any] = {}
 

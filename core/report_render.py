@@ -93,6 +93,7 @@ def render(report: Report) -> Group:
         f"ratio {report.compression_ratio:.2f}x"
     ]
     lines.extend(accuracy_lines(report))
+    lines.extend(finetune_lines(report))
     lines.extend(latency_lines(report))
     if report.resident_bytes_dense is not None and report.resident_bytes_packed is not None:
         dense, packed = report.resident_bytes_dense, report.resident_bytes_packed
@@ -128,6 +129,28 @@ def accuracy_lines(report: Report) -> list[str]:
             f"{report.only_before_correct:,} test images right only before, "
             f"{report.only_after_correct:,} right only after)"
         )
+    return lines
+
+
+def finetune_lines(report: Report) -> list[str]:
+    """Per step fine-tuned: the epoch whose weights were kept and their validation accuracy,
+    and, when no epoch beat the step's own weights, that the fine-tune changed nothing."""
+    lines = []
+    for step in report.steps:
+        best, epochs = step.get("finetune_best_epoch"), step.get("finetune_epochs")
+        if not isinstance(best, int) or not isinstance(epochs, int):
+            continue  # not fine-tuned, or a report written before these fields
+        val, start = step.get("finetune_best_val_acc"), step.get("finetune_start_val_acc")
+        acc = f"{val:.4f}" if isinstance(val, float) else "?"
+        name = f"step {step.get('step')} ({step.get('compressor')}) fine-tune"
+        if best == 0:
+            lines.append(
+                f"{name}: no epoch of {epochs} beat the step's own weights on validation "
+                f"({acc}); they were kept, so the fine-tune changed nothing"
+            )
+        else:
+            gain = f", from {start:.4f} before it" if isinstance(start, float) else ""
+            lines.append(f"{name}: kept epoch {best}/{epochs}, validation accuracy {acc}{gain}")
     return lines
 
 

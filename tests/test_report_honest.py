@@ -132,6 +132,29 @@ def test_accuracy_with_n_and_paired_counts(pruned, lenet, digits):
     assert "after vs before: " + rep.accuracy_verdict in text
 
 
+def test_report_says_which_fine_tune_epoch_was_kept(pruned, lenet, digits):
+    """A fine-tune that helps names the epoch kept; one that only hurts (a learning rate far
+    too high) says so, and the step's own weights are what the artifact holds."""
+    helped = ns.compress(lenet, [ns.step("magnitude", sparsity=0.9,
+                                         finetune={"epochs": 2, "lr": 0.001})],
+                         data=digits, latency=False).report
+    step = helped.steps[0]
+    assert step["finetune_epochs"] == 2 and step["finetune_best_epoch"] in (1, 2)
+    assert (f"step 0 (magnitude) fine-tune: kept epoch {step['finetune_best_epoch']}/2, "
+            f"validation accuracy {step['finetune_best_val_acc']:.4f}, from "
+            f"{step['finetune_start_val_acc']:.4f} before it") in str(helped)
+    assert step["finetune_best_val_acc"] > step["finetune_start_val_acc"]
+
+    hurt = ns.compress(lenet, [ns.step("magnitude", sparsity=0.9,
+                                       finetune={"epochs": 2, "lr": 10.0})],
+                       data=digits, latency=False).report
+    assert hurt.steps[0]["finetune_best_epoch"] == 0
+    assert "step 0 (magnitude) fine-tune: no epoch of 2 beat the step's own weights" \
+        in str(hurt)
+    assert hurt.accuracy_after == pruned.report.accuracy_after  # the pruned weights, unchanged
+    assert "fine-tune" not in str(pruned.report)  # no fine-tune, no line
+
+
 def test_accuracy_verdict_follows_the_paired_test(pruned):
     rep, n = pruned.report, pruned.report.n_test
 
