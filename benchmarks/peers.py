@@ -334,9 +334,11 @@ PEERS: dict[str, Peer] = {
     "torchao weight-only": Peer("torchao", "weights", ("int8", "int4-g128", "int4-g64",
                                                        "int4-g32"), ("int8", "int4-g32"),
                                 torchao_weight_only),
-    "NNCF compress_weights": Peer("nncf", "mode", ("INT8_ASYM", "INT4_SYM-g128", "INT4_SYM-g64",
-                                                   "INT4_SYM-g32"), ("INT8_ASYM", "INT4_SYM-g32"),
-                                  nncf_weights),
+    # INT4 per channel (g-1) too: groups need in_features divisible by the group size, which
+    # LeNet-5's fc1 (1,250 inputs) is not.
+    "NNCF compress_weights": Peer("nncf", "mode", ("INT8_ASYM", "INT4_SYM-g-1", "INT4_SYM-g128",
+                                                   "INT4_SYM-g64", "INT4_SYM-g32"),
+                                  ("INT8_ASYM", "INT4_SYM-g32"), nncf_weights),
     "NNCF int8 PTQ": Peer("nncf", "calibration samples", (300,), (64,), nncf_ptq),
     "AIMET QuantSim": Peer("aimet_torch", "weight bits", (8, 6, 4), (8, 4), aimet_quantsim),
     "AIMET AdaRound": Peer("aimet_torch", "weight bits", (8, 4), (4,), aimet_adaround),
