@@ -372,7 +372,8 @@ def curve(name: str, model: nn.Module, data: ns.DataSplits, epochs: int, *, quic
     return points
 
 
-#: The single peer points the overview pages (``smoke_digits``, ``overview_<model>``) show: label -> (peer, knob).
+#: The single peer points the overview pages (``smoke_digits``, ``overview_<model>``) show:
+#: label -> (peer, knob).
 OVERVIEW: dict[str, tuple[str, Knob]] = {
     "torch.nn.utils.prune (global L1 90%, CSR)": ("torch.nn.utils.prune", 0.9),
     "PyTorch dynamic int8": ("PyTorch dynamic int8", "Linear"),
