@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> Path:
           if bench.resumed else []),
         "Accuracies are on the test split: mean ± std over the seeds, and the 95% Wilson interval "
         "of that mean on the n test examples; a comparison whose intervals overlap gets no "
-        "verdict. Speedups are dense latency / compressed latency, median over interleaved "
+        "verdict. A configuration whose compressed weights for seeds 0 and 1 are identical "
+        "does not depend on the seed and is not run for further seeds (its ± 0.00 comes from "
+        "those two). Speedups are dense latency / compressed latency, median over interleaved "
         "rounds with the lowest and highest round in brackets.",
         "",
         *spec.ABOUT,

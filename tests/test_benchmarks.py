@@ -122,6 +122,21 @@ def test_compress_reports_each_seed_on_stderr(bench, capsys):
         assert f"test {acc:.2f}%" in line and f"{ratio:.2f}x" in line
 
 
+def test_compress_stops_after_two_seeds_only_when_their_artifacts_are_identical(bench, capsys):
+    """Post-training quantization does not depend on the seed: seeds 0 and 1 give the same
+    weights and seed 2 is not run; a seeded fine-tune differs, and every seed runs."""
+    model, data = bench.h.reference("lenet300")
+    same = bench.h.compress(model, [ns.step("quantize", bits=4)], data, seeds=3)
+    assert same.deterministic and len(same.results) == 2
+    assert bench.h.same_weights(same.results[0].model, same.results[1].model)
+    assert "seeds 0 and 1 gave the same weights: deterministic, seeds 2-2 not run" \
+        in capsys.readouterr().err
+    tuned = bench.h.compress(model, [ns.step("magnitude", sparsity=0.9, finetune={
+        "epochs": 1, "lr": 0.01, "patience": None})], data, seeds=3)
+    assert not tuned.deterministic and len(tuned.results) == 3
+    assert not bench.h.same_weights(tuned.results[0].model, tuned.results[1].model)
+
+
 def test_runner_writes_page_with_command_commit_and_intervals(bench, tmp_path, monkeypatch):
     """A tiny page through the same runner as every page: header, table, plot."""
     h = bench.h
