@@ -7,9 +7,13 @@ McNemar's paired test between two models scored on the same examples; latency wi
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.utils.benchmark as tbench
@@ -76,6 +80,56 @@ def correct_per_example(
         model(x.to(device)).argmax(1).cpu() == y.reshape(-1).cpu() for x, y in batches
     ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
+def state_digest(model: nn.Module) -> bytes | None:
+    """A digest of every tensor of ``model``'s state dict (names, dtypes, shapes, bytes);
+    ``None`` when one cannot be read as plain bytes (sparse, quantized or meta tensors)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided \
+                or value.is_quantized or value.is_meta:
+            return None
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.digest()
+
+
+class BaselineCorrect:
+    """The uncompressed model's :func:`correct_per_example` on a test split, reused while the
+    same model object, with the same tensors, is scored on the same split object again.
+
+    A benchmark compresses one reference model many times (each method, each seed); scoring
+    the reference again each time was half the wall time of a post-training run on VGG-small.
+    The result is reused only when the model is the same object (weakly referenced), its state
+    dict hashes to the same digest, and the test split is the same object with the same
+    length: change a weight, or pass other data, and it is measured again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # one entry, read and replaced whole
+        self._entry: tuple[tuple[Any, ...], weakref.ref[Any], weakref.ref[Any],
+                           torch.Tensor] | None = None
+
+    def get(self, model: nn.Module, split: Any, measure: Callable[[], torch.Tensor]
+            ) -> torch.Tensor:
+        """``measure()``'s result, or the one remembered for this model and split."""
+        digest = state_digest(model)
+        try:
+            refs = (weakref.ref(model), weakref.ref(split))
+        except TypeError:  # an object that takes no weak reference: never reused
+            return measure()
+        key = (type(model), digest, len(split))
+        with self._lock:
+            entry = self._entry
+        if digest is not None and entry is not None and entry[0] == key \
+                and entry[1]() is model and entry[2]() is split:
+            return entry[3].clone()
+        correct = measure()
+        if digest is not None:
+            with self._lock:
+                self._entry = (key, *refs, correct.clone())
+        return correct
 
 
 def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from netshrink.errors import ArtifactError, NetshrinkError
 from netshrink.fileio import atomic_write
 from netshrink.metrics import (
     ALPHA,
+    BaselineCorrect,
     compare_latency,
     correct_per_example,
     count_macs,
@@ -49,6 +50,9 @@ MAX_REPORT_BYTES = 16 * 1024 * 1024
 
 
 logger = logging.getLogger("netshrink")
+#: The uncompressed model's test predictions, reused across reports of the same model object
+#: with unchanged tensors on the same test split (see :class:`~netshrink.metrics.BaselineCorrect`).
+_BASELINE = BaselineCorrect()
 
 
 class LayerRow(BaseModel):
@@ -436,7 +440,8 @@ def build_report(
     acc_before = acc_after = n_test = lost = gained = None
     if data is not None:
         test = data.loader("test", batch_size=256, shuffle=False)
-        right_before = correct_per_example(original, test)
+        right_before = _BASELINE.get(original, data.test,
+                                     lambda: correct_per_example(original, test))
         right_after = correct_per_example(model, test)
         n_test = len(right_before)
         if n_test:

@@ -155,6 +155,45 @@ def test_report_says_which_fine_tune_epoch_was_kept(pruned, lenet, digits):
     assert "fine-tune" not in str(pruned.report)  # no fine-tune, no line
 
 
+def test_reference_scores_are_reused_only_for_the_same_model_weights_and_split(
+        lenet, digits, monkeypatch):
+    """Compressing the same model again on the same test split scores the reference once; a
+    changed weight or another split object is scored again, and the figures stay exact."""
+    import copy
+
+    calls = []
+    real = report_module.correct_per_example
+
+    def counting(model, batches, *args, **kwargs):
+        calls.append(model)
+        return real(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "correct_per_example", counting)
+    monkeypatch.setattr(report_module, "_BASELINE", metrics.BaselineCorrect())
+    model = copy.deepcopy(lenet)
+    steps = [ns.step("quantize", bits=4)]
+    first = ns.compress(model, steps, data=digits, latency=False).report
+    assert [m is model for m in calls] == [True, False]  # reference, then the compressed one
+    again = ns.compress(model, steps, data=digits, latency=False).report
+    assert [m is model for m in calls[2:]] == [False]  # the reference was not scored again
+    assert (again.accuracy_before, again.only_before_correct, again.only_after_correct) == (
+        first.accuracy_before, first.only_before_correct, first.only_after_correct)
+
+    with torch.no_grad():  # another weight: scored again, and the figure follows the weights
+        model.fc1.weight.mul_(-1)
+    changed = ns.compress(model, steps, data=digits, latency=False).report
+    assert [m is model for m in calls[3:]] == [True, False]
+    test = digits.loader("test", batch_size=256, shuffle=False)
+    assert changed.accuracy_before == pytest.approx(evaluate(model, test))
+    assert changed.accuracy_before != first.accuracy_before
+
+    other = ns.DataSplits(name=digits.name, train=digits.train, val=digits.val,
+                          test=torch.utils.data.Subset(digits.test, range(len(digits.test))),
+                          num_classes=digits.num_classes)  # same images, another split object
+    ns.compress(model, steps, data=other, latency=False)
+    assert [m is model for m in calls[5:]] == [True, False]
+
+
 def test_accuracy_verdict_follows_the_paired_test(pruned):
     rep, n = pruned.report, pruned.report.n_test
 
