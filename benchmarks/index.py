@@ -31,6 +31,8 @@ DATA = re.compile(r"\b(digits(?:28|32)|shapes(?:32|64)(?:_gray)?)\b")
 #: An accuracy cell: ``mean[ ± std]% [lo, hi]`` (the interval in percent).
 ACC = re.compile(r"(?P<mean>\d+(?:\.\d+)?)(?: ± [\d.]+)?% \[(?P<lo>[\d.]+), (?P<hi>[\d.]+)\]")
 ACC_COLUMN = "test acc [95% CI]"
+#: A peers page's verdict line on one peer curve.
+VERDICT = re.compile(r"^- \*\*(?P<peer>[^*]+)\*\*: \*\*(?P<verdict>dominated|not dominated)\*\*")
 #: The band every dense reference of the shapes data is trained into (docs/datasets.md).
 BAND = (85.0, 95.0)
 #: Pages are small markdown files; anything larger is not one of them.
@@ -55,6 +57,8 @@ class Page:
     #: (row label, mean %, interval low %, interval high %) of every table row with a
     #: ``test acc [95% CI]`` cell.
     accuracies: tuple[tuple[str, float, float, float], ...] = ()
+    #: Per section model: (peer curve, whether netshrink dominates it), from the verdicts.
+    verdicts: tuple[tuple[str, tuple[tuple[str, bool], ...]], ...] = ()
 
 
 def read_page(path: Path) -> Page:
@@ -77,7 +81,33 @@ def read_page(path: Path) -> Page:
         data=tuple(sorted(set(DATA.findall(text)))),
         sections=tuple(line[3:].split(" ")[0] for line in text.splitlines()
                        if line.startswith("## ")),
-        accuracies=tuple(accuracy_rows(text)))
+        accuracies=tuple(accuracy_rows(text)),
+        verdicts=tuple(peer_verdicts(text).items()))
+
+
+def peer_verdicts(text: str) -> dict[str, tuple[tuple[str, bool], ...]]:
+    """Per ``## <model>`` section: each peer curve's verdict line (dominated or not)."""
+    out: dict[str, list[tuple[str, bool]]] = {}
+    section = ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line[3:].split(" ")[0]
+        elif m := VERDICT.match(line):
+            out.setdefault(section, []).append((m["peer"], m["verdict"] == "dominated"))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def dominance(model: str, pages: list[Page]) -> str:
+    """How many peer curves netshrink dominates on ``model``, naming the others, from the
+    first page (``peers_<model>`` first) with verdicts on it."""
+    found = [(p, dict(p.verdicts)[model]) for p in pages if model in dict(p.verdicts)]
+    if not found:
+        return ""
+    page, verdicts = found[0]
+    free = [peer for peer, dominated in verdicts if not dominated]
+    return (f"netshrink dominates {len(verdicts) - len(free)} of {len(verdicts)} peer curves "
+            f"([{page.name}](benchmarks/{page.name}.md))"
+            + (f"; not: {', '.join(free)}" if free else ""))
 
 
 def accuracy_rows(text: str) -> list[tuple[str, float, float, float]]:
@@ -136,8 +166,8 @@ def model_table(models: list[str], kinds: list[str], pages: dict[str, Page],
     """One row per model, one column per page kind (``<kind>_<model>``): a link with its
     commit, the command that would make it when it is a page of ``defined`` not generated
     yet, or "—"; and the other pages with a section on the model."""
-    lines = ["| model | " + " | ".join(kinds) + f" | checks ({kinds[0]} page) | sections on "
-             "other pages |", "|---|" + "---|" * (len(kinds) + 2)]
+    lines = ["| model | " + " | ".join(kinds) + " | checks | sections on other pages |",
+             "|---|" + "---|" * (len(kinds) + 2)]
     for m in models:
         cells = []
         for kind in kinds:
@@ -147,7 +177,9 @@ def model_table(models: list[str], kinds: list[str], pages: dict[str, Page],
                          else f"not run yet: `python -m benchmarks {name}`" if name in defined
                          else "—")
         first = pages.get(f"{kinds[0]}_{m}")
-        cells.append(checks(first) if first else "—")
+        ranked = sorted(pages.values(), key=lambda p: p.name != f"peers_{m}")
+        cells.append("; ".join(c for c in (checks(first) if first else "",
+                                            dominance(m, ranked)) if c) or "—")
         others = [p for p in pages.values()
                   if m in p.sections and p.name not in {f"{k}_{m}" for k in kinds}]
         cells.append(", ".join(f"[{p.name}](benchmarks/{p.name}.md)" for p in others) or "—")
@@ -183,9 +215,12 @@ def render(docs: Path, commit: str, now: datetime.datetime) -> str:
         "",
         "`overview`: every method, the shipped chains and the single peer points; `peers`: every "
         "peer library as a curve over its own knob against netshrink's points, and whether "
-        "netshrink dominates each curve. The checks are read off the overview page's table "
-        "(the issue's \"must show\"): the dense reference against the 85–95% band, and how many "
-        "pairs of its other rows (methods, chains, peers) have disjoint 95% intervals.",
+        "netshrink dominates each curve. The checks are read off the pages (the issue's \"must "
+        "show\"): from the overview page's table, the dense reference against the 85–95% band "
+        "and how many pairs of its other rows (methods, chains, peers) have disjoint 95% "
+        "intervals; from the verdicts of the peers page (or another page with peer curves on the "
+        "model), how many peer curves netshrink dominates (smaller on disk at an accuracy not "
+        "below) and which it does not.",
         "",
         *model_table(models, kinds, pages, set(PAGES)),
         "",

@@ -451,6 +451,12 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     _page(pages / "old.md", "Old", "Produced by `python -m benchmarks` on 2026-11-23 20:42 UTC.",
           "## lenet5@shapes32 on digits28")
     _page(pages / "hand.md", "Hand written", "No header here.")
+    _page(pages / "peers_vgg_small@shapes32.md", "Peers: vgg",
+          "Produced by `python -m benchmarks peers_vgg_small@shapes32` at commit `aaaaaaaaaaaa` "
+          "on 2026-12-01 20:00 UTC.",
+          "## vgg_small@shapes32 (`zoo:vgg_small` on `shapes32`)\n\n"
+          "- **torchao weight-only**: **dominated** by netshrink — every point.\n"
+          "- **AIMET AdaRound**: **not dominated** — no netshrink point is smaller.\n")
     import datetime
     text = index.render(tmp_path, "fedcba987654",
                         datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc))
@@ -463,6 +469,9 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     assert "dense 97.25% [96.6, 97.9], **outside** the 85–95% band; 2 of 3 pairs" in lenet5
     vgg = next(line for line in lines if line.startswith("| vgg_small@shapes32 |"))
     assert "not run yet: `python -m benchmarks overview_vgg_small@shapes32`" in vgg
+    assert "[`aaaaaaaaaaaa`](benchmarks/peers_vgg_small@shapes32.md)" in vgg
+    assert ("netshrink dominates 1 of 2 peer curves ([peers_vgg_small@shapes32](benchmarks/"
+            "peers_vgg_small@shapes32.md)); not: AIMET AdaRound") in vgg
     row = next(line for line in lines if "(benchmarks/overview_lenet5@shapes32.md) |" in line
                and line.startswith("| [Benchmarks"))
     assert "| `shapes32` |" in row and "38.3 min | 3 |" in row and "`0123456789ab`" in row
