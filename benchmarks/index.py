@@ -3,9 +3,10 @@ benchmark pages.
 
 It measures nothing. It reads the header every generated page starts with (the command, the
 commit, the date, the wall time, the seeds) and lists, per page, what it covers and on which
-data; per model of the shapes data, which of its pages exist and the command of each one that
-does not exist yet. Rerun it after regenerating any page (a test checks that the index names
-every page under docs/benchmarks/).
+data; per model of the shapes data, which of its pages exist, the command of each one that
+does not exist yet, and checks read off the pages' tables and verdicts (the dense reference in
+its band, rows apart by their intervals, peer curves netshrink dominates). Rerun it after
+regenerating any page (a test fails while docs/benchmarks.md differs from what it would write).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Page:
 
 
 def read_page(path: Path) -> Page:
-    """The header fields of the page at ``path`` (``None`` where the page does not state one)."""
+    """The header fields of the page at ``path`` (``None`` where the page does not state one),
+    its sections, accuracy cells and peer verdicts."""
     if path.stat().st_size > MAX_PAGE_BYTES:
         raise ValueError(f"{path}: {path.stat().st_size:,} bytes, more than a benchmark page "
                          f"({MAX_PAGE_BYTES:,})")
