@@ -13,6 +13,7 @@ from benchmarks import harness as h
 
 TITLE = "Default configs on shapes32"
 OUT = "benchmarks/defaults.md"
+SEEDS = 3  # rows with a fine-tune, a search or random init: mean ± std over seeds
 BUDGET_S = 120
 #: Only LeNet-5: the defaults of joint (10 epochs) and normsparse (up to 20) train on all of
 #: shapes32, about 12 and 20 minutes on LeNet-5 and several hours on vgg_small on 2 cores.

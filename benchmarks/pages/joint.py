@@ -9,6 +9,7 @@ from benchmarks import harness as h
 
 TITLE = "Benchmark: `joint` (adaptive joint sparsity + bits)"
 OUT = "benchmarks/joint.md"
+SEEDS = 3  # rows with a fine-tune, a search or random init: mean ± std over seeds
 DC_SPARSITIES = (0.95, 0.96, 0.97, 0.98, 0.985, 0.99, 0.995)
 DC_BITS = 4
 #: zoo model -> (target ratio, allowed loss in points, epochs full, epochs quick, extra config).
@@ -33,7 +34,7 @@ ABOUT = [
     "Anchor: Deep Compression reports 39x on LeNet-5/MNIST counting weights only; the ratios "
     "here count the whole file.",
     "",
-    f"LeNet-5 runs on its shapes32 reference (test n = 10,000), one seed per method, "
+    f"LeNet-5 runs on its shapes32 reference (test n = 10,000), "
     f"{TARGETS['lenet5'][2]} epochs each (10 in its digits28 setting). vgg_small "
     "is not on this page: on shapes32 an epoch of it takes about 7 minutes here, so its three "
     "methods at 3 epochs would take over an hour per seed.",

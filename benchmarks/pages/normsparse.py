@@ -12,6 +12,7 @@ from benchmarks import harness as h
 
 TITLE = "normsparse benchmark (paper 001)"
 OUT = "benchmarks/normsparse.md"
+SEEDS = 3  # rows with a fine-tune, a search or random init: mean ± std over seeds
 #: Config changes on shapes32: the L1 epochs capped (the recipe's 30 would take ~35 min per
 #: method here) and ``val_tolerance`` 0.04 (at the recipe's 0.01 and the default 0.02 no L1
 #: epoch is admissible on shapes32 and the step returns the model unpruned, docs/methods).
@@ -21,7 +22,7 @@ ABOUT = [
     "the artifact holds, physically smaller tensors plus sparse values).",
     "LeNet-300-100 stays on digits28 (a smoke run: 360 test images; on shapes32 this MLP "
     "reaches only 65.5%, below the 85–95% band of docs/datasets.md). LeNet-5 and vgg_small "
-    "run on their shapes32 references (test n = 10,000), one seed per row. There the LeNet-5 "
+    "run on their shapes32 references (test n = 10,000). There the LeNet-5 "
     f"steps run with `{SHAPES}`: the L1 phase capped (about a minute per epoch here, and "
     "magnitude pruning gets the same budget again) and a looser admissibility rule (at the "
     "recipe's `val_tolerance` 0.01 no L1 epoch qualifies on shapes32 and the model comes back "

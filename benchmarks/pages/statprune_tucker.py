@@ -17,6 +17,7 @@ from benchmarks import harness as h
 
 TITLE = "statprune + tucker (paper 002)"
 OUT = "benchmarks/statprune_tucker.md"
+SEEDS = 3  # rows with a fine-tune, a search or random init: mean ± std over seeds
 #: harness model -> shipped recipe (its selectors, narrow convs ≤ 32 channels and wide ≥ 64, fit
 #: both zoo CNNs).
 RECIPES = {"resnet_small@shapes32": "paper002_resnet_small.yaml",
@@ -37,7 +38,7 @@ ABOUT = [
     "The models are `zoo:resnet_small` (4 epochs) and `zoo:vgg_small` (5 epochs) on their "
     "shapes32 references (test n = 10,000), both with `recipes/paper002_resnet_small.yaml`'s "
     f"steps and {SHAPES_FT_EPOCHS} distilled fine-tune epoch(s) of the 50,000 training images "
-    "(the recipe's 10 are for its digits32 demo), one seed.",
+    "(the recipe's 10 are for its digits32 demo).",
 ]
 
 
