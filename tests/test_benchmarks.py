@@ -54,6 +54,21 @@ def test_every_page_case_plans_on_its_model(bench, quick, tmp_path, small_shapes
     assert checked > 30
 
 
+def test_bioclust_stem_override_matches_the_first_conv_of_every_shapes_model(bench):
+    """The overview pages label bioclust "8-bit stem": its stem pattern must name each shapes
+    model's first conv (and nothing else), whatever the family calls it."""
+    from netshrink.selector import name_matches
+
+    pytest.importorskip("timm")
+    from benchmarks.pages import overview
+
+    (stem, _), *_ = overview.BIOCLUST_8BIT.items()
+    for model in overview.SHAPES_MODELS:
+        convs = [n for n, m in ns.load_model(bench.h.MODELS[model][0]).named_modules()
+                 if isinstance(m, torch.nn.Conv2d)]
+        assert [n for n in convs if name_matches(stem, n)] == convs[:1], model
+
+
 def _netshrink_uses(tree: ast.AST) -> list[str]:
     """Every netshrink name a module imports or reads (``ns.X``, ``h.ns.X``)."""
     used = []

@@ -74,8 +74,10 @@ JOINT_CHAIN_TARGET = {"vgg_small": 100, "resnet_small": 12, "resnet18": 20}
 #: the ResNets).
 JOINT_DEFAULT, JOINT_CHAIN_DEFAULT = 25, 12
 # First convs and shortcut 1x1s keep 8 bits under 4-bit codebooks: at 4 bits they cost most of
-# the accuracy (docs/benchmarks/bioclust.md).
-BIOCLUST_8BIT = {"re:^(conv1|stem\\.0|features\\.0)$": {"bits": 8},
+# the accuracy (docs/benchmarks/bioclust.md). The stem's name per family: zoo and timm ResNets
+# `conv1`, timm MobileNets `conv_stem`, torchvision `conv1.0` (ShuffleNetV2) and `features.0.0`
+# (MobileNetV3), `stem.0` and `features.0` elsewhere.
+BIOCLUST_8BIT = {"re:^(conv1(\\.0)?|conv_stem|stem\\.0|features\\.0(\\.0)?)$": {"bits": 8},
                  "re:(downsample|shortcut)": {"bits": 8}}
 
 
