@@ -149,8 +149,18 @@ def _commit_cell(page: Page) -> str:
     return f"`{page.commit}`" if page.commit else "not recorded"
 
 
-def page_table(pages: list[Page]) -> list[str]:
-    """One row per page: link, data, command, commit, date, wall time, seeds."""
+def _seeds_cell(page: Page, default: int | None) -> str:
+    if page.seeds is None:
+        return "—"
+    if default is not None and page.seeds < default:
+        return f"{page.seeds} (its command now runs {default}; not re-run yet)"
+    return str(page.seeds)
+
+
+def page_table(pages: list[Page], seeds: dict[str, int] | None = None) -> list[str]:
+    """One row per page: link, data, command, commit, date, wall time, seeds (flagged when
+    below ``seeds[page name]``, the seeds the page's command runs now)."""
+    seeds = seeds or {}
     lines = ["| page | data | command | commit | date (UTC) | wall time | seeds |",
              "|---|---|---|---|---|---|---|"]
     for p in pages:
@@ -159,7 +169,7 @@ def page_table(pages: list[Page]) -> list[str]:
             f"{', '.join(f'`{d}`' for d in p.data) or '—'} | "
             f"{f'`{p.command}`' if p.command else '—'} | {_commit_cell(p)} | {p.date or '—'} | "
             f"{f'{p.wall_min:.1f} min' if p.wall_min is not None else '—'} | "
-            f"{p.seeds if p.seeds is not None else '—'} |")
+            f"{_seeds_cell(p, seeds.get(p.name))} |")
     return lines
 
 
@@ -228,7 +238,8 @@ def render(docs: Path, commit: str, now: datetime.datetime) -> str:
         "",
         "## Every page",
         "",
-        *page_table(list(pages.values())),
+        *page_table(list(pages.values()),
+                    {Path(spec.OUT).stem: getattr(spec, "SEEDS", 1) for spec in PAGES.values()}),
         "",
         *(["Pages defined in `benchmarks/pages/` that have not been generated yet: "
            + ", ".join(f"`{n}`" for n in missing) + ".", ""] if missing else []),

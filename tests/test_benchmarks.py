@@ -448,7 +448,8 @@ def _page(path: Path, title: str, header: str, body: str = "") -> None:
 
 def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     """Commit, command, data, wall time and seeds come from each page; a page without commit
-    or header says so; a defined page not generated yet shows the command that makes it."""
+    or header says so; a page run with fewer seeds than its command runs now is flagged; a
+    defined page not generated yet shows the command that makes it."""
     from benchmarks import index
 
     pages = tmp_path / "benchmarks"
@@ -466,6 +467,9 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     _page(pages / "old.md", "Old", "Produced by `python -m benchmarks` on 2026-11-23 20:42 UTC.",
           "## lenet5@shapes32 on digits28")
     _page(pages / "hand.md", "Hand written", "No header here.")
+    _page(pages / "joint.md", "Joint", "Produced by `python -m benchmarks joint` at commit "
+          "`bbbbbbbbbbbb` on 2026-12-01 14:12 UTC; every number below comes from that run (1 "
+          "seed(s) per configuration).")
     _page(pages / "peers_vgg_small@shapes32.md", "Peers: vgg",
           "Produced by `python -m benchmarks peers_vgg_small@shapes32` at commit `aaaaaaaaaaaa` "
           "on 2026-12-01 20:00 UTC.",
@@ -493,6 +497,9 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     old = next(line for line in lines if line.startswith("| [Old]"))
     assert "not recorded" in old and "`digits28`" in old
     assert "no header" in next(line for line in lines if line.startswith("| [Hand written]"))
+    # joint's command runs bench.PAGES["joint"].SEEDS (3) seeds now: its 1-seed page is flagged
+    assert "| 1 (its command now runs 3; not re-run yet) |" in next(
+        line for line in lines if line.startswith("| [Joint]"))
     assert "`smoke_digits`" in text  # defined, not generated, outside the per-model table
 
 
