@@ -15,6 +15,7 @@ from benchmarks.pages import overview
 
 TITLE = "Peers at their best: bytes on disk against accuracy"
 OUT = "benchmarks/peers.md"
+SEEDS = 3  # the fine-tuned rows (netshrink magnitude, Torch-Pruning): mean ± std over seeds
 MODELS = ("lenet5@shapes32",)
 QUICK_MODELS = ("lenet5",)
 #: The CNNs with a page of their own (``python -m benchmarks peers_<model>`` writes
