@@ -33,7 +33,8 @@ DATA = re.compile(r"\b(digits(?:28|32)|shapes(?:32|64)(?:_gray)?)\b")
 ACC = re.compile(r"(?P<mean>\d+(?:\.\d+)?)(?: ± [\d.]+)?% \[(?P<lo>[\d.]+), (?P<hi>[\d.]+)\]")
 ACC_COLUMN = "test acc [95% CI]"
 #: A peers page's verdict line on one peer curve.
-VERDICT = re.compile(r"^- \*\*(?P<peer>[^*]+)\*\*: \*\*(?P<verdict>dominated|not dominated)\*\*")
+VERDICT = re.compile(r"^- \*\*(?P<peer>[^*]+)\*\*: (?:\*\*(?P<verdict>dominated|not dominated)\*\*"
+                     r"|(?P<unmeasured>no point measured))")
 #: The band every dense reference of the shapes data is trained into (docs/datasets.md).
 BAND = (85.0, 95.0)
 #: Pages are small markdown files; anything larger is not one of them.
@@ -58,8 +59,9 @@ class Page:
     #: (row label, mean %, interval low %, interval high %) of every table row with a
     #: ``test acc [95% CI]`` cell.
     accuracies: tuple[tuple[str, float, float, float], ...] = ()
-    #: Per section model: (peer curve, whether netshrink dominates it), from the verdicts.
-    verdicts: tuple[tuple[str, tuple[tuple[str, bool], ...]], ...] = ()
+    #: Per section model: (peer curve, its verdict: "dominated", "not dominated" or "no point
+    #: measured" when every point of the curve failed), from the verdicts.
+    verdicts: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 def read_page(path: Path) -> Page:
@@ -87,29 +89,36 @@ def read_page(path: Path) -> Page:
         verdicts=tuple(peer_verdicts(text).items()))
 
 
-def peer_verdicts(text: str) -> dict[str, tuple[tuple[str, bool], ...]]:
-    """Per ``## <model>`` section: each peer curve's verdict line (dominated or not)."""
-    out: dict[str, list[tuple[str, bool]]] = {}
+def peer_verdicts(text: str) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Per ``## <model>`` section: each peer curve's verdict line (dominated, not dominated,
+    or no point measured)."""
+    out: dict[str, list[tuple[str, str]]] = {}
     section = ""
     for line in text.splitlines():
         if line.startswith("## "):
             section = line[3:].split(" ")[0]
         elif m := VERDICT.match(line):
-            out.setdefault(section, []).append((m["peer"], m["verdict"] == "dominated"))
+            out.setdefault(section, []).append((m["peer"], m["verdict"] or m["unmeasured"]))
     return {k: tuple(v) for k, v in out.items()}
 
 
 def dominance(model: str, pages: list[Page]) -> str:
     """How many peer curves netshrink dominates on ``model``, naming the others, from the
-    first page (``peers_<model>`` first) with verdicts on it."""
+    first page (``peers_<model>`` first) with verdicts on it. A curve whose every point
+    failed counts among the curves and is named: it is neither dominated nor beating
+    netshrink."""
     found = [(p, dict(p.verdicts)[model]) for p in pages if model in dict(p.verdicts)]
     if not found:
         return ""
     page, verdicts = found[0]
-    free = [peer for peer, dominated in verdicts if not dominated]
-    return (f"netshrink dominates {len(verdicts) - len(free)} of {len(verdicts)} peer curves "
+    free = [peer for peer, verdict in verdicts if verdict == "not dominated"]
+    failed = [peer for peer, verdict in verdicts if verdict == "no point measured"]
+    dominated = len(verdicts) - len(free) - len(failed)
+    return (f"netshrink dominates {dominated} of {len(verdicts)} peer curves "
             f"([{page.name}](benchmarks/{page.name}.md))"
-            + (f"; not: {', '.join(free)}" if free else ""))
+            + (f"; not: {', '.join(free)}" if free else "")
+            + (f"; failed on the page (no point measured): {', '.join(failed)}"
+               if failed else ""))
 
 
 def accuracy_rows(text: str) -> list[tuple[str, float, float, float]]:
@@ -232,7 +241,8 @@ def render(docs: Path, commit: str, now: datetime.datetime) -> str:
         "and how many pairs of its other rows (methods, chains, peers) have disjoint 95% "
         "intervals; from the verdicts of the peers page (or another page with peer curves on the "
         "model), how many peer curves netshrink dominates (smaller on disk at an accuracy not "
-        "below) and which it does not.",
+        "below), which it does not, and which failed on the page (a peer whose library "
+        "refused the model is a row with its error, no point on its curve).",
         "",
         *model_table(models, kinds, pages, set(PAGES)),
         "",

@@ -475,7 +475,8 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
           "on 2026-12-01 20:00 UTC.",
           "## vgg_small@shapes32 (`zoo:vgg_small` on `shapes32`)\n\n"
           "- **torchao weight-only**: **dominated** by netshrink — every point.\n"
-          "- **AIMET AdaRound**: **not dominated** — no netshrink point is smaller.\n")
+          "- **AIMET AdaRound**: **not dominated** — no netshrink point is smaller.\n"
+          "- **AIMET QuantSim**: no point measured (failed: UnknownModuleError: x).\n")
     import datetime
     text = index.render(tmp_path, "fedcba987654",
                         datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc))
@@ -489,8 +490,10 @@ def test_index_reads_each_page_header_and_names_pages_not_run(bench, tmp_path):
     vgg = next(line for line in lines if line.startswith("| vgg_small@shapes32 |"))
     assert "not run yet: `python -m benchmarks overview_vgg_small@shapes32`" in vgg
     assert "[`aaaaaaaaaaaa`](benchmarks/peers_vgg_small@shapes32.md)" in vgg
-    assert ("netshrink dominates 1 of 2 peer curves ([peers_vgg_small@shapes32](benchmarks/"
-            "peers_vgg_small@shapes32.md)); not: AIMET AdaRound") in vgg
+    # a curve whose every point failed counts and is named, neither dominated nor beating us
+    assert ("netshrink dominates 1 of 3 peer curves ([peers_vgg_small@shapes32](benchmarks/"
+            "peers_vgg_small@shapes32.md)); not: AIMET AdaRound; failed on the page (no point "
+            "measured): AIMET QuantSim") in vgg
     row = next(line for line in lines if "(benchmarks/overview_lenet5@shapes32.md) |" in line
                and line.startswith("| [Benchmarks"))
     assert "| `shapes32` |" in row and "38.3 min | 3 |" in row and "`0123456789ab`" in row
