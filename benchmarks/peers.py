@@ -192,6 +192,33 @@ def nncf_ptq(label: str, model: nn.Module, data: ns.DataSplits, epochs: int, kno
     return _point(label, stripped, data, size, notes)
 
 
+def _timm_linear(module: nn.Module) -> bool:
+    return type(module).__module__ == "timm.layers.linear" and type(module).__name__ == "Linear"
+
+
+def torch_linears(model: nn.Module) -> tuple[nn.Module, int]:
+    """``model`` with every timm ``Linear`` (a ``torch.nn.Linear`` subclass whose eager forward
+    is ``F.linear``, the same as torch's) replaced by a ``torch.nn.Linear`` holding the same
+    parameters, and how many were replaced. AIMET refuses module classes it has no quantized
+    definition for (``UnknownModuleError``), and timm MobileNetV3's classifier is one; a user
+    swaps it, or registers a definition as AIMET's error message says."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if _timm_linear(child):
+                plain = nn.Linear(child.in_features, child.out_features,
+                                  bias=child.bias is not None)
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, name, plain)
+                swapped += 1
+    return model, swapped
+
+
+def _aimet_notes(swapped: int) -> str:
+    return AIMET_NOTES + (f"; {swapped} timm Linear swapped for torch.nn.Linear (same weights) "
+                          "first, as AIMET refuses unregistered module classes" if swapped else "")
+
+
 def _aimet_sim(model: nn.Module, data: ns.DataSplits, bits: int, quick: bool) -> Any:
     from aimet_torch.common.defs import QuantScheme
     from aimet_torch.quantsim import QuantizationSimModel
@@ -229,10 +256,11 @@ AIMET_NOTES = ("theoretical (bits × params; QuantSim saves fp32 weights + an en
 def aimet_quantsim(label: str, model: nn.Module, data: ns.DataSplits, epochs: int, knob: Knob,
                    seed: int, quick: bool) -> Point:
     """AIMET QuantSim (tf_enhanced, 8-bit activations) with ``knob``-bit weights."""
-    sim = _aimet_sim(copy.deepcopy(model).eval(), data, int(knob), quick)
+    plain, swapped = torch_linears(copy.deepcopy(model).eval())
+    sim = _aimet_sim(plain, data, int(knob), quick)
     _aimet_calibrate(sim, data, quick)
-    return _point(label, sim.model, data, theoretical_bytes(model, int(knob)), AIMET_NOTES,
-                  keep=False)
+    return _point(label, sim.model, data, theoretical_bytes(model, int(knob)),
+                  _aimet_notes(swapped), keep=False)
 
 
 def aimet_adaround(label: str, model: nn.Module, data: ns.DataSplits, epochs: int, knob: Knob,
@@ -245,14 +273,15 @@ def aimet_adaround(label: str, model: nn.Module, data: ns.DataSplits, epochs: in
     params = AdaroundParameters(data_loader=loader, num_batches=len(loader),
                                 default_num_iterations=10 if quick else 1000)
     with tempfile.TemporaryDirectory(prefix="adaround-") as tmp:
-        rounded = Adaround.apply_adaround(copy.deepcopy(model).eval(), _example(data), params,
+        plain, swapped = torch_linears(copy.deepcopy(model).eval())
+        rounded = Adaround.apply_adaround(plain, _example(data), params,
                                           path=tmp, filename_prefix="peer",
                                           default_param_bw=int(knob))
         sim = _aimet_sim(rounded, data, int(knob), quick)
         sim.set_and_freeze_param_encodings(encoding_path=os.path.join(tmp, "peer.encodings"))
         _aimet_calibrate(sim, data, quick)
-    return _point(label, sim.model, data, theoretical_bytes(model, int(knob)), AIMET_NOTES,
-                  keep=False)
+    return _point(label, sim.model, data, theoretical_bytes(model, int(knob)),
+                  _aimet_notes(swapped), keep=False)
 
 
 def torch_pruning(label: str, model: nn.Module, data: ns.DataSplits, epochs: int, knob: Knob,

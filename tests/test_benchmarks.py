@@ -285,6 +285,24 @@ def test_sparse_state_is_compact_and_reloads(bench, tiny):
     assert torch.equal(back["fc.weight"].to_dense().view_as(model.fc.weight), model.fc.weight)
 
 
+def test_aimet_gets_timm_linears_as_torch_linears_with_the_same_weights(bench):
+    """AIMET refuses timm's Linear subclass (UnknownModuleError): its peers swap it for a
+    torch.nn.Linear holding the same parameters, so the outputs stay equal bit for bit."""
+    pytest.importorskip("timm")
+    import timm.layers
+
+    from benchmarks import peers
+
+    model = torch.nn.Sequential(timm.layers.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    x = torch.randn(5, 6)
+    before = model(x)
+    swapped, count = peers.torch_linears(model)
+    assert count == 1
+    assert type(swapped[0]) is torch.nn.Linear and type(swapped[2]) is torch.nn.Linear
+    assert torch.equal(swapped(x), before)
+    assert peers.torch_linears(swapped)[1] == 0
+
+
 def test_peers_page_verdicts_are_computed(bench):
     """A peer point is dominated only by a smaller netshrink point whose accuracy is not below
     it; every undominated point is named."""
