@@ -214,11 +214,6 @@ def torch_linears(model: nn.Module) -> tuple[nn.Module, int]:
     return model, swapped
 
 
-def _aimet_notes(swapped: int) -> str:
-    return AIMET_NOTES + (f"; {swapped} timm Linear swapped for torch.nn.Linear (same weights) "
-                          "first, as AIMET refuses unregistered module classes" if swapped else "")
-
-
 def _aimet_sim(model: nn.Module, data: ns.DataSplits, bits: int, quick: bool) -> Any:
     from aimet_torch.common.defs import QuantScheme
     from aimet_torch.quantsim import QuantizationSimModel
@@ -251,6 +246,11 @@ def theoretical_bytes(model: nn.Module, bits: int) -> int:
 
 AIMET_NOTES = ("theoretical (bits × params; QuantSim saves fp32 weights + an encodings JSON): "
                "reload needs aimet + the original class")
+
+
+def _aimet_notes(swapped: int) -> str:
+    return AIMET_NOTES + (f"; {swapped} timm Linear swapped for torch.nn.Linear (same weights) "
+                          "first, as AIMET refuses unregistered module classes" if swapped else "")
 
 
 def aimet_quantsim(label: str, model: nn.Module, data: ns.DataSplits, epochs: int, knob: Knob,
