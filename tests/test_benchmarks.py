@@ -401,8 +401,9 @@ def test_runner_resumes_rows_of_an_interrupted_run_at_the_same_commit(bench, tmp
 
 def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(bench, tmp_path,
                                                                             monkeypatch):
-    """peers_<model>: each netshrink point and each peer curve is a saved row; a rerun measures
-    nothing that succeeded and again what failed; the page has table, plot and verdicts."""
+    """peers_<model>: each netshrink point, the search rows and each peer curve are saved rows;
+    a rerun measures nothing that succeeded and again what failed; the page has table, plot
+    and verdicts."""
     from benchmarks import peers
     from benchmarks.pages import peers as page
 
@@ -416,22 +417,23 @@ def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(benc
         "bits 4", [{"compressor": "quantize", "select": bench.h.EVERYTHING,
                     "config": {"bits": 4}}])})
     measured = []
-    for name in ("ours_rows", "peer_rows"):
+    for name in ("ours_rows", "search_rows", "peer_rows"):
         real = getattr(page, name)
         monkeypatch.setattr(page, name, lambda *a, real=real, name=name, **k: (
             measured.append(name), real(*a, **k))[1])
     b = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "benchmarks" / "p.md", tmp=tmp_path,
                       rows=tmp_path / "rows")
     text = "\n".join(page.model_run(b, "lenet5"))
-    assert measured == ["ours_rows", "peer_rows", "peer_rows"]
+    assert measured == ["ours_rows", "search_rows", "peer_rows", "peer_rows"]
     assert "| quantize 4-bit/ch | netshrink |" in text and "PyTorch dynamic int8" in text
+    assert "| search: quantize bits per layer, 8x | netshrink | budget 8x | " in text
     assert "- **broken**: no point measured (failed: ValueError: nope)." in text
     n_train = min(2_000, len(bench.h.reference("lenet5")[1].train))  # quick: at most 2,000
     assert f"fine-tune epoch(s) of {n_train:,} training images" in text
     assert (tmp_path / "benchmarks" / "peers_lenet5.png").stat().st_size > 5_000
     again = "\n".join(page.model_run(b, "lenet5"))
-    assert measured[3:] == ["peer_rows"]  # only the failed curve is measured again
-    assert b.resumed == ["lenet5 / netshrink / quantize 4-bit/ch",
+    assert measured[4:] == ["peer_rows"]  # only the failed curve is measured again
+    assert b.resumed == ["lenet5 / netshrink / quantize 4-bit/ch", "lenet5 / netshrink / search",
                          "lenet5 / peer / PyTorch dynamic int8"]
     assert again.split("![")[0] == text.split("![")[0]
 

@@ -27,6 +27,12 @@ CNN_MODELS = ("vgg_small@shapes32", "resnet_small@shapes32", "mobilenetv3_small_
               "mobilenet_v3_small@shapes64", "shufflenet_v2_x0_5@shapes64")
 SPARSITIES = (0.7, 0.9, 0.95)
 QUICK_SPARSITIES = (0.9,)
+#: netshrink's search (docs/search.md) of per-layer ``quantize`` bit-widths (8, 4, 3, 2) at these
+#: budgets, ratios of the dense model: what a user runs to fit a size. Its default selection
+#: leaves the classifier head dense. Nothing in it is random, so one run per budget; the budgets
+#: share one sensitivity scan.
+SEARCH_BUDGETS = ("8x", "12x")
+QUICK_SEARCH_BUDGETS = ("8x",)
 ABOUT = [
     "Each peer runs as a curve over its own main knob (bits, group size, calibration size, "
     "channel ratio, sparsity). Sizes are the bytes of the file each one's docs tell a user to "
@@ -36,6 +42,11 @@ ABOUT = [
     "the dense state dict / that size. Everything that trains (netshrink's magnitude rows, "
     "Torch-Pruning, `torch.nn.utils.prune`) gets the same fine-tune: the epochs below, "
     f"lr {p.LR}. Post-training peers do not train.",
+    "",
+    "The `search` rows are `netshrink.search` with only `quantize`'s options: 8, 4, 3 or 2 bits "
+    "per layer (the classifier head left dense, the search's default), chosen under a "
+    "size budget given as a ratio of the dense model, no fine-tune (docs/search.md). Nothing "
+    "in the search is random, so each budget is one run.",
     "",
     "A peer point is *dominated* when some netshrink point is smaller on disk and its accuracy "
     "is not below the peer's (95% Wilson intervals overlap or netshrink's is higher). The "
@@ -154,6 +165,30 @@ def peer_rows(model: Any, data: Any, b: h.Bench,
     return rows
 
 
+def search_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
+    """netshrink's search rows: ``netshrink.search`` over ``quantize``'s per-layer bit-widths
+    at each budget of :data:`SEARCH_BUDGETS` (one scan, shared), measured on the test split."""
+    rows: list[dict[str, Any]] = []
+    table = None
+    for budget in QUICK_SEARCH_BUDGETS if b.quick else SEARCH_BUDGETS:
+        label = f"search: quantize bits per layer, {budget}"
+        print(f"  netshrink: {label}", file=sys.stderr, flush=True)
+        row = {"method": label, "library": "netshrink", "curve": "netshrink",
+               "knob": f"budget {budget}"}
+        try:
+            found = h.ns.search(model, data, budget, methods=["quantize"], sensitivity=table,
+                                checkpoint=False)
+        except Exception as exc:  # a budget the options cannot reach is a finding
+            rows.append({**row, "error": p.failed(label, exc).notes})
+            continue
+        table = found.sensitivity
+        rows.append({**row, "accs": [found.result.report.accuracy_after],
+                     "bytes": found.artifact_bytes,
+                     "notes": "`.nsk` artifact (safetensors, no pickle): reload needs "
+                              "netshrink; deterministic, one run"})
+    return rows
+
+
 # -- verdicts -----------------------------------------------------------------------------------
 
 
@@ -264,7 +299,7 @@ def run(b: h.Bench) -> list[str]:
     for m in QUICK_MODELS if b.quick else MODELS:
         print(f"[{m}]", file=sys.stderr, flush=True)
         model, data = h.reference(m)
-        rows = ours_rows(model, data, b) + peer_rows(model, data, b)
+        rows = ours_rows(model, data, b) + search_rows(model, data, b) + peer_rows(model, data, b)
         spec, data_name, _ = h.MODELS[m]
         heading = f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s))"
         lines += section(b, m, heading, "peers", dense_row(model, data), rows, len(data.test))
@@ -292,6 +327,7 @@ def model_run(b: h.Bench, m: str) -> list[str]:
     for label, point in ours(b.quick).items():
         rows += b.row(f"{m} / netshrink / {label}", lambda label=label, point=point: _saved(
             ours_rows(model, data, b, {label: point})))["rows"]
+    rows += b.row(f"{m} / netshrink / search", lambda: _saved(search_rows(model, data, b)))["rows"]
     for name in p.PEERS:
         rows += b.row(f"{m} / peer / {name}", lambda name=name: _saved(
             peer_rows(model, data, b, names=(name,))))["rows"]
