@@ -69,6 +69,20 @@ def test_bioclust_stem_override_matches_the_first_conv_of_every_shapes_model(ben
         assert [n for n in convs if name_matches(stem, n)] == convs[:1], model
 
 
+def test_overview_row_time_limit_grows_with_the_seeds(bench, tmp_path, monkeypatch):
+    """An overview row runs all its seeds in one interpreter: its time limit is per seed (a
+    single hour for three seeds timed out normsparse -> bioclust on resnet_small@shapes32)."""
+    from benchmarks.pages import overview
+
+    limits = []
+    monkeypatch.setattr(overview.h, "isolated", lambda *a, timeout: (
+        limits.append(timeout), {"error": "not measured"})[1])
+    b = bench.h.Bench(quick=True, seeds=3, page=tmp_path / "p.md", tmp=tmp_path)
+    text = "\n".join(overview.section(b, "lenet300"))
+    assert limits and set(limits) == {3 * overview.ROW_SECONDS_PER_SEED}
+    assert "| dense | - | failed: not measured |" in text
+
+
 def _netshrink_uses(tree: ast.AST) -> list[str]:
     """Every netshrink name a module imports or reads (``ns.X``, ``h.ns.X``)."""
     used = []
