@@ -33,6 +33,8 @@ QUICK_SPARSITIES = (0.9,)
 #: share one sensitivity scan.
 SEARCH_BUDGETS = ("8x", "12x")
 QUICK_SEARCH_BUDGETS = ("8x",)
+#: The notes cell of every netshrink row.
+NSK_NOTES = "`.nsk` artifact (safetensors, no pickle): reload needs netshrink"
 ABOUT = [
     "Each peer runs as a curve over its own main knob (bits, group size, calibration size, "
     "channel ratio, sparsity). Sizes are the bytes of the file each one's docs tell a user to "
@@ -123,7 +125,7 @@ def ours_rows(model: Any, data: Any, b: h.Bench,
             continue
         rows.append({**row, "accs": runs.accs,
                      "bytes": runs.mean(lambda r: r.report.storage_bytes),
-                     "notes": "`.nsk` artifact (safetensors, no pickle): reload needs netshrink"})
+                     "notes": NSK_NOTES})
     return rows
 
 
@@ -184,8 +186,7 @@ def search_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
         table = found.sensitivity
         rows.append({**row, "accs": [found.result.report.accuracy_after],
                      "bytes": found.artifact_bytes,
-                     "notes": "`.nsk` artifact (safetensors, no pickle): reload needs "
-                              "netshrink; deterministic, one run"})
+                     "notes": f"{NSK_NOTES}; deterministic, one run"})
     return rows
 
 
