@@ -430,6 +430,7 @@ def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(benc
     monkeypatch.setattr(page, "ours", lambda quick: {"quantize 4-bit/ch": (
         "bits 4", [{"compressor": "quantize", "select": bench.h.EVERYTHING,
                     "config": {"bits": 4}}])})
+    monkeypatch.setattr(page, "QUICK_SEARCH_BUDGETS", ("8x", "100000x"))  # the 2nd unreachable
     measured = []
     for name in ("ours_rows", "search_rows", "peer_rows"):
         real = getattr(page, name)
@@ -441,12 +442,14 @@ def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(benc
     assert measured == ["ours_rows", "search_rows", "peer_rows", "peer_rows"]
     assert "| quantize 4-bit/ch | netshrink |" in text and "PyTorch dynamic int8" in text
     assert "| search: quantize bits per layer, 8x | netshrink | budget 8x | " in text
+    assert "| search: quantize bits per layer, 100000x | netshrink | budget 100000x | — |" in text
+    assert "bytes is the smallest reachable" in text
     assert "- **broken**: no point measured (failed: ValueError: nope)." in text
     n_train = min(2_000, len(bench.h.reference("lenet5")[1].train))  # quick: at most 2,000
     assert f"fine-tune epoch(s) of {n_train:,} training images" in text
     assert (tmp_path / "benchmarks" / "peers_lenet5.png").stat().st_size > 5_000
     again = "\n".join(page.model_run(b, "lenet5"))
-    assert measured[4:] == ["peer_rows"]  # only the failed curve is measured again
+    assert measured[4:] == ["peer_rows"]  # only the failed curve (not the unreachable budget)
     assert b.resumed == ["lenet5 / netshrink / quantize 4-bit/ch", "lenet5 / netshrink / search",
                          "lenet5 / peer / PyTorch dynamic int8"]
     assert again.split("![")[0] == text.split("![")[0]

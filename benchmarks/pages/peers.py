@@ -180,7 +180,10 @@ def search_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
         try:
             found = h.ns.search(model, data, budget, methods=["quantize"], sensitivity=table,
                                 checkpoint=False)
-        except Exception as exc:  # a budget the options cannot reach is a finding
+        except h.ns.ConfigError as exc:  # a budget the options cannot reach: a finding, kept
+            rows.append({**row, "error": p.failed(label, exc).notes, "finding": True})
+            continue
+        except Exception as exc:
             rows.append({**row, "error": p.failed(label, exc).notes})
             continue
         table = found.sensitivity
@@ -312,8 +315,9 @@ def run(b: h.Bench) -> list[str]:
 
 def _saved(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows as one :meth:`Bench.row` value; with an ``error`` key (so not saved, and measured
-    again by a rerun) when any of them failed."""
-    failed = [r["error"] for r in rows if "error" in r]
+    again by a rerun) when any of them failed. An error row marked ``finding`` (the search's
+    answer that a budget is unreachable, the same on every run) does not count as a failure."""
+    failed = [r["error"] for r in rows if "error" in r and not r.get("finding")]
     return {"rows": rows, **({"error": failed[0]} if failed else {})}
 
 
