@@ -317,6 +317,25 @@ def test_aimet_gets_timm_linears_as_torch_linears_with_the_same_weights(bench):
     assert peers.torch_linears(swapped)[1] == 0
 
 
+def test_aimet_points_quantize_activations_at_the_set_bits(bench):
+    """AIMET's points simulate 16-bit activations (its W·A16 setting): at its default 8 bits
+    the activation ranges, not the weight bits the page compares, decided timm MobileNetV3's
+    accuracy. The weights get the knob's bits."""
+    pytest.importorskip("aimet_torch")
+    from benchmarks import peers
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    data = types.SimpleNamespace(batch=lambda split, n: (torch.randn(n, 3, 8, 8), None))
+    sim = peers._aimet_sim(model, data, 4, quick=True)
+    outputs = [q.bitwidth for m in sim.model.modules()
+               for q in getattr(m, "output_quantizers", []) if q is not None]
+    weights = [m.param_quantizers["weight"].bitwidth for m in sim.model.modules()
+               if "weight" in getattr(m, "param_quantizers", {})]
+    assert outputs and set(outputs) == {peers.AIMET_ACTIVATION_BITS} == {16}
+    assert weights == [4, 4]
+
+
 def test_peers_page_verdicts_are_computed(bench):
     """A peer point is dominated only by a smaller netshrink point whose accuracy is not below
     it; every undominated point is named."""

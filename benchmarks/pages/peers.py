@@ -40,7 +40,9 @@ ABOUT = [
     "channel ratio, sparsity). Sizes are the bytes of the file each one's docs tell a user to "
     "save, written to a temporary folder and stat-ed (netshrink: the `.nsk` artifact); "
     "\"theoretical\" marks AIMET, whose QuantSim keeps fp32 weights plus an encodings file, "
-    "sized as bits × weight parameters + fp32 for the rest. Ratio = bytes of `torch.save` of "
+    "sized as bits × weight parameters + fp32 for the rest; its points keep "
+    f"{p.AIMET_ACTIVATION_BITS}-bit activations (AIMET's W·A16 setting), as netshrink's rows "
+    "and the other weight peers keep float ones. Ratio = bytes of `torch.save` of "
     "the dense state dict / that size. Everything that trains (netshrink's magnitude rows, "
     "Torch-Pruning, `torch.nn.utils.prune`) gets the same fine-tune: the epochs below, "
     f"lr {p.LR}. Post-training peers do not train.",
