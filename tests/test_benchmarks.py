@@ -474,6 +474,25 @@ def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(benc
     assert again.split("![")[0] == text.split("![")[0]
 
 
+def test_defaults_page_resumes_its_compressor_rows(bench, tmp_path, monkeypatch):
+    """defaults: each compressor is a saved row; a rerun measures only the one that failed."""
+    from benchmarks.pages import defaults as page
+
+    monkeypatch.setattr(page, "compressors", lambda: ["no-such-compressor", "quantize"])
+    measured = []
+    real = page.row
+    monkeypatch.setattr(page, "row", lambda name, *a: (measured.append(name), real(name, *a))[1])
+    b = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "benchmarks" / "d.md", tmp=tmp_path,
+                      rows=tmp_path / "rows")
+    text = "\n".join(page.run(b))
+    assert measured == ["no-such-compressor", "quantize"]
+    assert "| no-such-compressor | - | failed: " in text and "| quantize | " in text
+    again = "\n".join(page.run(b))
+    assert measured[2:] == ["no-such-compressor"]
+    assert b.resumed == ["lenet5 / quantize"]
+    assert again == text
+
+
 def test_search_chains_resumes_chain_rows_and_shares_the_scan(bench, tmp_path, monkeypatch):
     from benchmarks.pages import search_chains as page
 

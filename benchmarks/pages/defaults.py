@@ -3,6 +3,7 @@ the hard dataset (shapes32)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -44,6 +45,20 @@ def cases(quick: bool) -> dict[str, tuple[str, list[dict[str, Any]]]]:
             for m in (QUICK_MODELS if quick else MODELS) for name in compressors()}
 
 
+def row(name: str, model: Any, steps: list[dict[str, Any]], data: Any, seeds: int,
+        dense: float) -> dict[str, Any]:
+    """One compressor's table cells (a saved :meth:`Bench.row`: a rerun at the same commit
+    resumes); a failing default is a row with its error, measured again by a rerun."""
+    try:
+        runs = h.compress(model, steps, data, seeds)
+    except Exception as exc:  # a failing default is a finding, not a crash
+        error = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        return {"cells": [name, "-", error, "", "", "", ""], "error": error}
+    return {"cells": [name, f"{runs.wall:.1f}", "yes" if runs.wall < BUDGET_S else "**no**",
+                      f"{runs.first.report.compression_ratio:.2f}x", runs.acc(), runs.delta(),
+                      h.acc_compare(runs.accs, [dense], runs.n)]}
+
+
 def run(b: h.Bench) -> list[str]:
     """One table per model: wall time against the budget, ratio, accuracy against dense."""
     by_model = h.cases_by_model(cases(b.quick))
@@ -57,16 +72,8 @@ def run(b: h.Bench) -> list[str]:
             rows = [["dense", "-", "-", "1.00x", h.acc_cell([dense], len(data.test)), "", ""]]
             for name, steps in steps_by_name:
                 print(f"{model_key}: {name}", file=sys.stderr, flush=True)
-                try:
-                    runs = h.compress(model, steps, data, b.seeds)
-                except Exception as exc:  # a failing default is a finding, not a crash
-                    rows.append([name, "-", f"failed: {type(exc).__name__}: "
-                                 f"{str(exc)[:120]}", "", "", "", ""])
-                    continue
-                rows.append([name, f"{runs.wall:.1f}",
-                             "yes" if runs.wall < BUDGET_S else "**no**",
-                             f"{runs.first.report.compression_ratio:.2f}x", runs.acc(),
-                             runs.delta(), h.acc_compare(runs.accs, [dense], runs.n)])
+                rows.append(b.row(f"{model_key} / {name}", functools.partial(
+                    row, name, model, steps, data, b.seeds, dense))["cells"])
             body += [f"## {model_key} ({h.ns.model_info(model).spec}, {data.name})", ""]
             body += h.table(["compressor", "wall per seed (s)", f"within {BUDGET_S} s", "ratio",
                              "test acc [95% CI]", "Δ acc (pp)", "vs dense"], rows)
