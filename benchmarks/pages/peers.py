@@ -182,7 +182,7 @@ def search_rows(model: Any, data: Any, b: h.Bench) -> list[dict[str, Any]]:
         try:
             found = h.ns.search(model, data, budget, methods=["quantize"], sensitivity=table,
                                 checkpoint=False)
-        except h.ns.ConfigError as exc:  # a budget the options cannot reach: a finding, kept
+        except h.ns.ConfigError as exc:  # e.g. an unreachable budget: the same on every run
             rows.append({**row, "error": p.failed(label, exc).notes, "finding": True})
             continue
         except Exception as exc:
