@@ -317,8 +317,9 @@ def run(b: h.Bench) -> list[str]:
 
 def _saved(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows as one :meth:`Bench.row` value; with an ``error`` key (so not saved, and measured
-    again by a rerun) when any of them failed. An error row marked ``finding`` (the search's
-    answer that a budget is unreachable, the same on every run) does not count as a failure."""
+    again by a rerun) when any of them failed. An error row marked ``finding`` (a
+    ``ConfigError`` from the search, e.g. an unreachable budget: the same on every run) does
+    not count as a failure."""
     failed = [r["error"] for r in rows if "error" in r and not r.get("finding")]
     return {"rows": rows, **({"error": failed[0]} if failed else {})}
 
