@@ -99,14 +99,15 @@ def cases_by_model(
 class Runs:
     """One configuration compressed once per seed (0, 1, ...): results, wall times, test n."""
 
-    results: list[ns.CompressionResult]
+    #: Per seed; :class:`SavedResult` when the runs came through :meth:`Bench.runs`.
+    results: list[ns.CompressionResult | SavedResult]
     walls: list[float]
     n: int
     #: Seeds 0 and 1 gave identical weights, so no further seed was run.
     deterministic: bool = False
 
     @property
-    def first(self) -> ns.CompressionResult:
+    def first(self) -> ns.CompressionResult | SavedResult:
         """The seed-0 result (the one timed and plotted)."""
         return self.results[0]
 
@@ -300,6 +301,47 @@ def save_plot(draw: Callable[[Any], None], path: Path, size: tuple[float, float]
 MAX_ROW_BYTES = 1_000_000
 
 
+def _row_name(key: str) -> str:
+    """The file name (without suffix) a row saved under ``key`` gets."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+@dataclass
+class SavedResult:
+    """One seed of a saved :class:`Runs` (:meth:`Bench.runs`): what the pages read of a
+    :class:`netshrink.CompressionResult`. ``model`` is the model loaded from the artifact (seed
+    0 only; ``None`` for the others)."""
+
+    report: ns.Report
+    records: list[ns.LayerRecord]
+    model: nn.Module | None = None
+
+
+def _runs_json(runs: Runs) -> dict[str, Any]:
+    """A :class:`Runs` as JSON: per seed the report and the layer records; the SHA-256 of seed
+    0's artifact (the artifact itself is a side file)."""
+    return {"walls": runs.walls, "n": runs.n, "deterministic": runs.deterministic,
+            "artifact_sha256": hashlib.sha256(runs.first.artifact).hexdigest(),
+            "results": [{"report": r.report.model_dump(mode="json"),
+                         "records": [dataclasses.asdict(rec) for rec in r.records]}
+                        for r in runs.results]}
+
+
+def _runs_from_json(saved: dict[str, Any], artifact: Path) -> Runs:
+    """The :class:`Runs` :func:`_runs_json` wrote, seed 0's model loaded from ``artifact``
+    (untrusted: its hash must match, and :func:`netshrink.load` validates it)."""
+    if hashlib.sha256(artifact.read_bytes()).hexdigest() != saved["artifact_sha256"]:
+        raise ValueError(f"{artifact.name} does not match the saved row's artifact_sha256")
+    results = [SavedResult(ns.Report.model_validate(r["report"]),
+                           [ns.LayerRecord(**rec) for rec in r["records"]])
+               for r in saved["results"]]
+    if not results:
+        raise ValueError("the saved row has no results")
+    results[0].model = ns.load(artifact).eval()
+    return Runs(results, [float(w) for w in saved["walls"]], int(saved["n"]),
+                deterministic=bool(saved["deterministic"]))
+
+
 @dataclass
 class Bench:
     """What a page's ``run`` receives: the mode, the seeds, where its page and plots go, and
@@ -319,8 +361,7 @@ class Bench:
         ``"error"`` are not saved (a rerun tries them again); a saved file that is not a row
         this harness wrote for ``key`` (unreadable, too large, another key) is measured again.
         Values are saved as JSON (anything else as its ``str``)."""
-        path = self.rows / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json" \
-            if self.rows else None
+        path = self.rows / f"{_row_name(key)}.json" if self.rows else None
         if path is not None and path.is_file() and path.stat().st_size <= MAX_ROW_BYTES:
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
@@ -334,6 +375,32 @@ class Bench:
         if path is not None and "error" not in out:
             ns.atomic_write(path, json.dumps({"key": key, "row": out}, default=str))
         return out
+
+    def runs(self, key: str, model: nn.Module, steps: Any, data: ns.DataSplits,
+             seeds: int = 1) -> Runs:
+        """:func:`compress`, saved under ``key`` like :meth:`row` (a rerun of the same page at
+        the same commit resumes it): each seed's report and layer records, and seed 0's
+        artifact in a side file next to the row. ``first.model`` is always the model loaded
+        from that artifact (also on a fresh run), so a resumed page measures what a fresh one
+        does; the other seeds keep no model. A row whose side file is missing or does not match
+        the artifact's recorded SHA-256 is measured again."""
+        side = self.tmp / "runs" if self.rows is None else self.rows
+        artifact = side / f"{_row_name(key)}.nsk"
+
+        def measure() -> dict[str, Any]:
+            runs = compress(model, steps, data, seeds)
+            ns.atomic_write(artifact, runs.first.artifact)
+            return _runs_json(runs)
+
+        saved = self.row(key, measure)
+        try:
+            return _runs_from_json(saved, artifact)
+        except (OSError, ValueError, TypeError, KeyError, ns.NetshrinkError) as exc:
+            print(f"  saved row {key!r} not usable ({exc}): measured again", file=sys.stderr,
+                  flush=True)
+            self.resumed.remove(key)
+            (self.rows / f"{_row_name(key)}.json").unlink(missing_ok=True)
+            return _runs_from_json(self.row(key, measure), artifact)
 
     def plot(self, name: str) -> tuple[Path, str]:
         """Path for a plot next to the page, and the link to it from the page."""

@@ -400,6 +400,46 @@ def test_bench_rows_are_saved_and_resumed_but_not_errors_or_foreign_files(bench,
     assert nothing.resumed == [] and len(calls) == 6
 
 
+def test_bench_runs_resume_with_the_artifact_model_and_refuse_a_changed_side_file(bench,
+                                                                                tmp_path):
+    """Bench.runs saves each seed's report and records and seed 0's artifact: a rerun resumes
+    them without compressing (first.model is the loaded artifact, fresh or resumed); a side
+    file that no longer matches its recorded hash is measured again, not trusted."""
+    model, data = bench.h.reference("lenet300")
+    steps = [ns.step("magnitude", sparsity=0.8, finetune={"epochs": 1, "patience": None}),
+             ns.step("quantize", bits=4)]
+    calls = []
+    real = bench.h.compress
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def bench_at(rows):
+        return bench.h.Bench(quick=True, seeds=2, page=tmp_path / "p.md", tmp=tmp_path,
+                             rows=rows)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench.h, "compress", counted)
+        fresh = bench_at(tmp_path / "rows").runs("m / a", model, steps, data, 2)
+        b = bench_at(tmp_path / "rows")
+        again = b.runs("m / a", model, steps, data, 2)
+        assert len(calls) == 1 and b.resumed == ["m / a"]
+        assert again.accs == fresh.accs and again.walls == fresh.walls and len(fresh.accs) == 2
+        assert again.first.report == fresh.first.report
+        assert again.first.records == fresh.first.records and again.first.records
+        assert ns.accuracy(again.first.model, data) == fresh.accs[0]
+        assert again.results[1].model is None
+        side = next((tmp_path / "rows").glob("*.nsk"))
+        side.write_bytes(side.read_bytes()[:-1] + b"x")  # a changed artifact is not trusted
+        b = bench_at(tmp_path / "rows")
+        assert b.runs("m / a", model, steps, data, 2).accs == fresh.accs
+        assert len(calls) == 2 and b.resumed == []
+        nothing = bench_at(None)  # rows=None: measured, the artifact in tmp, nothing resumed
+        assert nothing.runs("m / a", model, steps, data, 2).accs == fresh.accs
+        assert len(calls) == 3 and nothing.resumed == []
+
+
 def test_runner_resumes_rows_of_an_interrupted_run_at_the_same_commit(bench, tmp_path,
                                                                        monkeypatch):
     """Rows persist per commit: a rerun reuses them and the header says which; --fresh, a

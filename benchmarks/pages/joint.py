@@ -107,13 +107,17 @@ def run(b: h.Bench) -> list[str]:
         model, data = h.reference(m)
         ratio, tol, _, _, extra = _targets(m)
         epochs = _epochs(m, b.quick)
-        runs = {"joint (adaptive)": h.compress(model, _joint(m, b.quick, "fisher"), data, b.seeds),
-                "joint (uniform)": h.compress(model, _joint(m, b.quick, "uniform"), data, b.seeds)}
+        # Each configuration is a saved row (b.runs): an interrupted run resumes.
+        runs = {f"joint ({label})": b.runs(f"{m} / joint {a}", model, _joint(m, b.quick, a),
+                                           data, b.seeds)
+                for label, a in (("adaptive", "fisher"), ("uniform", "uniform"))}
         budget = runs["joint (adaptive)"].first.report.storage_bytes
-        sparsity = next((s for s in DC_SPARSITIES if h.compress(model, _dc(s, 0), data)
+        sparsity = next((s for s in DC_SPARSITIES if b.runs(f"{m} / DC probe {s}", model,
+                                                            _dc(s, 0), data)
                          .first.report.storage_bytes <= budget), DC_SPARSITIES[-1])
         dc_label = f"Deep-Compression-style (sparsity {sparsity}, {DC_BITS}-bit)"
-        runs[dc_label] = h.compress(model, _dc(sparsity, epochs), data, b.seeds)
+        runs[dc_label] = b.runs(f"{m} / DC {sparsity}", model, _dc(sparsity, epochs), data,
+                                b.seeds)
         dc_sp = {r.name: r.details["sparsity"] for r in runs[dc_label].first.records
                  if r.method == "magnitude"}
         path, link = b.plot(f"joint_allocation_{m}.png")

@@ -95,14 +95,14 @@ def paper(b: h.Bench, m: str) -> list[str]:
     steps = _paper_steps(m, b.quick)
     changed = {k: steps[0]["config"][k] for k in (["epochs"] if b.quick else PAPER[m][5])}
     capped = f" (changed: `{changed}`)" if changed else ""
-    ours = h.compress(dense, steps, data, b.seeds)
+    ours = b.runs(f"{m} / normsparse", dense, steps, data, b.seeds)  # saved: a rerun resumes
     rep, s = ours.first.report, ours.first.report.steps[0]
     layers = [r.name for r in ours.first.records]
     ft = steps[0].get("finetune")
     budget = int(s["epochs_run"]) + (h.ns.FinetuneConfig(**ft).epochs if ft else 0)
     mag_steps, mag_sparsity = _magnitude(dense, layers, rep.nonzeros, budget,
                                          steps[0]["config"].get("lr", 1e-3))
-    mag = h.compress(dense, mag_steps, data, b.seeds)
+    mag = b.runs(f"{m} / magnitude {mag_sparsity}", dense, mag_steps, data, b.seeds)
     lat = h.speedups(dense, {"normsparse": ours.first.model, "magnitude": mag.first.model},
                      data.batch("val", 1)[0])
     rows = [[label, r.acc(), r.delta(), f"{r.first.report.nonzeros:,}",

@@ -92,7 +92,7 @@ def paper(b: h.Bench, m: str) -> tuple[list[Any], list[str], list[list[Any]]]:
     """The recipe, then TP at the same MACs with the same fine-tune: rows, verdict, TP rows."""
     dense, data = h.reference(m)
     shape = tuple(data.input_shape)
-    runs = h.compress(dense, steps(m, b.quick), data, b.seeds)
+    runs = b.runs(f"{m} / statprune + tucker", dense, steps(m, b.quick), data, b.seeds)
     rep, ours = runs.first.report, runs.first.model
     t0 = time.perf_counter()
     tp_model, ratio = tp_at(dense, macs(ours, shape), shape)
