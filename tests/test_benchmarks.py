@@ -512,6 +512,15 @@ def test_per_model_peers_page_resumes_its_points_and_keeps_failures_unsaved(benc
     assert b.resumed == ["lenet5 / netshrink / quantize 4-bit/ch", "lenet5 / netshrink / search",
                          "lenet5 / peer / PyTorch dynamic int8"]
     assert again.split("![")[0] == text.split("![")[0]
+    # The peers page (every model, whole training sets) saves the same rows of each model.
+    monkeypatch.setattr(page, "QUICK_MODELS", ["lenet5"])
+    b = bench.h.Bench(quick=True, seeds=1, page=tmp_path / "benchmarks" / "p.md", tmp=tmp_path,
+                      rows=tmp_path / "rows-peers")
+    whole = "\n".join(page.run(b))
+    assert measured[5:] == ["ours_rows", "search_rows", "peer_rows", "peer_rows"]
+    assert "| quantize 4-bit/ch | netshrink |" in whole and "training images)" not in whole
+    assert "\n".join(page.run(b)).split("![")[0] == whole.split("![")[0]
+    assert measured[9:] == ["peer_rows"] and len(b.resumed) == 3
 
 
 def test_defaults_page_resumes_its_compressor_rows(bench, tmp_path, monkeypatch):

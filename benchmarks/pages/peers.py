@@ -300,12 +300,13 @@ def section(b: h.Bench, m: str, heading: str, plot: str, dense: dict[str, Any],
 
 
 def run(b: h.Bench) -> list[str]:
-    """Per model: netshrink's points and every peer curve, the table, the plot, the verdicts."""
+    """Per model: netshrink's points and every peer curve, the table, the plot, the verdicts
+    (each point and curve a saved row: see :func:`saved_rows`)."""
     lines: list[str] = []
     for m in QUICK_MODELS if b.quick else MODELS:
         print(f"[{m}]", file=sys.stderr, flush=True)
         model, data = h.reference(m)
-        rows = ours_rows(model, data, b) + search_rows(model, data, b) + peer_rows(model, data, b)
+        rows = saved_rows(b, m, model, data)
         spec, data_name, _ = h.MODELS[m]
         heading = f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s))"
         lines += section(b, m, heading, "peers", dense_row(model, data), rows, len(data.test))
@@ -324,13 +325,9 @@ def _saved(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": rows, **({"error": failed[0]} if failed else {})}
 
 
-def model_run(b: h.Bench, m: str) -> list[str]:
-    """One CNN's page body: as :func:`run`, on the first ``overview.TRAIN_IMAGES`` training
-    images, each netshrink point and each peer curve a saved row, so an interrupted run at the
-    same commit resumes (:meth:`Bench.row`)."""
-    print(f"[{m}]", file=sys.stderr, flush=True)
-    model, data = h.reference(m)
-    data = overview.train_subset(data, b.quick)
+def saved_rows(b: h.Bench, m: str, model: Any, data: Any) -> list[dict[str, Any]]:
+    """Every netshrink point, the search's points and every peer curve of ``m``, each a saved
+    row, so an interrupted run at the same commit resumes (:meth:`Bench.row`)."""
     rows: list[dict[str, Any]] = []
     for label, point in ours(b.quick).items():
         rows += b.row(f"{m} / netshrink / {label}", lambda label=label, point=point: _saved(
@@ -339,6 +336,16 @@ def model_run(b: h.Bench, m: str) -> list[str]:
     for name in p.PEERS:
         rows += b.row(f"{m} / peer / {name}", lambda name=name: _saved(
             peer_rows(model, data, b, names=(name,))))["rows"]
+    return rows
+
+
+def model_run(b: h.Bench, m: str) -> list[str]:
+    """One CNN's page body: as :func:`run`, on the first ``overview.TRAIN_IMAGES`` training
+    images, each netshrink point and each peer curve a saved row (:func:`saved_rows`)."""
+    print(f"[{m}]", file=sys.stderr, flush=True)
+    model, data = h.reference(m)
+    data = overview.train_subset(data, b.quick)
+    rows = saved_rows(b, m, model, data)
     spec, data_name, _ = h.MODELS[m]
     heading = (f"## {m} (`{spec}` on `{data_name}`, {epochs(b.quick)} fine-tune epoch(s) of "
                f"{len(data.train):,} training images)")
