@@ -330,7 +330,9 @@ def _runs_json(runs: Runs) -> dict[str, Any]:
 def _runs_from_json(saved: dict[str, Any], artifact: Path) -> Runs:
     """The :class:`Runs` :func:`_runs_json` wrote, seed 0's model loaded from ``artifact``
     (untrusted: its hash must match, and :func:`netshrink.load` validates it)."""
-    if hashlib.sha256(artifact.read_bytes()).hexdigest() != saved["artifact_sha256"]:
+    with artifact.open("rb") as f:  # streamed: the file is not trusted to be small
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    if digest != saved["artifact_sha256"]:
         raise ValueError(f"{artifact.name} does not match the saved row's artifact_sha256")
     results = [SavedResult(ns.Report.model_validate(r["report"]),
                            [ns.LayerRecord(**rec) for rec in r["records"]])
