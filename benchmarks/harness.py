@@ -394,13 +394,16 @@ class Bench:
             ns.atomic_write(artifact, runs.first.artifact)
             return _runs_json(runs)
 
+        before = len(self.resumed)
         saved = self.row(key, measure)
         try:
             return _runs_from_json(saved, artifact)
         except (OSError, ValueError, TypeError, KeyError, ns.NetshrinkError) as exc:
+            if len(self.resumed) == before or self.rows is None:
+                raise  # just measured: a failure to reload is a bug, not a stale row
             print(f"  saved row {key!r} not usable ({exc}): measured again", file=sys.stderr,
                   flush=True)
-            self.resumed.remove(key)
+            self.resumed.pop()
             (self.rows / f"{_row_name(key)}.json").unlink(missing_ok=True)
             return _runs_from_json(self.row(key, measure), artifact)
 

@@ -438,6 +438,11 @@ def test_bench_runs_resume_with_the_artifact_model_and_refuse_a_changed_side_fil
         nothing = bench_at(None)  # rows=None: measured, the artifact in tmp, nothing resumed
         assert nothing.runs("m / a", model, steps, data, 2).accs == fresh.accs
         assert len(calls) == 3 and nothing.resumed == []
+        # A freshly measured artifact that does not reload is an error, not measured again.
+        mp.setattr(bench.h.ns, "load", lambda path: (_ for _ in ()).throw(ns.ArtifactError("x")))
+        with pytest.raises(ns.ArtifactError):
+            bench_at(tmp_path / "rows2").runs("m / a", model, steps, data, 2)
+        assert len(calls) == 4
 
 
 def test_runner_resumes_rows_of_an_interrupted_run_at_the_same_commit(bench, tmp_path,
