@@ -363,7 +363,7 @@ class Bench:
         ``"error"`` are not saved (a rerun tries them again); a saved file that is not a row
         this harness wrote for ``key`` (unreadable, too large, another key) is measured again.
         Values are saved as JSON (anything else as its ``str``)."""
-        path = self.rows / f"{_row_name(key)}.json" if self.rows else None
+        path = self._file(key, ".json")
         if path is not None and path.is_file() and path.stat().st_size <= MAX_ROW_BYTES:
             try:
                 saved = json.loads(path.read_text(encoding="utf-8"))
@@ -378,6 +378,10 @@ class Bench:
             ns.atomic_write(path, json.dumps({"key": key, "row": out}, default=str))
         return out
 
+    def _file(self, key: str, suffix: str) -> Path | None:
+        """Where the row saved under ``key`` keeps its ``suffix`` file (``None``: no rows)."""
+        return self.rows / f"{_row_name(key)}{suffix}" if self.rows else None
+
     def runs(self, key: str, model: nn.Module, steps: Any, data: ns.DataSplits,
              seeds: int = 1) -> Runs:
         """:func:`compress`, saved under ``key`` like :meth:`row` (a rerun of the same page at
@@ -386,8 +390,7 @@ class Bench:
         from that artifact (also on a fresh run), so a resumed page measures what a fresh one
         does; the other seeds keep no model. A row whose side file is missing or does not match
         the artifact's recorded SHA-256 is measured again."""
-        side = self.tmp / "runs" if self.rows is None else self.rows
-        artifact = side / f"{_row_name(key)}.nsk"
+        artifact = self._file(key, ".nsk") or self.tmp / "runs" / f"{_row_name(key)}.nsk"
 
         def measure() -> dict[str, Any]:
             runs = compress(model, steps, data, seeds)
@@ -404,7 +407,7 @@ class Bench:
             print(f"  saved row {key!r} not usable ({exc}): measured again", file=sys.stderr,
                   flush=True)
             self.resumed.pop()
-            (self.rows / f"{_row_name(key)}.json").unlink(missing_ok=True)
+            self._file(key, ".json").unlink(missing_ok=True)
             return _runs_from_json(self.row(key, measure), artifact)
 
     def plot(self, name: str) -> tuple[Path, str]:
