@@ -450,6 +450,36 @@ def verdict(a: Sequence[float], b: Sequence[float], n: int) -> str:
 # -- a fresh interpreter per measurement -------------------------------------------------------
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """``field`` (``VmRSS``, ``VmHWM``) of /proc/self/status in MB; None off Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> float | None:
+    """Reset this process's peak-RSS mark to what is resident now (Linux: ``5`` into
+    /proc/self/clear_refs) and return that resident size in MB, or None where the kernel does not
+    allow it. With :func:`peak_rss_since_reset` it measures one step's own peak, without the
+    transient of loading the data before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        return None
+    return _proc_status_mb("VmRSS")
+
+
+def peak_rss_since_reset() -> float | None:
+    """This process's peak RSS in MB since :func:`reset_peak_rss` (``VmHWM``)."""
+    return _proc_status_mb("VmHWM")
+
+
 def _child(conn: Any, fn: Callable[..., dict[str, Any]], args: tuple[Any, ...]) -> None:
     set_threads()
     try:

@@ -138,6 +138,20 @@ def test_isolated_turns_failures_into_rows(bench):
         "error": "timed out after 0 s"}
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's clear_refs")
+def test_a_methods_peak_excludes_what_came_before_the_reset(bench):
+    """The overview's "method's peak" column: a transient before the reset does not count, an
+    allocation after it does (the whole-process peak was the same on every shapes64 row)."""
+    h = bench.h
+    before = b"x" * (300 * 2**20)  # a 300 MB transient, like loading the data
+    del before
+    loaded = h.reset_peak_rss()
+    assert loaded is not None and h.peak_rss_since_reset() - loaded < 100
+    during = b"y" * (200 * 2**20)
+    assert 150 < h.peak_rss_since_reset() - loaded < 400
+    del during
+
+
 def test_compress_reports_each_seed_on_stderr(bench, capsys):
     """Long pages show progress in a log: one line per seed with time, accuracy and ratio."""
     model, data = bench.h.reference("lenet300")

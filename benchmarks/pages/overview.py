@@ -28,8 +28,12 @@ ABOUT = [
     "Sizes are the bytes of the file each method saves (netshrink: the `.nsk` artifact, equal "
     "to the report's `storage_bytes`; peers: the file each peer's docs tell a user to save, "
     "see the peers page). Ratio = dense fp32 bytes / that size. Every fine-tune (netshrink's and the peers') gets the same "
-    "epochs. Each row runs in a fresh interpreter; peak RSS is that whole process (torch "
-    "included). The dense row's own speedup (a copy timed against itself) shows the noise.",
+    "epochs. Each row runs in a fresh interpreter; peak RSS is that whole process (torch, "
+    "the data and the reference included), and the method's peak is how far the resident "
+    "size rose above what was resident once the reference and the data were loaded, over the "
+    "compression, fine-tune and evaluation (Linux's VmHWM, reset before the method; "
+    "latency timing excluded). The dense row's own speedup (a copy timed against itself) shows "
+    "the noise.",
 ]
 MODELS = ("lenet300", "lenet5", "vgg_small", "resnet_small", "resnet18")
 QUICK_MODELS = ("lenet300",)
@@ -156,6 +160,7 @@ def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
     example = data.batch("val", 1)[0]
     dense_bytes = sum(t.numel() * 4 for t in reference.state_dict().values())
     dense_acc = h.ns.accuracy(reference, data)
+    loaded_mb = h.reset_peak_rss()
     t0 = time.perf_counter()
     if label == "dense":
         family, compressed, size, accs = "dense", copy.deepcopy(reference), dense_bytes, [dense_acc]
@@ -167,11 +172,13 @@ def row(model: str, label: str, quick: bool, seeds: int) -> dict[str, Any]:
         family, compressed, accs = "netshrink", runs.first.model, runs.accs
         size = runs.mean(lambda r: r.report.storage_bytes)
     wall = time.perf_counter() - t0
+    peak_mb = h.peak_rss_since_reset()
     lat = h.speedups(reference, {"m": compressed}, example)["m"]
     return {"method": label, "family": family, "accs": accs, "acc": statistics.fmean(accs),
             "n": len(data.test),
             "dense_acc": dense_acc, "bytes": size, "ratio": dense_bytes / size, "wall_s": wall,
-            "b1": lat[1], "b64": lat[64]}
+            "b1": lat[1], "b64": lat[64],
+            "method_peak_mb": None if loaded_mb is None or peak_mb is None else peak_mb - loaded_mb}
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -215,6 +222,11 @@ def pareto(ax: Any, rows: list[dict[str, Any]], model: str) -> None:
     ax.legend(fontsize=8)
 
 
+def _mb(value: float | None) -> str:
+    """A method's own peak in MB, or ``-`` (not measurable here, or a row saved before 2026-12-02)."""
+    return "-" if value is None else f"{value:+.0f}"
+
+
 def section(b: h.Bench, model: str) -> list[str]:
     """One model: the table, the Pareto plot, the verdicts."""
     labels = ["dense", *methods(model, b.quick), *PEERS]
@@ -230,12 +242,13 @@ def section(b: h.Bench, model: str) -> list[str]:
     spec, data_name, _ = h.MODELS[model]
     return [f"## {model} (`{spec}` on `{data_name}`)", "", *h.table(
         ["method", "family", "test acc [95% CI]", "Δ acc (pp)", "size on disk", "ratio",
-         "speedup b1", "speedup b64", "wall (s)", "peak RSS (MB)"],
-        [[r["method"], "-", f"failed: {r['error']}", *[""] * 7] if "error" in r else
+         "speedup b1", "speedup b64", "wall (s)", "peak RSS (MB)", "method's peak (MB)"],
+        [[r["method"], "-", f"failed: {r['error']}", *[""] * 8] if "error" in r else
          [r["method"], r["family"], h.acc_cell(r["accs"], r["n"]),
           f"{100 * (r['acc'] - r['dense_acc']):+.2f}",
           f"{r['bytes']:,.0f} B", f"{r['ratio']:.1f}x", r["b1"], r["b64"],
-          f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in rows]),
+          f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}", _mb(r.get("method_peak_mb"))]
+         for r in rows]),
         f"![Pareto plot for {model}]({link})", "", "Verdicts:", "", *verdicts(ok), ""]
 
 
