@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import netshrink as ns
-from benchmarks.harness import ROOT, Bench
+from benchmarks.harness import REFERENCE_LINES, ROOT, Bench
 from benchmarks.pages import PAGES
 
 
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> Path:
     """Generate one page; returns the path written."""
     args = parse(argv)
     spec = PAGES[args.page]
-    os.environ.setdefault("NETSHRINK_PROGRESS", "0")
+    if "NETSHRINK_PROGRESS" not in os.environ:  # rows are quiet; references keep epoch lines
+        os.environ.update({"NETSHRINK_PROGRESS": "0", REFERENCE_LINES: "1"})
     if os.environ.get("NETSHRINK_THREADS"):
         torch.set_num_threads(int(os.environ["NETSHRINK_THREADS"]))
     out = args.out / spec.OUT

@@ -55,6 +55,9 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "regnetx_002@shapes64": ("timm:regnetx_002", "shapes64", {"epochs": 10}),
 }
 EVERYTHING = {"types": ["Conv2d", "Linear"], "protect_head": False}
+#: Set to "1" by the runner when it silenced netshrink's progress on its own (the user had not
+#: set ``NETSHRINK_PROGRESS``): :func:`reference` then still prints its training epochs.
+REFERENCE_LINES = "NETSHRINK_BENCH_REFERENCE_LINES"
 
 
 @functools.cache
@@ -62,7 +65,12 @@ def reference(model: str) -> tuple[nn.Module, ns.DataSplits]:
     """The cached reference model of ``model`` (a key of :data:`MODELS`) and its data."""
     spec, data_name, options = MODELS[model]
     data = ns.datasets.load(data_name)
-    return ns.reference_model(spec, data, **options), data
+    # The runner silences netshrink's progress (one line per fine-tune epoch of every row would
+    # bury the page's own lines), but a reference that is not cached yet trains for up to half an
+    # hour: its epoch lines stay on, unless the user silenced progress themselves.
+    lines = {"NETSHRINK_PROGRESS": ""} if os.environ.get(REFERENCE_LINES) == "1" else {}
+    with mock.patch.dict(os.environ, lines):
+        return ns.reference_model(spec, data, **options), data
 
 
 def recipe_steps(name: str, **finetune: Any) -> list[dict[str, Any]]:

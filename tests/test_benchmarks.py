@@ -152,6 +152,25 @@ def test_a_methods_peak_excludes_what_came_before_the_reset(bench):
     del during
 
 
+def test_reference_training_prints_its_epochs_while_the_runner_silences_rows(
+        bench, tmp_path, monkeypatch, capsys):
+    """The runner sets NETSHRINK_PROGRESS=0 for the rows; a reference that is not cached still
+    prints a line per epoch, unless the user silenced progress (no REFERENCE_LINES then)."""
+    h = bench.h
+    monkeypatch.setattr(h, "MODELS", {"m": ("zoo:lenet300", "digits28", {"epochs": 2})})
+    monkeypatch.setenv("NETSHRINK_PROGRESS", "0")
+    for cache, lines, expected in (("a", "1", 2), ("b", None, 0)):
+        monkeypatch.setenv("NETSHRINK_CACHE", str(tmp_path / cache))
+        if lines:
+            monkeypatch.setenv(h.REFERENCE_LINES, lines)
+        else:
+            monkeypatch.delenv(h.REFERENCE_LINES, raising=False)
+        h.reference.__wrapped__("m")
+        err = capsys.readouterr().err
+        assert err.count("training reference zoo:lenet300 on digits28: epoch") == expected, err
+    assert h.ns.progress.enabled() is False  # the user's setting is back after the reference
+
+
 def test_compress_reports_each_seed_on_stderr(bench, capsys):
     """Long pages show progress in a log: one line per seed with time, accuracy and ratio."""
     model, data = bench.h.reference("lenet300")
