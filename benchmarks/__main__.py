@@ -1,9 +1,10 @@
 """The runner: ``python -m benchmarks PAGE [--quick] [--seeds N] [--out DIR]``.
 
 Every page is generated here: the page's spec (benchmarks/pages/<page>.py) measures and returns
-its body; the runner adds the header (command, commit, machine, threads, load average, wall
-time) and writes docs/benchmarks/<page>.md. ``python -m benchmarks.index`` then rewrites
-docs/benchmarks.md, the index of the pages.
+its body; the runner adds the header (command, commit, machine and CPU, threads, load average,
+wall time, the digests of the generated data the page names) and writes
+docs/benchmarks/<page>.md. ``python -m benchmarks.index`` then rewrites docs/benchmarks.md, the
+index of the pages.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 import netshrink as ns
-from benchmarks.harness import REFERENCE_LINES, ROOT, Bench
+from benchmarks.harness import REFERENCE_LINES, ROOT, Bench, cpu_model, data_digests
 from benchmarks.pages import PAGES
 
 
@@ -122,12 +123,15 @@ def main(argv: list[str] | None = None) -> Path:
         f"{' (quick mode: a check of the page, not its figures)' if args.quick else ''}; every "
         f"number below comes from that run ({seeds} seed(s) per configuration).",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python "
+        f"Machine: {platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, Python "
         f"{platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch "
         f"thread(s) (NETSHRINK_THREADS={os.environ.get('NETSHRINK_THREADS', 'unset')}); load "
         f"average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; total "
         f"wall time {(time.perf_counter() - t0) / 60:.1f} min, CPU time {cpu() / 60:.1f} min.",
         "",
+        *([f"Data: the generated sets this page names, with the SHA-256 their cache files "
+           f"record (docs/datasets.md lists one machine's): {'; '.join(digests)}.", ""]
+          if (digests := data_digests("\n".join(body))) else []),
         *([f"{len(bench.resumed)} row(s) of this page were measured by an earlier, interrupted "
            "run of the same command at the same commit and resumed from its saved rows: "
            + ", ".join(f"`{k}`" for k in bench.resumed) + ". The wall and CPU times above "

@@ -9,6 +9,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import platform
+import re
 import resource
 import statistics
 import sys
@@ -21,6 +23,7 @@ from unittest import mock
 
 import torch
 import torch.utils.benchmark as tbench
+from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Subset
 
@@ -453,6 +456,42 @@ def verdict(a: Sequence[float], b: Sequence[float], n: int) -> str:
     """:func:`acc_compare` in words: higher / lower, or equal within the intervals."""
     out = acc_compare(a, b, n)
     return SAME if out == "indistinguishable" else out
+
+
+# -- what a page ran on ------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def data_digests(text: str) -> list[str]:
+    """``shapes<px> (v<version>, seed <seed>) <SHA-256>`` for each generated shapes set in the
+    cache whose name ``text`` mentions (the newest version per size): the digest its cache file
+    records over the parameters and every tensor. Two machines with the same digest rendered the
+    same data (docs/datasets.md lists one). Unreadable files are left out."""
+    newest: dict[str, tuple[int, str]] = {}
+    for path in sorted((ns.cache_dir() / "datasets").glob("shapes-v*-*px-seed0-*.safetensors")):
+        match = re.match(r"shapes-v(\d+)-(\d+)px-seed0-", path.name)
+        if not match or f"shapes{match[2]}" not in text:
+            continue
+        try:
+            with safe_open(str(path), "pt") as tensors:
+                digest = (tensors.metadata() or {}).get("sha256", "")
+        except Exception:  # a damaged cache file only loses its line
+            continue
+        version = int(match[1])
+        if re.fullmatch(r"[0-9a-f]{64}", str(digest)) and version >= newest.get(match[2], (-1, ""))[0]:
+            newest[match[2]] = (version, digest)
+    return [f"`shapes{px}` (v{v}, seed 0) {digest}" for px, (v, digest) in sorted(newest.items())]
 
 
 # -- a fresh interpreter per measurement -------------------------------------------------------
