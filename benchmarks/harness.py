@@ -474,7 +474,7 @@ def cpu_model() -> str:
 
 
 def data_digests(text: str) -> list[str]:
-    """``shapes<px> (v<version>, seed <seed>) <SHA-256>`` for each generated shapes set in the
+    """``shapes<px> (v<version>, seed 0) <SHA-256>`` for each generated shapes set (seed 0) in the
     cache whose name ``text`` mentions (the newest version per size): the digest its cache file
     records over the parameters and every tensor. Two machines with the same digest rendered the
     same data (docs/datasets.md lists one). Unreadable files are left out."""
