@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"average (1 min) {load_start[0]:.2f} at the start, {load_end[0]:.2f} at the end; total "
         f"wall time {(time.perf_counter() - t0) / 60:.1f} min, CPU time {cpu() / 60:.1f} min.",
         "",
-        *([f"Data: the generated sets this page names, with the SHA-256 their cache files "
-           f"record (docs/datasets.md lists one machine's): {'; '.join(digests)}.", ""]
+        *([f"Data: the generated sets this page names, with the SHA-256 of the data as loaded "
+           f"(docs/datasets.md lists one machine's): {'; '.join(digests)}.", ""]
           if (digests := data_digests("\n".join(body))) else []),
         *([f"{len(bench.resumed)} row(s) of this page were measured by an earlier, interrupted "
            "run of the same command at the same commit and resumed from its saved rows: "

@@ -23,7 +23,6 @@ from unittest import mock
 
 import torch
 import torch.utils.benchmark as tbench
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Subset
 
@@ -474,24 +473,22 @@ def cpu_model() -> str:
 
 
 def data_digests(text: str) -> list[str]:
-    """``shapes<px> (v<version>, seed 0) <SHA-256>`` for each generated shapes set (seed 0) in the
-    cache whose name ``text`` mentions (the newest version per size): the digest its cache file
-    records over the parameters and every tensor. Two machines with the same digest rendered the
-    same data (docs/datasets.md lists one). Unreadable files are left out."""
-    newest: dict[str, tuple[int, str]] = {}
-    for path in sorted((ns.cache_dir() / "datasets").glob("shapes-v*-*px-seed0-*.safetensors")):
-        match = re.match(r"shapes-v(\d+)-(\d+)px-seed0-", path.name)
-        if not match or f"shapes{match[2]}" not in text:
-            continue
+    """``shapes<px> (v<version>, seed 0) <SHA-256>`` for each generated shapes set that ``text``
+    names (a ``-gray`` variant by its RGB source): the digest of the data as loaded, verified
+    against its cache file, over the parameters and every tensor. Two machines with the same
+    digest rendered the same data (docs/datasets.md lists one). A set that does not load is left
+    out."""
+    out = []
+    for px in sorted({int(m) for m in re.findall(r"\bshapes(\d+)", text)}):
         try:
-            with safe_open(str(path), "pt") as tensors:
-                digest = (tensors.metadata() or {}).get("sha256", "")
-        except Exception:  # a damaged cache file only loses its line
+            extra = ns.datasets.load(f"shapes{px}").extra
+        except ns.NetshrinkError:  # not a registered size
             continue
-        version = int(match[1])
-        if re.fullmatch(r"[0-9a-f]{64}", str(digest)) and version >= newest.get(match[2], (-1, ""))[0]:
-            newest[match[2]] = (version, digest)
-    return [f"`shapes{px}` (v{v}, seed 0) {digest}" for px, (v, digest) in sorted(newest.items())]
+        digest = str(extra.get("sha256", ""))
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            out.append(f"`shapes{px}` (v{extra.get('generator_version')}, seed "
+                       f"{extra.get('seed')}) {digest}")
+    return out
 
 
 # -- a fresh interpreter per measurement -------------------------------------------------------

@@ -96,18 +96,32 @@ def test_splits_sizes_classes_and_grayscale(cache):
 
 def test_cache_is_written_and_reused(cache):
     params = {**SMALL, "version": ns.plugins.shapes.GENERATOR_VERSION}
-    first = load_or_build(params)
+    first, digest = load_or_build(params)
     path = cache_path(params)
     assert path.is_file() and str(path).startswith(str(cache))
     again = read(path, params)
-    assert again is not None
-    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert again is not None and again[1] == digest
+    assert all(torch.equal(first[k], again[0][k]) for k in first)
+
+
+def test_the_loaded_data_carries_the_digest_its_cache_file_records(cache):
+    """Benchmark pages name the data they ran on by this digest (docs/datasets.md)."""
+    from safetensors import safe_open
+
+    built = shapes(16, n_train=60, n_val=20, n_test=20).extra["sha256"]
+    params = {**SMALL, "version": GENERATOR_VERSION, "settings": fingerprint()}
+    with safe_open(str(cache_path(params)), "pt") as fh:
+        assert built == fh.metadata()["sha256"]
+    shapes.cache_clear()  # read back from the file this time
+    assert shapes(16, n_train=60, n_val=20, n_test=20).extra["sha256"] == built
+    assert shapes(16, gray=True, n_train=60, n_val=20, n_test=20).extra["sha256"] == built
+    assert shapes(16, seed=1, n_train=60, n_val=20, n_test=20).extra["sha256"] != built
 
 
 @pytest.mark.parametrize("damage", ["pixels", "metadata", "garbage", "truncated"])
 def test_tampered_cache_is_rebuilt(cache, damage, caplog):
     params = {**SMALL, "version": ns.plugins.shapes.GENERATOR_VERSION}
-    original = load_or_build(params)
+    original, _ = load_or_build(params)
     path = cache_path(params)
     blob = bytearray(path.read_bytes())
     if damage == "pixels":
@@ -125,7 +139,7 @@ def test_tampered_cache_is_rebuilt(cache, damage, caplog):
     path.write_bytes(bytes(blob))
     assert read(path, params) is None
     assert "rebuilding" in caplog.text
-    rebuilt = load_or_build(params)
+    rebuilt, _ = load_or_build(params)
     assert all(torch.equal(original[k], rebuilt[k]) for k in original)
     assert read(path, params) is not None  # the rebuilt file was written back
 

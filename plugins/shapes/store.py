@@ -63,9 +63,9 @@ def build(params: dict[str, Any]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read(path: Path, params: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The cached tensors if ``path`` holds exactly the dataset for ``params``, else None (with
-    the reason logged)."""
+def read(path: Path, params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The cached tensors and their verified SHA-256 if ``path`` holds exactly the dataset for
+    ``params``, else None (with the reason logged)."""
     if not path.is_file():
         return None
     try:
@@ -89,28 +89,27 @@ def read(path: Path, params: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         if key.startswith("y_") and len(t) and (int(t.min()) < 0 or int(t.max()) >= len(CLASSES)):
             problem = f"{key} has labels outside 0..{len(CLASSES) - 1}"
             break
-    if problem is None and _digest(params, tensors) != meta.get("sha256"):
+    digest = _digest(params, tensors) if problem is None else ""
+    if problem is None and digest != meta.get("sha256"):
         problem = "content does not match its recorded SHA-256"
     if problem is not None:
         log.warning("shapes cache %s is unusable (%s); rebuilding", path, problem)
         return None
-    return tensors
+    return tensors, digest
 
 
-def load_or_build(params: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The dataset for ``params``: from the verified cache, or rendered and cached atomically."""
+def load_or_build(params: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str]:
+    """The dataset for ``params`` and its SHA-256 (over the parameters and every tensor): from
+    the verified cache, or rendered and cached atomically."""
     path = cache_path(params)
-    tensors = read(path, params)
-    if tensors is not None:
-        return tensors
+    cached = read(path, params)
+    if cached is not None:
+        return cached
     tensors = build(params)
-    meta = {
-        "format": _FORMAT,
-        "params": json.dumps(params, sort_keys=True),
-        "sha256": _digest(params, tensors),
-    }
+    digest = _digest(params, tensors)
+    meta = {"format": _FORMAT, "params": json.dumps(params, sort_keys=True), "sha256": digest}
     try:
         atomic_write(path, st_save(tensors, metadata=meta))
     except OSError as exc:  # a read-only cache still gives a usable dataset
         log.warning("could not cache shapes dataset at %s: %s", path, exc)
-    return tensors
+    return tensors, digest
