@@ -67,10 +67,11 @@ def reference_model(
     **options: Any,
 ) -> nn.Module:
     """A model built from ``spec`` and trained on ``data`` (cached on disk, keyed by spec,
-    options, data, seed and training settings; for a ``file:`` spec also by the file's
-    SHA-256). Training takes seconds for the zoo models, prints one line per epoch when output
-    is not a terminal, and resumes after an interruption. The result depends only on the
-    arguments: the global torch RNG is seeded with ``seed`` first.
+    options, the data's name and its train and val sizes, seed and training settings; for a
+    ``file:`` spec also by the file's SHA-256). Training takes seconds for the zoo models,
+    prints one line per epoch when output is not a terminal, and resumes after an
+    interruption. The result depends only on the arguments: the global torch RNG is seeded
+    with ``seed`` first.
 
     A cache file that fails a check (written for other settings, checksum mismatch,
     truncated, tensors that do not fit the model, non-finite values) is rebuilt with a warning.
@@ -86,6 +87,8 @@ def reference_model(
         "spec": spec,
         "options": info.options if info else opts,
         "data": data.name,
+        # A subset that keeps its name (data.name is the content's identity) trains anew.
+        "sizes": [len(data.train), len(data.val)],
         "seed": seed,
         "epochs": epochs,
         "lr": lr,

@@ -4,6 +4,7 @@ interruption with the same result."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save_file as st_save_file
+from torch.utils.data import Subset
 
 import netshrink as ns
 from netshrink import models
@@ -101,6 +103,17 @@ def test_tampered_weights_are_detected_and_retrained(cache, digits, trainings, c
     caplog.clear()
     ns.reference_model(SPEC, digits, epochs=2)
     assert trainings.calls == 2 and not _warnings(caplog)
+
+
+def test_a_subset_under_the_same_name_trains_its_own_reference(cache, digits, trainings):
+    """The cache is keyed by the data's name and its split sizes: a user's subset that kept
+    the name does not get the full data's weights."""
+    full = _weights(ns.reference_model(SPEC, digits, epochs=2))
+    half = dataclasses.replace(digits, train=Subset(digits.train, range(len(digits.train) // 2)))
+    assert half.name == digits.name
+    subset = _weights(ns.reference_model(SPEC, half, epochs=2))
+    assert trainings.calls == 2 and not _same(full, subset)
+    assert len(list(cache.glob("*.safetensors"))) == 2
 
 
 def test_copy_of_another_cache_entry_is_detected(cache, digits, trainings, caplog):
