@@ -476,8 +476,9 @@ def data_digests(text: str) -> list[str]:
     """``shapes<px> (v<version>, seed 0) <SHA-256>`` for each generated shapes set that ``text``
     names (a ``-gray`` variant by its RGB source): the digest of the data as loaded, verified
     against its cache file, over the parameters and every tensor. Two machines with the same
-    digest rendered the same data (docs/datasets.md lists one). A set that does not load is left
-    out."""
+    digest rendered the same data (docs/datasets.md lists one). Each named set is loaded in this
+    process (from the cache the page's rows filled; rendered first if it is not there). A set
+    that does not load is left out."""
     out = []
     for px in sorted({int(m) for m in re.findall(r"\bshapes(\d+)", text)}):
         try:
