@@ -152,6 +152,12 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
         for k in sa)
 
 
+def say(message: str) -> None:
+    """``[HH:MM:SS] message`` on stderr, flushed: pages run for tens of minutes, often with
+    stdout in a log."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def compress(model: nn.Module, steps: Any, data: ns.DataSplits, seeds: int = 1) -> Runs:
     """``ns.compress`` once per seed (no latency: pages time models with :func:`speedups`).
     When seeds 0 and 1 give identical weights (every tensor of the compressed models equal;
@@ -165,13 +171,11 @@ def compress(model: nn.Module, steps: Any, data: ns.DataSplits, seeds: int = 1) 
         walls.append(time.perf_counter() - t0)
         rep = results[-1].report
         assert len(results[-1].artifact) == rep.storage_bytes
-        # A line per run on stderr: pages run for tens of minutes, often with stdout in a log.
         names = " -> ".join(str(s["compressor"] if isinstance(s, dict) else
                                 getattr(s, "compressor", type(s).__name__))
                             for s in (steps if isinstance(steps, list) else [steps]))
-        print(f"[{time.strftime('%H:%M:%S')}] {names} on {data.name}, seed {seed}: "
-              f"{walls[-1]:.0f} s, test {100 * rep.accuracy_after:.2f}%, "
-              f"{rep.compression_ratio:.2f}x", file=sys.stderr, flush=True)
+        say(f"{names} on {data.name}, seed {seed}: {walls[-1]:.0f} s, test "
+            f"{100 * rep.accuracy_after:.2f}%, {rep.compression_ratio:.2f}x")
         if seed == 1 and seeds > 2 and same_weights(results[0].model, results[1].model):
             print(f"  seeds 0 and 1 gave the same weights: deterministic, seeds 2-{seeds - 1} "
                   "not run", file=sys.stderr, flush=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import signal
-import sys
 import time
 from typing import Any
 
@@ -103,9 +102,9 @@ def paper(b: h.Bench, m: str) -> tuple[list[Any], list[str], list[list[Any]]]:
         h.ns.train(tuned, data, h.ns.FinetuneConfig(**steps(m, b.quick)[-1]["finetune"]),
                    seed=seed, teacher=copy.deepcopy(dense).eval(), desc="TP fine-tune")
         tp_accs.append(h.ns.accuracy(tuned, data))
-        tp_model = tuned if seed == 0 else tp_model
-        print(f"[{time.strftime('%H:%M:%S')}] TP MagnitudePruner on {m}, seed {seed}: "
-              f"test {100 * tp_accs[-1]:.2f}%", file=sys.stderr, flush=True)
+        if seed == 0:
+            tp_model = tuned
+        h.say(f"TP MagnitudePruner on {m}, seed {seed}: test {100 * tp_accs[-1]:.2f}%")
     tp_wall = prune_wall + (time.perf_counter() - t0 - prune_wall) / b.seeds
     lat = h.speedups(dense, {"ours": ours, "tp": tp_model}, data.batch("val", 1)[0])
     red = 1 - rep.storage_bytes / rep.dense_bytes
