@@ -142,6 +142,7 @@ def search(
     budget: int | str,
     *,
     max_drop: float | None = None,
+    warn_drop: float | None = 5.0,
     max_macs: int | None = None,
     max_latency: float | str | None = None,
     latency_batch: int = 1,
@@ -165,7 +166,10 @@ def search(
     :func:`netshrink.compress` reproduces ``result.result.artifact`` byte for byte.
 
     ``max_drop`` (percentage points of validation accuracy) drops any candidate that alone
-    loses more, and notes when the final model does. The solver's budget for the layers is
+    loses more, and notes when the final model does. Without ``max_drop``, ``warn_drop``
+    (percentage points, default 5; ``None``: never) is how far the final model's validation
+    accuracy may fall below the reference's before a note (and a logged warning) says so, with
+    what to try: the budget may be too small for the options. The solver's budget for the layers is
     ``budget`` less the rest of the artifact (header, manifest, other tensors); if the real
     artifact still exceeds ``budget`` the layer budget becomes that plan's layer bytes less
     the excess and the solve runs again (up to ``tries`` times), so the returned artifact is
@@ -213,6 +217,11 @@ def search(
         raise ConfigError(
             f"search field 'objective': must be one of {', '.join(OBJECTIVES)}, got "
             f"{objective!r}"
+        )
+    if warn_drop is not None and not warn_drop >= 0:
+        raise ConfigError(
+            f"search field 'warn_drop': must be at least 0 (percentage points) or None, got "
+            f"{warn_drop}"
         )
     if max_alternatives < 0:
         raise ConfigError(
@@ -350,6 +359,14 @@ def search(
         notes.append(
             f"validation accuracy dropped {100 * (ref_acc - val_acc):.2f} pp, more than "
             f"max_drop {max_drop} pp (options were filtered alone; together they lose more)"
+        )
+        log.warning("search: %s", notes[-1])
+    elif max_drop is None and warn_drop is not None and 100 * (ref_acc - val_acc) > warn_drop:
+        notes.append(
+            f"the searched model holds {100 * val_acc:.2f}% validation accuracy against the "
+            f"reference's {100 * ref_acc:.2f}% ({100 * (ref_acc - val_acc):.2f} pp lost, over "
+            f"warn_drop {warn_drop} pp): the budget may be too small for these options; try a "
+            "larger budget, more methods or options, 'finetune', or 'max_drop'"
         )
         log.warning("search: %s", notes[-1])
     predicted = sum(table.row(c)["loss"] - table.base_loss for c in plan.values())

@@ -279,6 +279,24 @@ def test_max_drop_drops_options_that_alone_lose_more(table):
         S.search(MODEL, DATA, "10x", sensitivity=table, max_drop=0.0)
 
 
+def test_a_search_that_loses_more_than_warn_drop_says_so(table, caplog):
+    """At 15x LeNet-300-100 on digits loses about 3 points of validation accuracy: a note and a
+    warning say so above ``warn_drop``, nothing does at or below it."""
+    with caplog.at_level(logging.WARNING, logger="netshrink"):
+        found = S.search(MODEL, DATA, "15x", sensitivity=table, warn_drop=1.0)
+    drop = 100 * (found.reference_val_accuracy - found.val_accuracy)
+    assert drop > 1.0
+    note = next(n for n in found.notes if "warn_drop" in n)
+    assert f"{100 * found.val_accuracy:.2f}% validation accuracy" in note
+    assert f"{drop:.2f} pp lost, over warn_drop 1.0 pp" in note
+    assert "warn_drop 1.0 pp" in caplog.text
+    for quiet in (drop, None):
+        found = S.search(MODEL, DATA, "15x", sensitivity=table, warn_drop=quiet)
+        assert not any("warn_drop" in n for n in found.notes)
+    with pytest.raises(ConfigError, match="search field 'warn_drop'"):
+        S.search(MODEL, DATA, "15x", sensitivity=table, warn_drop=-1)
+
+
 def _single_method(name: str, config: dict[str, Any]) -> tuple[int, float]:
     result = ns.compress(MODEL, [ns.Step(compressor=name, config=config)], DATA, latency=False)
     splits = ns.datasets.load(DATA)
@@ -889,7 +907,7 @@ def test_latency_budget_forbids_the_slow_options(lat_table, monkeypatch, tmp_pat
     assert max(lat_table.row(c)["latency"] for c in free.plan.values()) == 10 * _TICK
     # 180% of the dense model (3 ticks) leaves 4.4 ticks for fc1 and fc2: no packed option fits.
     fast = S.search(MODEL, DATA, "8x", sensitivity=lat_table, verify=False,
-                    max_latency="180%")
+                    max_latency="180%", warn_drop=None)  # notes: only latency ones expected
     chosen = [lat_table.row(c)["latency"] for c in fast.plan.values()]
     assert all(t <= 2 * _TICK for t in chosen), fast.plan_rows()
     assert fast.artifact_bytes <= fast.budget_bytes
@@ -950,7 +968,8 @@ def test_a_slow_packed_model_shrinks_the_latency_budget_then_notes(lat_table, mo
         return _fake_time(module, args)
 
     monkeypatch.setattr(search_latency, "_time_module", slower_whole)
-    kwargs = {"sensitivity": lat_table, "verify": False, "max_latency": 13.5 * _TICK}
+    kwargs = {"sensitivity": lat_table, "verify": False, "max_latency": 13.5 * _TICK,
+              "warn_drop": None}  # the notes looked at here are the latency ones
     with caplog.at_level(logging.INFO, logger="netshrink"):
         found = S.search(MODEL, DATA, "8x", tries=3, **kwargs)
     # Try 1: one packed option fits 13.5 ticks and measured over; the shrunk budget does not.
