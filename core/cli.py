@@ -384,6 +384,9 @@ def _print_memory(path: Path) -> None:
               help="Bytes, a size (120kB, 2MiB) or a ratio of the dense model (40x).")
 @click.option("--max-drop", type=float, default=None,
               help="Validation accuracy (pp) one option alone may lose; worse options are dropped.")
+@click.option("--warn-drop", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Without --max-drop: the validation accuracy (pp) the searched model may lose "
+              "before a note says so.")
 @click.option("--max-macs", type=click.IntRange(min=1), default=None,
               help="MACs budget of the searched layers (solved with scipy's MILP).")
 @click.option("--max-latency", default=None,
@@ -418,8 +421,8 @@ def _print_memory(path: Path) -> None:
               "candidate runs only from its layer on (0: off; the figures are the same).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out",
               show_default=True, help="Folder for the artifact, its recipe and tables.")
-def search(model: str, data: str, budget: str, max_drop: float | None, max_macs: int | None,
-           max_latency: str | None, methods: tuple[str, ...], executor: str,
+def search(model: str, data: str, budget: str, max_drop: float | None, warn_drop: float,
+           max_macs: int | None, max_latency: str | None, methods: tuple[str, ...], executor: str,
            workers: int | None, address: str | None, finetune_epochs: int,
            pareto_budgets: tuple[str, ...], seed: int, verify: bool, objective: str,
            activation_cache_mb: int, out_dir: str) -> None:
@@ -431,6 +434,7 @@ def search(model: str, data: str, budget: str, max_drop: float | None, max_macs:
 
     run = get_executor(executor, workers, address=address)
     lines = run_command(model, data, budget, out_dir=out_dir, max_drop=max_drop,
+                        warn_drop=warn_drop,
                         max_macs=max_macs, max_latency=max_latency,
                         methods=methods or None, executor=run,
                         workers=workers, finetune_epochs=finetune_epochs, seed=seed,

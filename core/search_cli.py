@@ -24,6 +24,7 @@ def run_command(
     *,
     out_dir: str | Path = "out",
     max_drop: float | None = None,
+    warn_drop: float | None = 5.0,
     max_macs: int | None = None,
     max_latency: float | str | None = None,
     methods: Sequence[str] | None = None,
@@ -41,7 +42,7 @@ def run_command(
     cache), search, write ``<stem>.nsk`` with its report, ``<stem>.search.yaml`` and
     ``<stem>.search.json`` under ``out_dir``, and with ``pareto_budgets`` also
     ``<stem>.pareto.md`` and ``<stem>.pareto.png`` (the PNG needs matplotlib); ``verify``,
-    ``objective`` and ``max_latency`` (batch 1) as in :func:`search`, and
+    ``objective``, ``warn_drop`` and ``max_latency`` (batch 1) as in :func:`search`, and
     ``activation_cache_mb`` as in :func:`~netshrink.search_scan.scan`. Returns the lines to
     print."""
     finetune = {"epochs": finetune_epochs} if finetune_epochs > 0 else None
@@ -53,9 +54,9 @@ def run_command(
         activation_cache_mb=activation_cache_mb,
     )
     common: dict[str, Any] = {
-        "max_drop": max_drop, "max_macs": max_macs, "max_latency": max_latency,
-        "finetune": finetune, "seed": seed, "sensitivity": table, "verify": verify,
-        "objective": objective,
+        "max_drop": max_drop, "warn_drop": warn_drop, "max_macs": max_macs,
+        "max_latency": max_latency, "finetune": finetune, "seed": seed, "sensitivity": table,
+        "verify": verify, "objective": objective,
     }
     found = search(model, data, budget, **common)
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split(":", 1)[-1]) or "model"

@@ -1018,3 +1018,29 @@ def test_cli_max_latency(monkeypatch):
                                    "--max-latency", "soon"])
     assert out.exit_code == 2
     assert "search field 'max_latency': 'soon' is not a latency" in out.output
+
+
+def test_cli_warn_drop_reaches_the_search(monkeypatch):
+    from click.testing import CliRunner
+
+    from netshrink import search_cli
+    from netshrink.cli import cli
+
+    got: dict[str, Any] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_search(model, data, budget, **kwargs):
+        got.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(search_cli, "scan", lambda *a, **k: None)
+    monkeypatch.setattr(search_cli, "search", fake_search)
+    for args, expected in (([], 5.0), (["--warn-drop", "1.5"], 1.5)):
+        out = CliRunner().invoke(cli, ["search", MODEL, "--data", DATA, "--budget", "8x", *args])
+        assert isinstance(out.exception, Stop), out.output
+        assert got["warn_drop"] == expected
+    out = CliRunner().invoke(cli, ["search", MODEL, "--data", DATA, "--budget", "8x",
+                                   "--warn-drop", "-1"])
+    assert out.exit_code == 2 and "--warn-drop" in out.output
