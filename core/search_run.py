@@ -355,16 +355,17 @@ def search(
     val_acc = _loss_accuracy(result.model, *splits.batch("val", len(splits.val)))[1]
     ref_acc = _loss_accuracy(copy.deepcopy(reference), *splits.batch("val", len(splits.val)))[1]
     notes = [*kept.verify_notes, *latency_notes]
-    if max_drop is not None and 100 * (ref_acc - val_acc) > max_drop:
+    drop = 100 * (ref_acc - val_acc)
+    if max_drop is not None and drop > max_drop:
         notes.append(
-            f"validation accuracy dropped {100 * (ref_acc - val_acc):.2f} pp, more than "
+            f"validation accuracy dropped {drop:.2f} pp, more than "
             f"max_drop {max_drop} pp (options were filtered alone; together they lose more)"
         )
         log.warning("search: %s", notes[-1])
-    elif max_drop is None and warn_drop is not None and 100 * (ref_acc - val_acc) > warn_drop:
+    elif max_drop is None and warn_drop is not None and drop > warn_drop:
         notes.append(
             f"the searched model holds {100 * val_acc:.2f}% validation accuracy against the "
-            f"reference's {100 * ref_acc:.2f}% ({100 * (ref_acc - val_acc):.2f} pp lost, over "
+            f"reference's {100 * ref_acc:.2f}% ({drop:.2f} pp lost, over "
             f"warn_drop {warn_drop} pp): the budget may be too small for these options; try a "
             "larger budget, more methods or options, 'finetune', or 'max_drop'"
         )

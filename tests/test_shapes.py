@@ -78,15 +78,22 @@ def test_output_does_not_depend_on_the_thread_count():
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+@pytest.fixture(scope="module")
+def rendered_here() -> tuple[torch.Tensor, torch.Tensor]:
+    """5,000 ``shapes32`` training images rendered in this process (the default code paths)."""
+    return generate(32, 5000, seed=0, split="train")
+
+
 @pytest.mark.parametrize("library_path", [
     {"MKL_ENABLE_INSTRUCTIONS": "AVX2"},  # MKL's code path (it picks AVX-512 where it can)
     {"MKL_CBWR": "COMPATIBLE"},  # MKL's reproducibility mode
     {"ATEN_CPU_CAPABILITY": "default"},  # ATen's scalar kernels instead of its vector ones
 ], ids=lambda env: next(iter(env)))
-def test_another_library_code_path_moves_few_pixels_by_one_grey_level(library_path, tmp_path):
+def test_another_library_code_path_moves_few_pixels_by_one_grey_level(library_path, tmp_path,
+                                                                     rendered_here):
     """What docs/datasets.md promises across machines: the float rounding of another code path
     (another CPU takes one) may change a pixel by one grey level, rarely, and no label."""
-    x, y = generate(32, 5000, seed=0, split="train")
+    x, y = rendered_here
     out = tmp_path / "other.safetensors"
     code = ("import sys; from safetensors.torch import save_file; "
             "from netshrink.plugins.shapes.generator import generate; "
