@@ -415,6 +415,30 @@ def test_peers_page_verdicts_are_computed(bench):
     assert page.dominators(row(names[0], "z", 2_000, 0.99), ours[:1], 360) == []
 
 
+def test_overview_verdicts_pick_the_smallest_not_clearly_less_accurate(bench):
+    """Per peer, the overview names netshrink's largest ratio among rows whose 95% interval is
+    not below the peer's, says the interval is how it decided, and lets the peer win when that
+    row is bigger or every netshrink row is clearly less accurate."""
+    from benchmarks.pages import overview
+
+    def row(family, method, ratio, acc):
+        return {"family": family, "method": method, "ratio": ratio, "accs": [acc], "acc": acc,
+                "n": 360}
+
+    rows = [row("netshrink", "tiny but bad", 50.0, 0.80), row("netshrink", "close", 10.0, 0.96),
+            row("netshrink", "exact", 2.0, 0.97), row("peer", "P", 4.0, 0.97),
+            row("peer", "Q", 20.0, 0.97), row("peer", "R", 3.0, 0.995)]
+    p_line, q_line, r_line = overview.verdicts(rows)
+    # 96% is within the 95% interval of 97% at n=360; 80% is not.
+    assert "**close**, 10.0x" in p_line and "(95% intervals)" in p_line
+    assert p_line.endswith("netshrink wins on size.")
+    assert "**close**" in q_line and q_line.endswith("the peer wins on size.")
+    # 99.5% at n=360: 96% is below its interval, 97% is not (the intervals overlap).
+    assert "**exact**, 2.0x" in r_line and r_line.endswith("the peer wins on size.")
+    assert overview.verdicts([row("netshrink", "bad", 9.0, 0.5), row("peer", "S", 1.0, 0.99)]
+                             ) == ["- **S** wins: every netshrink method is less accurate."]
+
+
 def test_normsparse_bad_input_rows_show_the_error_each_case_is_about(bench):
     """Each bad-input row of the normsparse page raises the error its label names (a model
     without Linear/Conv layers fails on selection, not on its output width)."""

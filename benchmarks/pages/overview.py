@@ -195,8 +195,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         who = "netshrink wins" if best["ratio"] > peer["ratio"] else "the peer wins"
         lines.append(
             f"- vs **{peer['method']}** ({peer['ratio']:.1f}x at {h.pct(peer['acc'])}): "
-            f"netshrink's smallest at an accuracy not below it is **{best['method']}**, "
-            f"{best['ratio']:.1f}x at {h.mean_std(best['accs'], 100)}% — {who} on size.")
+            f"netshrink's smallest at an accuracy not below it (95% intervals) is "
+            f"**{best['method']}**, {best['ratio']:.1f}x at {h.mean_std(best['accs'], 100)}% — {who} on size.")
     return lines or ["- no peer ran"]
 
 
