@@ -196,7 +196,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- vs **{peer['method']}** ({peer['ratio']:.1f}x at {h.pct(peer['acc'])}): "
             f"netshrink's smallest at an accuracy not below it (95% intervals) is "
-            f"**{best['method']}**, {best['ratio']:.1f}x at {h.mean_std(best['accs'], 100)}% — {who} on size.")
+            f"**{best['method']}**, {best['ratio']:.1f}x at {h.mean_std(best['accs'], 100)}% "
+            f"— {who} on size.")
     return lines or ["- no peer ran"]
 
 
